@@ -1,0 +1,458 @@
+//! Decoding: turn a Kafka record into a [`Notification`].
+//!
+//! A decoder only reads; it never fails the pipeline. A record it cannot decode yields a
+//! [`DecodeError`] with a clear reason and goes to the dead-letter topic; a record that is not a
+//! notification at all (a heartbeat, a type nobody fetches) yields [`Decoded::Ignore`].
+//!
+//! Built-ins:
+//! - [`JsonDecoder`]: JSON payloads with JSON-pointer paths for id, type and version, a fixed type
+//!   per topic, extra fields for URL templates, and routing of related entities to their
+//!   aggregate root.
+//! - [`RecordKeyDecoder`]: the record key is the id, the type is fixed.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::key::{EntityKey, Version, VersionKind};
+
+/// One decoded change notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// The entity that changed (after routing to its aggregate root).
+    pub key: EntityKey,
+    /// The version the notification announces, if any.
+    pub version: Option<Version>,
+    /// Extra named fields for URL templates (for example a tenant).
+    pub fields: Option<Arc<[(Box<str>, Box<str>)]>>,
+}
+
+impl Notification {
+    /// An unversioned notification for `key`.
+    pub fn new(key: EntityKey) -> Self {
+        Notification {
+            key,
+            version: None,
+            fields: None,
+        }
+    }
+
+    /// The same notification with a version.
+    pub fn with_version(mut self, version: Version) -> Self {
+        self.version = Some(version);
+        self
+    }
+}
+
+/// A borrowed view of a Kafka record, independent of the client library.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    /// Topic name.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Record key bytes.
+    pub key: Option<&'a [u8]>,
+    /// Payload bytes (`None` for a tombstone).
+    pub payload: Option<&'a [u8]>,
+    /// Record headers.
+    pub headers: &'a [(String, Option<Vec<u8>>)],
+}
+
+/// What a decoder made of a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    /// A change notification.
+    Notification(Notification),
+    /// Not a notification this pipeline acts on; the record counts as handled.
+    Ignore {
+        /// Why (a stable label for metrics).
+        reason: &'static str,
+    },
+}
+
+/// A record that cannot be decoded. It is dead-lettered with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct DecodeError {
+    /// A human-readable reason, for the dead-letter header and logs.
+    pub reason: String,
+}
+
+impl DecodeError {
+    /// A decode error with `reason`.
+    pub fn new(reason: impl Into<String>) -> Self {
+        DecodeError {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Turns Kafka records into notifications.
+pub trait NotificationDecoder: Send + Sync + 'static {
+    /// Decode one record.
+    fn decode(&self, record: &RecordView<'_>) -> Result<Decoded, DecodeError>;
+}
+
+impl<D: NotificationDecoder + ?Sized> NotificationDecoder for Arc<D> {
+    fn decode(&self, record: &RecordView<'_>) -> Result<Decoded, DecodeError> {
+        (**self).decode(record)
+    }
+}
+
+impl<D: NotificationDecoder + ?Sized> NotificationDecoder for Box<D> {
+    fn decode(&self, record: &RecordView<'_>) -> Result<Decoded, DecodeError> {
+        (**self).decode(record)
+    }
+}
+
+/// Where a [`JsonDecoder`] takes the entity type from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypeSource {
+    /// Every record of the topic is of this type.
+    Fixed(Arc<str>),
+    /// The type is the string at this JSON pointer.
+    Pointer(String),
+}
+
+/// Routes a related entity's notification to its aggregate root: an `address` event that carries
+/// `customer_id` is a change of that customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The decoded type this route applies to (for example `address`).
+    pub from_type: String,
+    /// The aggregate root's type (for example `customer`).
+    pub to_type: Arc<str>,
+    /// JSON pointer to the root's id in the payload (for example `/customer_id`).
+    pub id_pointer: String,
+    /// JSON pointer to the root's version, if the payload carries it. Without it a routed
+    /// notification is unversioned: the child's version says nothing about the root.
+    pub version_pointer: Option<String>,
+}
+
+/// Decodes JSON notifications with JSON pointers.
+///
+/// ```
+/// use refetch::decode::{Decoded, JsonDecoder, NotificationDecoder, RecordView};
+/// use refetch::{Version, VersionKind};
+///
+/// let decoder = JsonDecoder::fixed_type("customer", "/id").with_version("/rev", VersionKind::Integer);
+/// let payload = br#"{"id": "42", "rev": 7, "field": "phone"}"#;
+/// let record = RecordView { topic: "crm", partition: 0, offset: 10, key: None,
+///                           payload: Some(payload), headers: &[] };
+/// let Decoded::Notification(n) = decoder.decode(&record).unwrap() else { panic!() };
+/// assert_eq!(n.key.to_string(), "customer:42");
+/// assert_eq!(n.version, Some(Version::Int(7)));
+/// ```
+#[derive(Debug, Clone)]
+pub struct JsonDecoder {
+    types: TypeSource,
+    id_pointer: String,
+    version: Option<(String, VersionKind)>,
+    fields: Vec<(Box<str>, String)>,
+    routes: Vec<Route>,
+}
+
+impl JsonDecoder {
+    /// Records of one fixed type, with the id at `id_pointer`.
+    pub fn fixed_type(entity_type: impl Into<Arc<str>>, id_pointer: impl Into<String>) -> Self {
+        JsonDecoder {
+            types: TypeSource::Fixed(entity_type.into()),
+            id_pointer: id_pointer.into(),
+            version: None,
+            fields: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    /// The type at `type_pointer`, the id at `id_pointer`.
+    pub fn typed(type_pointer: impl Into<String>, id_pointer: impl Into<String>) -> Self {
+        JsonDecoder {
+            types: TypeSource::Pointer(type_pointer.into()),
+            id_pointer: id_pointer.into(),
+            version: None,
+            fields: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    /// Read the version at `pointer`, of `kind`.
+    pub fn with_version(mut self, pointer: impl Into<String>, kind: VersionKind) -> Self {
+        self.version = Some((pointer.into(), kind));
+        self
+    }
+
+    /// Also read the field `name` at `pointer` (for URL templates).
+    pub fn with_field(mut self, name: impl Into<Box<str>>, pointer: impl Into<String>) -> Self {
+        self.fields.push((name.into(), pointer.into()));
+        self
+    }
+
+    /// Route notifications of one type to their aggregate root.
+    pub fn with_route(mut self, route: Route) -> Self {
+        self.routes.push(route);
+        self
+    }
+}
+
+/// Reads an id: a non-empty string, or an integer rendered in decimal.
+fn id_at(doc: &Value, pointer: &str) -> Result<Box<str>, DecodeError> {
+    match doc.pointer(pointer) {
+        None => Err(DecodeError::new(format!("id missing at {pointer}"))),
+        Some(Value::Null) => Err(DecodeError::new(format!("id is null at {pointer}"))),
+        Some(Value::String(s)) if s.is_empty() => {
+            Err(DecodeError::new(format!("id is empty at {pointer}")))
+        }
+        Some(Value::String(s)) => Ok(s.as_str().into()),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(n.to_string().into()),
+        Some(other) => Err(DecodeError::new(format!(
+            "id at {pointer} is {}, expected a string or an integer",
+            kind_name(other)
+        ))),
+    }
+}
+
+fn kind_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a non-integer number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parses a version value of `kind`. Integers: a JSON integer or a decimal string. Timestamps: an
+/// RFC 3339 string, or a JSON integer of milliseconds since the Unix epoch.
+pub fn parse_version(value: &Value, kind: VersionKind) -> Result<Version, DecodeError> {
+    match (kind, value) {
+        (VersionKind::Integer, Value::Number(n)) => n
+            .as_i64()
+            .map(Version::Int)
+            .ok_or_else(|| DecodeError::new(format!("version {n} is not a 64-bit integer"))),
+        (VersionKind::Integer, Value::String(s)) => s
+            .trim()
+            .parse::<i64>()
+            .map(Version::Int)
+            .map_err(|_| DecodeError::new(format!("version {s:?} is not an integer"))),
+        (VersionKind::Timestamp, Value::Number(n)) => n
+            .as_i64()
+            .and_then(|ms| ms.checked_mul(1000))
+            .map(Version::Timestamp)
+            .ok_or_else(|| DecodeError::new(format!("timestamp {n} is not integer milliseconds"))),
+        (VersionKind::Timestamp, Value::String(s)) => parse_timestamp(s),
+        (_, other) => Err(DecodeError::new(format!(
+            "version is {}, expected {}",
+            kind_name(other),
+            match kind {
+                VersionKind::Integer => "an integer",
+                VersionKind::Timestamp => "an RFC 3339 timestamp or epoch milliseconds",
+            }
+        ))),
+    }
+}
+
+/// Parses an RFC 3339 timestamp into a [`Version::Timestamp`].
+pub fn parse_timestamp(s: &str) -> Result<Version, DecodeError> {
+    s.trim()
+        .parse::<jiff::Timestamp>()
+        .map(|t| Version::Timestamp(t.as_microsecond()))
+        .map_err(|e| DecodeError::new(format!("version {s:?} is not an RFC 3339 timestamp: {e}")))
+}
+
+impl NotificationDecoder for JsonDecoder {
+    fn decode(&self, record: &RecordView<'_>) -> Result<Decoded, DecodeError> {
+        let Some(payload) = record.payload else {
+            return Err(DecodeError::new("record has no payload (tombstone)"));
+        };
+        let doc: Value = serde_json::from_slice(payload)
+            .map_err(|e| DecodeError::new(format!("payload is not valid JSON: {e}")))?;
+        let entity_type: Arc<str> = match &self.types {
+            TypeSource::Fixed(t) => t.clone(),
+            TypeSource::Pointer(p) => match doc.pointer(p) {
+                Some(Value::String(s)) if !s.is_empty() => Arc::from(s.as_str()),
+                Some(other) => {
+                    return Err(DecodeError::new(format!(
+                        "type at {p} is {}, expected a non-empty string",
+                        if other.as_str().is_some() {
+                            "empty"
+                        } else {
+                            kind_name(other)
+                        }
+                    )));
+                }
+                None => return Err(DecodeError::new(format!("type missing at {p}"))),
+            },
+        };
+        let fields = if self.fields.is_empty() {
+            None
+        } else {
+            let mut out = Vec::with_capacity(self.fields.len());
+            for (name, pointer) in &self.fields {
+                let v = match doc.pointer(pointer) {
+                    Some(Value::String(s)) => s.as_str().into(),
+                    Some(Value::Number(n)) => n.to_string().into(),
+                    Some(Value::Bool(b)) => b.to_string().into(),
+                    _ => continue,
+                };
+                out.push((name.clone(), v));
+            }
+            Some(Arc::from(out))
+        };
+        if let Some(route) = self.routes.iter().find(|r| *r.from_type == *entity_type) {
+            let id = id_at(&doc, &route.id_pointer)?;
+            let version = match &route.version_pointer {
+                Some(p) => match doc.pointer(p) {
+                    Some(v) if !v.is_null() => Some(parse_version(
+                        v,
+                        self.version
+                            .as_ref()
+                            .map(|(_, k)| *k)
+                            .unwrap_or(VersionKind::Integer),
+                    )?),
+                    _ => None,
+                },
+                None => None,
+            };
+            return Ok(Decoded::Notification(Notification {
+                key: EntityKey::new(route.to_type.clone(), id),
+                version,
+                fields,
+            }));
+        }
+        let id = id_at(&doc, &self.id_pointer)?;
+        let version = match &self.version {
+            Some((p, kind)) => match doc.pointer(p) {
+                Some(v) if !v.is_null() => Some(parse_version(v, *kind)?),
+                _ => None,
+            },
+            None => None,
+        };
+        Ok(Decoded::Notification(Notification {
+            key: EntityKey::new(entity_type, id),
+            version,
+            fields,
+        }))
+    }
+}
+
+/// The record key is the id; every record of the topic has one fixed type.
+#[derive(Debug, Clone)]
+pub struct RecordKeyDecoder {
+    entity_type: Arc<str>,
+}
+
+impl RecordKeyDecoder {
+    /// A decoder for records of `entity_type` keyed by id.
+    pub fn new(entity_type: impl Into<Arc<str>>) -> Self {
+        RecordKeyDecoder {
+            entity_type: entity_type.into(),
+        }
+    }
+}
+
+impl NotificationDecoder for RecordKeyDecoder {
+    fn decode(&self, record: &RecordView<'_>) -> Result<Decoded, DecodeError> {
+        let key = record
+            .key
+            .ok_or_else(|| DecodeError::new("record has no key"))?;
+        let id = std::str::from_utf8(key)
+            .map_err(|_| DecodeError::new("record key is not valid UTF-8"))?;
+        if id.is_empty() {
+            return Err(DecodeError::new("record key is empty"));
+        }
+        Ok(Decoded::Notification(Notification::new(EntityKey::new(
+            self.entity_type.clone(),
+            id,
+        ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(payload: &[u8]) -> RecordView<'_> {
+        RecordView {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: Some(payload),
+            headers: &[],
+        }
+    }
+
+    fn notification(d: &dyn NotificationDecoder, payload: &[u8]) -> Notification {
+        match d.decode(&rec(payload)) {
+            Ok(Decoded::Notification(n)) => n,
+            other => panic!("expected a notification, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_ids_are_decode_errors_with_reasons() {
+        let d = JsonDecoder::fixed_type("customer", "/id");
+        for (payload, reason) in [
+            (&b"{}"[..], "id missing"),
+            (b"{\"id\":null}", "id is null"),
+            (b"{\"id\":\"\"}", "id is empty"),
+            (b"{\"id\":1.5}", "non-integer"),
+            (b"{\"id\":[1]}", "an array"),
+            (b"not json", "not valid JSON"),
+            (b"\xff\xfe", "not valid JSON"),
+        ] {
+            let err = d.decode(&rec(payload)).expect_err("must fail");
+            assert!(err.reason.contains(reason), "{err} should mention {reason}");
+        }
+    }
+
+    #[test]
+    fn numeric_ids_and_versions() {
+        let d = JsonDecoder::fixed_type("c", "/id").with_version("/v", VersionKind::Integer);
+        let n = notification(&d, br#"{"id": 42, "v": "9"}"#);
+        assert_eq!(n.key.id(), "42");
+        assert_eq!(n.version, Some(Version::Int(9)));
+        let n = notification(&d, br#"{"id": "x"}"#);
+        assert_eq!(n.version, None);
+        assert!(d.decode(&rec(br#"{"id":"x","v":"nine"}"#)).is_err());
+    }
+
+    #[test]
+    fn timestamps_parse_from_rfc3339_and_millis() {
+        let d = JsonDecoder::fixed_type("c", "/id").with_version("/ts", VersionKind::Timestamp);
+        let a = notification(&d, br#"{"id":"1","ts":"2026-01-01T00:00:00+01:00"}"#);
+        let b = notification(&d, br#"{"id":"1","ts":1767222000000}"#);
+        assert_eq!(a.version, b.version);
+    }
+
+    #[test]
+    fn routed_children_are_unversioned_unless_a_root_version_is_configured() {
+        let d = JsonDecoder::typed("/type", "/id")
+            .with_version("/v", VersionKind::Integer)
+            .with_route(Route {
+                from_type: "address".into(),
+                to_type: "customer".into(),
+                id_pointer: "/customer_id".into(),
+                version_pointer: None,
+            });
+        let n = notification(&d, br#"{"type":"address","id":"a1","customer_id":"42","v":99}"#);
+        assert_eq!(n.key, EntityKey::new("customer", "42"));
+        assert_eq!(n.version, None);
+        let n = notification(&d, br#"{"type":"customer","id":"42","v":3}"#);
+        assert_eq!(n.version, Some(Version::Int(3)));
+    }
+
+    #[test]
+    fn record_key_decoder_rejects_non_utf8() {
+        let d = RecordKeyDecoder::new("c");
+        let mut r = rec(b"");
+        r.key = Some(b"\xff");
+        assert!(d.decode(&r).is_err());
+        r.key = Some(b"42");
+        assert!(matches!(d.decode(&r), Ok(Decoded::Notification(_))));
+    }
+}

@@ -1,0 +1,1 @@
+//! Shared helpers for the real-service integration tests live in `refetch-testkit`.
