@@ -6,18 +6,19 @@ use std::sync::Arc;
 
 /// The identity of one entity at the source: an entity type and an id.
 ///
-/// The type is shared (`Arc<str>`) because a process sees few types and many ids; the id is owned.
+/// Both parts are reference-counted, so cloning a key (for timers, flights and batches) never
+/// copies the id.
 /// Ids come from untrusted payloads: they are arbitrary strings and must be encoded by whatever
 /// places them in a URL or query (see the HTTP fetcher).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EntityKey {
     entity_type: Arc<str>,
-    id: Box<str>,
+    id: Arc<str>,
 }
 
 impl EntityKey {
     /// A key of `entity_type` with `id`.
-    pub fn new(entity_type: impl Into<Arc<str>>, id: impl Into<Box<str>>) -> Self {
+    pub fn new(entity_type: impl Into<Arc<str>>, id: impl Into<Arc<str>>) -> Self {
         EntityKey {
             entity_type: entity_type.into(),
             id: id.into(),
@@ -39,9 +40,9 @@ impl EntityKey {
         &self.id
     }
 
-    /// Heap bytes this key owns (the id; the type is shared).
+    /// Heap bytes this key owns (the id and its reference counts; the type is shared).
     pub fn heap_bytes(&self) -> usize {
-        self.id.len()
+        self.id.len() + 16
     }
 }
 

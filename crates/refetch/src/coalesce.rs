@@ -1,0 +1,186 @@
+//! Coalescing: per entity key, the notifications waiting for a fetch, and the fetch in flight.
+//!
+//! A key's notifications are merged on the *trailing* edge: the key becomes ready once no new
+//! notification arrived for the debounce window, and at the latest `max_wait` after its first
+//! pending notification. Merging keeps every notification's offset (a [`NoteRef`]) so the offsets
+//! are released only together with the write that satisfies them.
+//!
+//! At most one flight per key runs at a time (single flight). A notification that arrives while
+//! the key's fetch is in flight is *not* satisfied by that fetch (the fetch may have read the
+//! state before the change): it starts a new pending entry, the follow-up (invariant 2). When the
+//! flight's write is acknowledged with a version that covers every pending notification, the
+//! follow-up is satisfied without a fetch (rule (b)).
+
+use std::sync::Arc;
+
+use crate::clock::Tick;
+use crate::fetch::Validators;
+use crate::key::Version;
+use crate::sink::Change;
+
+/// Slot number used for notes that stand for an on-demand refresh rather than a Kafka offset.
+pub(crate) const REFRESH_SLOT: u32 = u32::MAX;
+
+/// One notification's coordinates, compact: partition slot, the slot's assignment epoch, offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NoteRef {
+    pub slot: u32,
+    pub epoch: u32,
+    pub offset: i64,
+}
+
+/// Notes of one key; most keys hold one or two.
+pub(crate) type Notes = smallvec::SmallVec<[NoteRef; 1]>;
+
+/// Notifications waiting for a fetch.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    /// When the first of them arrived.
+    pub first_at: Tick,
+    /// When the key becomes ready (trailing window, capped by max-wait).
+    pub deadline: Tick,
+    /// The highest announced version.
+    pub max_version: Option<Version>,
+    /// Every merged notification carried a version.
+    pub all_versioned: bool,
+    pub notes: Notes,
+}
+
+impl Pending {
+    pub fn new(now: Tick, window: u64, note: NoteRef, version: Option<Version>) -> Self {
+        let mut notes = Notes::new();
+        notes.push(note);
+        Pending {
+            first_at: now,
+            deadline: now.plus(window),
+            max_version: version,
+            all_versioned: version.is_some(),
+            notes,
+        }
+    }
+
+    /// Merge one more notification: the deadline slides (trailing edge) but never past max-wait.
+    pub fn merge(
+        &mut self,
+        now: Tick,
+        window: u64,
+        max_wait: u64,
+        note: NoteRef,
+        version: Option<Version>,
+    ) {
+        self.deadline = now.plus(window).min(self.first_at.plus(max_wait));
+        self.max_version = Version::max_of(self.max_version, version);
+        self.all_versioned &= version.is_some();
+        self.notes.push(note);
+    }
+
+    /// Put notes of a failed flight back in front, keeping the older first-seen time.
+    pub fn absorb(&mut self, older: Pending) {
+        self.first_at = self.first_at.min(older.first_at);
+        self.max_version = Version::max_of(self.max_version, older.max_version);
+        self.all_versioned &= older.all_versioned;
+        let mut notes = older.notes;
+        notes.extend(self.notes.drain(..));
+        self.notes = notes;
+    }
+}
+
+/// What a flight is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Fetching,
+    Writing,
+}
+
+/// The fetch-and-write of one key, from the start of its fetch to the sink's acknowledgement.
+#[derive(Debug)]
+pub(crate) struct Flight {
+    pub id: u64,
+    pub phase: Phase,
+    /// The notifications this flight satisfies (all received before it started).
+    pub batch: Pending,
+    /// The change being written (kept for single-record retries).
+    pub change: Option<Change>,
+    /// Validators to remember once the change is durable.
+    pub validators: Option<Validators>,
+    /// Write attempts that failed for this record alone.
+    pub write_failures: u32,
+}
+
+/// Retry state of a key whose fetches fail.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetryState {
+    /// Attempts that spent budget.
+    pub counted: u32,
+    /// All attempts.
+    pub attempts: u32,
+    /// Not before this tick.
+    pub next_at: Tick,
+}
+
+/// Everything the engine holds for one key.
+#[derive(Debug, Default)]
+pub(crate) struct KeyState {
+    pub pending: Option<Pending>,
+    pub flight: Option<Box<Flight>>,
+    pub retry: Option<RetryState>,
+    pub fields: Option<Arc<[(Box<str>, Box<str>)]>>,
+    /// On-demand refreshes waiting for this key: they need a fetch even without notes.
+    pub refresh_requested: bool,
+}
+
+impl KeyState {
+    /// When the key can start its next flight, if it has pending work and no flight.
+    pub fn due(&self) -> Option<Tick> {
+        if self.flight.is_some() {
+            return None;
+        }
+        let pending = self.pending.as_ref()?;
+        Some(match self.retry {
+            Some(r) => pending.deadline.max(r.next_at),
+            None => pending.deadline,
+        })
+    }
+
+    /// Nothing pending, nothing in flight: the key can be forgotten.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_none() && self.flight.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(o: i64) -> NoteRef {
+        NoteRef {
+            slot: 0,
+            epoch: 1,
+            offset: o,
+        }
+    }
+
+    #[test]
+    fn trailing_window_is_capped_by_max_wait() {
+        let mut p = Pending::new(Tick(0), 100, note(0), None);
+        assert_eq!(p.deadline, Tick(100));
+        p.merge(Tick(80), 100, 250, note(1), Some(Version::Int(2)));
+        assert_eq!(p.deadline, Tick(180));
+        p.merge(Tick(170), 100, 250, note(2), None);
+        assert_eq!(p.deadline, Tick(250), "capped by first + max_wait");
+        assert!(!p.all_versioned);
+        assert_eq!(p.max_version, Some(Version::Int(2)));
+        assert_eq!(p.notes.len(), 3);
+    }
+
+    #[test]
+    fn absorb_keeps_older_notes_first() {
+        let mut newer = Pending::new(Tick(50), 10, note(5), Some(Version::Int(5)));
+        let older = Pending::new(Tick(10), 10, note(1), Some(Version::Int(1)));
+        newer.absorb(older);
+        assert_eq!(newer.first_at, Tick(10));
+        assert_eq!(newer.notes[0].offset, 1);
+        assert_eq!(newer.max_version, Some(Version::Int(5)));
+        assert!(newer.all_versioned);
+    }
+}

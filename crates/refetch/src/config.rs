@@ -1,0 +1,253 @@
+//! Engine settings: coalescing window, caps, retries, deadlines.
+//!
+//! Every field has a sane default; [`EngineConfig::validate`] checks the relations between them
+//! (for example that the rebalance drain deadline stays below `max.poll.interval.ms`).
+
+use std::time::Duration;
+
+/// What to do with notifications of entity types no fetcher serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownTypePolicy {
+    /// Count them and move on (the offset is satisfied).
+    #[default]
+    Ignore,
+    /// Send them to the dead-letter topic.
+    DeadLetter,
+}
+
+/// Exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// The first delay.
+    pub initial: Duration,
+    /// The cap for any delay.
+    pub max: Duration,
+    /// Growth factor per attempt.
+    pub multiplier: f64,
+}
+
+impl Backoff {
+    /// The delay before attempt `attempt` (1-based), jittered into `[delay/2, delay]`, and never
+    /// below `retry_after`.
+    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+        let exp = self.multiplier.powi(attempt.saturating_sub(1).min(63) as i32);
+        let raw = self.initial.as_secs_f64() * exp;
+        let capped = raw.min(self.max.as_secs_f64());
+        let jittered = capped * (0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+        let d = Duration::from_secs_f64(jittered.max(0.0));
+        match retry_after {
+            Some(r) if r > d => r.min(self.max.max(r)),
+            _ => d,
+        }
+    }
+}
+
+/// The gone-rate guard of design-notes invariant 12.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GoneGuardConfig {
+    /// How many recent fetch outcomes the sliding window holds.
+    pub window: usize,
+    /// The guard only judges once this many outcomes are in the window.
+    pub min_samples: usize,
+    /// The share of "gone" outcomes above which deletes stop.
+    pub max_ratio: f64,
+}
+
+impl Default for GoneGuardConfig {
+    fn default() -> Self {
+        GoneGuardConfig {
+            window: 200,
+            min_samples: 50,
+            max_ratio: 0.2,
+        }
+    }
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Trailing debounce window: a key is fetched once no new notification arrived for this long.
+    pub window: Duration,
+    /// A key that keeps changing is still flushed at least this often after its first pending
+    /// notification.
+    pub max_wait: Duration,
+    /// How many fetches may run at once.
+    pub fetch_concurrency: usize,
+    /// Largest sink batch.
+    pub sink_batch_max: usize,
+    /// How long a sink batch waits for more changes once it has one.
+    pub sink_linger: Duration,
+    /// How many sink batches may be in flight at once.
+    pub sink_concurrency: usize,
+    /// Retry backoff for fetches.
+    pub fetch_backoff: Backoff,
+    /// Attempts that reached a healthy source before a key is dead-lettered.
+    pub retry_budget: u32,
+    /// Retry backoff for sink writes (retried without end for batch failures).
+    pub sink_backoff: Backoff,
+    /// Attempts for a single record the sink keeps failing while its batch-mates succeed.
+    pub sink_record_budget: u32,
+    /// Window of recent fetch attempts per entity type used to judge source health.
+    pub health_window: usize,
+    /// Share of failed attempts above which a source counts as failing for most keys (its
+    /// failures then spend no retry budget).
+    pub unhealthy_ratio: f64,
+    /// How often satisfied offsets are committed.
+    pub commit_interval: Duration,
+    /// Outstanding offsets per partition before that partition pauses.
+    pub max_outstanding_per_partition: usize,
+    /// Pending keys in total before every partition pauses.
+    pub max_pending_keys: usize,
+    /// Pending bytes (ids and keys) in total before every partition pauses.
+    pub max_pending_bytes: usize,
+    /// Resume when usage falls below this share of a cap.
+    pub resume_ratio: f64,
+    /// Ids longer than this (bytes) are dead-lettered as too long.
+    pub max_id_len: usize,
+    /// Notifications for entity types no fetcher serves.
+    pub unknown_types: UnknownTypePolicy,
+    /// Keys whose acknowledged version (and validators) are remembered.
+    pub version_cache_capacity: u64,
+    /// The gone-rate guard.
+    pub gone_guard: GoneGuardConfig,
+    /// How long a revoke waits for writes already issued before it commits and lets go. Must stay
+    /// below the consumer's `max.poll.interval.ms`.
+    pub rebalance_drain: Duration,
+    /// How long shutdown waits for in-flight work before it commits what is satisfied.
+    pub shutdown_deadline: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            window: Duration::from_millis(200),
+            max_wait: Duration::from_secs(2),
+            fetch_concurrency: 64,
+            sink_batch_max: 256,
+            sink_linger: Duration::from_millis(5),
+            sink_concurrency: 2,
+            fetch_backoff: Backoff {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(30),
+                multiplier: 2.0,
+            },
+            retry_budget: 8,
+            sink_backoff: Backoff {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(15),
+                multiplier: 2.0,
+            },
+            sink_record_budget: 8,
+            health_window: 50,
+            unhealthy_ratio: 0.5,
+            commit_interval: Duration::from_secs(1),
+            max_outstanding_per_partition: 100_000,
+            max_pending_keys: 200_000,
+            max_pending_bytes: 64 * 1024 * 1024,
+            resume_ratio: 0.5,
+            max_id_len: 1024,
+            unknown_types: UnknownTypePolicy::Ignore,
+            version_cache_capacity: 100_000,
+            gone_guard: GoneGuardConfig::default(),
+            rebalance_drain: Duration::from_secs(10),
+            shutdown_deadline: Duration::from_secs(15),
+        }
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid engine setting `{key}`: {reason}")]
+pub struct ConfigError {
+    /// The setting.
+    pub key: &'static str,
+    /// What is wrong and what is expected.
+    pub reason: String,
+}
+
+impl EngineConfig {
+    /// Check the settings and their relations. `max_poll_interval` is the consumer's
+    /// `max.poll.interval.ms`, when known.
+    pub fn validate(&self, max_poll_interval: Option<Duration>) -> Result<(), ConfigError> {
+        let err = |key, reason: String| Err(ConfigError { key, reason });
+        if self.max_wait < self.window {
+            return err(
+                "max_wait",
+                format!(
+                    "{:?} is below the window {:?}; expected max_wait >= window",
+                    self.max_wait, self.window
+                ),
+            );
+        }
+        for (key, v) in [
+            ("fetch_concurrency", self.fetch_concurrency),
+            ("sink_batch_max", self.sink_batch_max),
+            ("sink_concurrency", self.sink_concurrency),
+            ("max_outstanding_per_partition", self.max_outstanding_per_partition),
+            ("max_pending_keys", self.max_pending_keys),
+            ("max_pending_bytes", self.max_pending_bytes),
+            ("max_id_len", self.max_id_len),
+            ("health_window", self.health_window),
+        ] {
+            if v == 0 {
+                return err(key, "must be at least 1".into());
+            }
+        }
+        if self.retry_budget == 0 || self.sink_record_budget == 0 {
+            return err("retry_budget", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.resume_ratio) {
+            return err("resume_ratio", "expected a share in [0, 1)".into());
+        }
+        if !(0.0..=1.0).contains(&self.gone_guard.max_ratio) {
+            return err("gone_guard.max_ratio", "expected a share in [0, 1]".into());
+        }
+        if let Some(max_poll) = max_poll_interval {
+            if self.rebalance_drain >= max_poll {
+                return err(
+                    "rebalance_drain",
+                    format!(
+                        "{:?} must stay below max.poll.interval.ms ({:?}): the consumer is not \
+                         polled while a revoke drains",
+                        self.rebalance_drain, max_poll
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_honours_retry_after() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            multiplier: 2.0,
+        };
+        assert_eq!(b.delay(1, None, 1.0), Duration::from_millis(100));
+        assert_eq!(b.delay(3, None, 1.0), Duration::from_millis(400));
+        assert_eq!(b.delay(30, None, 1.0), Duration::from_secs(1));
+        assert_eq!(b.delay(1, None, 0.0), Duration::from_millis(50));
+        assert_eq!(
+            b.delay(1, Some(Duration::from_secs(5)), 0.3),
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn drain_must_fit_in_the_poll_interval() {
+        let c = EngineConfig::default();
+        assert!(c.validate(Some(Duration::from_secs(300))).is_ok());
+        let e = c.validate(Some(Duration::from_secs(5))).unwrap_err();
+        assert_eq!(e.key, "rebalance_drain");
+        let mut c = EngineConfig::default();
+        c.max_wait = Duration::from_millis(1);
+        assert_eq!(c.validate(None).unwrap_err().key, "max_wait");
+    }
+}

@@ -1,0 +1,138 @@
+//! Counters and a latency histogram kept by the engine for status pages, summaries and tests.
+//!
+//! Prometheus-style metrics go through the `metrics` facade (see [`crate::metrics`]); these
+//! in-process figures exist so a caller can read them without installing a recorder (the demo's
+//! summary table, the status page, tests).
+
+use std::time::Duration;
+
+/// Cumulative engine counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Records received from the consumer.
+    pub records: u64,
+    /// Records decoded into notifications.
+    pub notifications: u64,
+    /// Notifications merged into a key that already had pending notifications.
+    pub coalesced: u64,
+    /// Notifications satisfied on arrival because the sink already holds their version.
+    pub satisfied_by_version: u64,
+    /// Records that were not notifications (ignored by the decoder or of an unknown type).
+    pub ignored: u64,
+    /// Records that could not be decoded.
+    pub decode_errors: u64,
+    /// Fetches started (a batched request counts once per key).
+    pub fetches: u64,
+    /// Fetches that found the entity.
+    pub found: u64,
+    /// Fetches that said the entity is gone.
+    pub gone: u64,
+    /// Conditional fetches that said nothing changed.
+    pub unchanged: u64,
+    /// Fetches skipped because the sink already held the announced version.
+    pub already_held: u64,
+    /// Fetches that failed transiently.
+    pub fetch_transient: u64,
+    /// Fetches that failed permanently.
+    pub fetch_permanent: u64,
+    /// Fetched states older than a notification's version.
+    pub stale_reads: u64,
+    /// Deletes held back by the gone guard.
+    pub gone_held: u64,
+    /// Changes the sink acknowledged as durable.
+    pub writes: u64,
+    /// Single records the sink failed.
+    pub write_failures: u64,
+    /// Dead letters issued.
+    pub dead_letters: u64,
+    /// Dead letters the broker acknowledged.
+    pub dead_letters_acked: u64,
+    /// Flights whose notifications all belonged to revoked or lost partitions.
+    pub abandoned: u64,
+    /// Records received for a partition not (or no longer) assigned.
+    pub unassigned_records: u64,
+    /// Records that arrived while their partition was paused.
+    pub records_while_paused: u64,
+    /// Offsets committed successfully.
+    pub commits: u64,
+    /// Commit attempts that failed (retried later).
+    pub commit_failures: u64,
+}
+
+/// A log-bucketed latency histogram (about 4% resolution from 1 ms to about 20 minutes).
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram {
+    buckets: Vec<u64>,
+    count: u64,
+}
+
+const BUCKETS: usize = 360;
+const GROWTH: f64 = 1.04;
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: vec![0; BUCKETS],
+            count: 0,
+        }
+    }
+}
+
+impl LatencyHistogram {
+    fn bucket(ms: f64) -> usize {
+        if ms <= 1.0 {
+            0
+        } else {
+            ((ms.ln() / GROWTH.ln()).ceil() as usize).min(BUCKETS - 1)
+        }
+    }
+
+    /// Record one sample.
+    pub fn record(&mut self, d: Duration) {
+        let i = Self::bucket(d.as_secs_f64() * 1000.0);
+        if let Some(b) = self.buckets.get_mut(i) {
+            *b += 1;
+            self.count += 1;
+        }
+    }
+
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The `q` quantile (0..=1), as the upper bound of its bucket.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        if self.count == 0 {
+            return None;
+        }
+        let target = ((self.count as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= target {
+                let ms = GROWTH.powi(i as i32);
+                return Some(Duration::from_secs_f64(ms / 1000.0));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_within_resolution() {
+        let mut h = LatencyHistogram::default();
+        for ms in 1..=1000u64 {
+            h.record(Duration::from_millis(ms));
+        }
+        let p50 = h.quantile(0.5).unwrap().as_secs_f64() * 1000.0;
+        let p99 = h.quantile(0.99).unwrap().as_secs_f64() * 1000.0;
+        assert!((480.0..=530.0).contains(&p50), "p50 {p50}");
+        assert!((960.0..=1040.0).contains(&p99), "p99 {p99}");
+        assert_eq!(LatencyHistogram::default().quantile(0.5), None);
+    }
+}
