@@ -31,7 +31,9 @@ impl Backoff {
     /// The delay before attempt `attempt` (1-based), jittered into `[delay/2, delay]`, and never
     /// below `retry_after`.
     pub fn delay(&self, attempt: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
-        let exp = self.multiplier.powi(attempt.saturating_sub(1).min(63) as i32);
+        let exp = self
+            .multiplier
+            .powi(attempt.saturating_sub(1).min(63) as i32);
         let raw = self.initial.as_secs_f64() * exp;
         let capped = raw.min(self.max.as_secs_f64());
         let jittered = capped * (0.5 + 0.5 * jitter.clamp(0.0, 1.0));
@@ -184,7 +186,10 @@ impl EngineConfig {
             ("fetch_concurrency", self.fetch_concurrency),
             ("sink_batch_max", self.sink_batch_max),
             ("sink_concurrency", self.sink_concurrency),
-            ("max_outstanding_per_partition", self.max_outstanding_per_partition),
+            (
+                "max_outstanding_per_partition",
+                self.max_outstanding_per_partition,
+            ),
             ("max_pending_keys", self.max_pending_keys),
             ("max_pending_bytes", self.max_pending_bytes),
             ("max_id_len", self.max_id_len),

@@ -439,7 +439,10 @@ mod tests {
                 id_pointer: "/customer_id".into(),
                 version_pointer: None,
             });
-        let n = notification(&d, br#"{"type":"address","id":"a1","customer_id":"42","v":99}"#);
+        let n = notification(
+            &d,
+            br#"{"type":"address","id":"a1","customer_id":"42","v":99}"#,
+        );
         assert_eq!(n.key, EntityKey::new("customer", "42"));
         assert_eq!(n.version, None);
         let n = notification(&d, br#"{"type":"customer","id":"42","v":3}"#);

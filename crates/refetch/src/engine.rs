@@ -169,7 +169,11 @@ impl Decoders {
     }
 
     /// Use `decoder` for `topic`.
-    pub fn topic(mut self, topic: impl Into<String>, decoder: Arc<dyn NotificationDecoder>) -> Self {
+    pub fn topic(
+        mut self,
+        topic: impl Into<String>,
+        decoder: Arc<dyn NotificationDecoder>,
+    ) -> Self {
         self.by_topic.insert(topic.into(), decoder);
         self
     }
@@ -509,11 +513,16 @@ impl Engine {
         self.counters.records += 1;
         let Some(slot) = self.slot_for(record.topic, record.partition) else {
             self.counters.unassigned_records += 1;
-            tracing::warn!(topic = record.topic, partition = record.partition, offset = record.offset,
-                "record for a partition this engine does not own; ignored");
+            tracing::warn!(
+                topic = record.topic,
+                partition = record.partition,
+                offset = record.offset,
+                "record for a partition this engine does not own; ignored"
+            );
             return;
         };
-        let (epoch, revoking, paused) = match self.slots.get(slot as usize).and_then(Option::as_ref) {
+        let (epoch, revoking, paused) = match self.slots.get(slot as usize).and_then(Option::as_ref)
+        {
             Some(p) => (p.epoch, p.revoking, p.paused),
             None => return,
         };
@@ -576,7 +585,8 @@ impl Engine {
                 }
                 UnknownTypePolicy::DeadLetter => {
                     if self.track(slot, record.offset, false) {
-                        let msg = format!("no fetcher serves entity type {:?}", n.key.entity_type());
+                        let msg =
+                            format!("no fetcher serves entity type {:?}", n.key.entity_type());
                         let dl = self.record_dead_letter(record, reason::UNKNOWN_TYPE, &msg);
                         self.issue_dead_letter(dl, std::iter::once(note).collect());
                     }
@@ -683,7 +693,10 @@ impl Engine {
         if !(self.handles)(key.entity_type()) {
             self.refresh_done.push((
                 waiter,
-                RefreshOutcome::Failed(format!("no fetcher serves entity type {:?}", key.entity_type())),
+                RefreshOutcome::Failed(format!(
+                    "no fetcher serves entity type {:?}",
+                    key.entity_type()
+                )),
             ));
             return;
         }
@@ -751,7 +764,7 @@ impl Engine {
         }
     }
 
-    fn start_flight(&mut self, key: EntityKey, now: Tick) {
+    fn start_flight(&mut self, key: EntityKey, _now: Tick) {
         let cached = self.acked.get(&key);
         let Some(state) = self.keys.get_mut(&key) else {
             return;
@@ -762,8 +775,7 @@ impl Engine {
         state.refresh_requested = false;
         let id = self.next_flight;
         self.next_flight += 1;
-        let check_sink_first =
-            self.sink_tracks_versions && batch.all_versioned && cached.is_none();
+        let check_sink_first = self.sink_tracks_versions && batch.all_versioned && cached.is_none();
         let request = FetchRequest {
             key: key.clone(),
             fields: state.fields.clone(),
@@ -926,7 +938,14 @@ impl Engine {
                     crate::metrics::fetch_outcome("permanent");
                     self.record_health(&entity_type, false);
                     let attempts = state_attempts(self.keys.get(key)) + 1;
-                    self.dead_letter_flight(key, reason::FETCH, e.message(), ErrorClass::Permanent, attempts, now);
+                    self.dead_letter_flight(
+                        key,
+                        reason::FETCH,
+                        e.message(),
+                        ErrorClass::Permanent,
+                        attempts,
+                        now,
+                    );
                 }
                 ErrorClass::Transient { .. } => {
                     self.counters.fetch_transient += 1;
@@ -980,7 +999,14 @@ impl Engine {
         };
         if counted >= budget {
             tracing::warn!(key = %key, attempts, error = %err, "retry budget spent: dead-lettering");
-            self.dead_letter_flight(key, reason::FETCH, err.message(), err.class(), attempts, now);
+            self.dead_letter_flight(
+                key,
+                reason::FETCH,
+                err.message(),
+                err.class(),
+                attempts,
+                now,
+            );
             return;
         }
         let jitter = self.jitter();
@@ -1090,7 +1116,13 @@ impl Engine {
                 if deleted {
                     self.acked.invalidate(key);
                 } else if version.is_some() || validators.is_some() {
-                    self.acked.insert(key.clone(), Acked { version, validators });
+                    self.acked.insert(
+                        key.clone(),
+                        Acked {
+                            version,
+                            validators,
+                        },
+                    );
                 } else {
                     self.acked.invalidate(key);
                 }
@@ -1104,7 +1136,14 @@ impl Engine {
                 let permanent = !e.class().is_transient();
                 if permanent || failures >= self.cfg.sink_record_budget {
                     self.release_slots(&held);
-                    self.dead_letter_flight(key, reason::SINK, e.message(), e.class(), failures, now);
+                    self.dead_letter_flight(
+                        key,
+                        reason::SINK,
+                        e.message(),
+                        e.class(),
+                        failures,
+                        now,
+                    );
                     return;
                 }
                 let jitter = self.jitter();
@@ -1206,7 +1245,16 @@ impl Engine {
         }
         if !notes.is_empty() {
             let age = now.since(f.batch.first_at);
-            let record = self.key_dead_letter(key, f.batch.max_version, &notes, why, message, class, attempts, age);
+            let record = self.key_dead_letter(
+                key,
+                f.batch.max_version,
+                &notes,
+                why,
+                message,
+                class,
+                attempts,
+                age,
+            );
             self.issue_dead_letter(record, notes);
         }
         self.after_flight(key, now);
@@ -1244,14 +1292,20 @@ impl Engine {
             (header::ERROR_CLASS.to_owned(), class.label().to_owned()),
             (header::REASON.to_owned(), why.to_owned()),
             (header::ATTEMPTS.to_owned(), attempts.to_string()),
-            (header::FIRST_SEEN.to_owned(), dlq::rfc3339(dlq::seen_ago(age))),
+            (
+                header::FIRST_SEEN.to_owned(),
+                dlq::rfc3339(dlq::seen_ago(age)),
+            ),
             (header::ENTITY_TYPE.to_owned(), key.entity_type().to_owned()),
             (header::ENTITY_ID.to_owned(), key.id().to_owned()),
         ];
         if let Some(oldest) = notes.first() {
             if let Some(Some(p)) = self.slots.get(oldest.slot as usize) {
                 headers.push((header::SOURCE_TOPIC.to_owned(), p.tp.topic.to_string()));
-                headers.push((header::SOURCE_PARTITION.to_owned(), p.tp.partition.to_string()));
+                headers.push((
+                    header::SOURCE_PARTITION.to_owned(),
+                    p.tp.partition.to_string(),
+                ));
                 headers.push((header::SOURCE_OFFSET.to_owned(), oldest.offset.to_string()));
             }
         }
@@ -1271,7 +1325,10 @@ impl Engine {
                 (header::ERROR_CLASS.to_owned(), "permanent".to_owned()),
                 (header::REASON.to_owned(), why.to_owned()),
                 (header::SOURCE_TOPIC.to_owned(), record.topic.to_owned()),
-                (header::SOURCE_PARTITION.to_owned(), record.partition.to_string()),
+                (
+                    header::SOURCE_PARTITION.to_owned(),
+                    record.partition.to_string(),
+                ),
                 (header::SOURCE_OFFSET.to_owned(), record.offset.to_string()),
                 (header::ATTEMPTS.to_owned(), "0".to_owned()),
                 (
@@ -1295,7 +1352,8 @@ impl Engine {
             entity = record.header(header::ENTITY_ID).unwrap_or(""),
             "dead-lettering"
         );
-        self.actions.push(Action::DeadLetter(DeadLetterJob { id, record }));
+        self.actions
+            .push(Action::DeadLetter(DeadLetterJob { id, record }));
     }
 
     /// A dead letter was acknowledged by the broker (`Ok`), or failed for good (`Err`: the topic
@@ -1523,7 +1581,10 @@ impl Engine {
             dead_letter_broken: self.dead_letter_broken,
             globally_paused: self.globally_paused,
             latency_p50_ms: self.latency.quantile(0.5).map(|d| d.as_secs_f64() * 1000.0),
-            latency_p99_ms: self.latency.quantile(0.99).map(|d| d.as_secs_f64() * 1000.0),
+            latency_p99_ms: self
+                .latency
+                .quantile(0.99)
+                .map(|d| d.as_secs_f64() * 1000.0),
         }
     }
 }

@@ -102,3 +102,8 @@ pub fn gauges(pending_keys: usize, oldest_pending: Option<Duration>, paused: usi
         .set(oldest_pending.map_or(0.0, |d| d.as_secs_f64()));
     metrics::gauge!("refetch_partitions_paused").set(paused as f64);
 }
+
+/// A batch of records was consumed.
+pub fn record_batch(n: usize) {
+    metrics::counter!("refetch_records_total").increment(n as u64);
+}
