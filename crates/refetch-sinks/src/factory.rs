@@ -1,0 +1,83 @@
+//! Building a sink from its configuration: the one entry point the binary uses.
+
+use std::sync::Arc;
+
+use refetch::Sink;
+
+use crate::config::SinkConfig;
+
+/// Why a sink could not be built. Messages never contain secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkBuildError {
+    /// The configuration is invalid (a bad URL template, an empty table name, a weakened
+    /// producer setting, ...).
+    #[error("invalid {sink} sink configuration: {message}")]
+    Config {
+        /// The sink kind.
+        sink: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The target could not be reached or opened at start-up.
+    #[error("{sink} sink target unavailable: {message}")]
+    Unavailable {
+        /// The sink kind.
+        sink: &'static str,
+        /// What failed.
+        message: String,
+    },
+    /// The target exists but does not have the expected shape (a table with missing or
+    /// mistyped columns).
+    #[error("{sink} sink target does not match: {message}")]
+    Schema {
+        /// The sink kind.
+        sink: &'static str,
+        /// Every mismatch found.
+        message: String,
+    },
+    /// This build of refetch-sinks does not include the sink (cargo feature disabled).
+    #[error("the {0} sink is not compiled in (enable the `{0}` cargo feature of refetch-sinks)")]
+    FeatureDisabled(&'static str),
+}
+
+impl SinkBuildError {
+    pub(crate) fn config(sink: &'static str, message: impl Into<String>) -> Self {
+        SinkBuildError::Config {
+            sink,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn unavailable(sink: &'static str, message: impl Into<String>) -> Self {
+        SinkBuildError::Unavailable {
+            sink,
+            message: message.into(),
+        }
+    }
+}
+
+/// Build the sink `cfg` selects, connect it and check its target (table shape, topic
+/// reachability, file writability).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), refetch_sinks::SinkBuildError> {
+/// let cfg: refetch_sinks::SinkConfig = refetch_sinks::SinkConfig::default(); // SQLite
+/// let sink = refetch_sinks::build_sink(&cfg).await?;
+/// # let _ = sink; Ok(()) }
+/// ```
+pub async fn build_sink(cfg: &SinkConfig) -> Result<Arc<dyn Sink>, SinkBuildError> {
+    match cfg {
+        #[cfg(feature = "postgres")]
+        SinkConfig::Postgres(c) => Ok(Arc::new(crate::postgres::PostgresSink::connect(c).await?)),
+        #[cfg(feature = "kafka")]
+        SinkConfig::Kafka(c) => crate::kafka::KafkaSink::new(c),
+        #[cfg(feature = "http")]
+        SinkConfig::Http(c) => crate::http::HttpSink::new(c),
+        #[cfg(feature = "sqlite")]
+        SinkConfig::Sqlite(c) => crate::sqlite::SqliteSink::open(c).await,
+        SinkConfig::Jsonl(c) => Ok(Arc::new(crate::jsonl::JsonlSink::open(c).await?)),
+        SinkConfig::Stdout(_) => Ok(Arc::new(crate::stdout::StdoutSink::new())),
+        #[allow(unreachable_patterns)]
+        other => Err(SinkBuildError::FeatureDisabled(other.kind())),
+    }
+}
