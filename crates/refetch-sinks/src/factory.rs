@@ -74,7 +74,7 @@ pub async fn build_sink(cfg: &SinkConfig) -> Result<Arc<dyn Sink>, SinkBuildErro
         #[cfg(feature = "http")]
         SinkConfig::Http(c) => crate::http::HttpSink::new(c),
         #[cfg(feature = "sqlite")]
-        SinkConfig::Sqlite(c) => crate::sqlite::SqliteSink::open(c).await,
+        SinkConfig::Sqlite(c) => Ok(Arc::new(crate::sqlite::SqliteSink::open(c).await?)),
         SinkConfig::Jsonl(c) => Ok(Arc::new(crate::jsonl::JsonlSink::open(c).await?)),
         SinkConfig::Stdout(_) => Ok(Arc::new(crate::stdout::StdoutSink::new())),
         #[allow(unreachable_patterns)]

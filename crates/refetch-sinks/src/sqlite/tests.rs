@@ -1,0 +1,263 @@
+use std::time::Duration;
+
+use super::*;
+use crate::stored::StoredBody;
+use refetch::Entity;
+use serde_json::json;
+
+fn cfg(dir: &tempfile::TempDir, deletes: DeleteMode) -> SqliteConfig {
+    SqliteConfig {
+        path: dir.path().join("sink.db"),
+        deletes,
+        busy_timeout: Duration::from_millis(200),
+        ..SqliteConfig::default()
+    }
+}
+
+fn key(id: &str) -> EntityKey {
+    EntityKey::new("customer", id)
+}
+
+fn upsert(id: &str, body: serde_json::Value, v: Option<i64>) -> Change {
+    Change::Upsert {
+        key: key(id),
+        entity: Entity::json(body.to_string(), v.map(Version::Int)),
+    }
+}
+
+async fn body_of(sink: &SqliteSink, id: &str) -> Option<StoredBody> {
+    sink.get(&key(id)).await.unwrap().and_then(|e| e.body)
+}
+
+#[tokio::test]
+async fn version_guard_and_held_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SqliteSink::open(&cfg(&dir, DeleteMode::Delete))
+        .await
+        .unwrap();
+    assert!(sink.tracks_versions());
+    sink.write(&[upsert("1", json!({"v": 2}), Some(2))])
+        .await
+        .unwrap();
+    sink.write(&[upsert("1", json!({"v": 1}), Some(1))])
+        .await
+        .unwrap();
+    assert_eq!(
+        body_of(&sink, "1").await,
+        Some(StoredBody::Json(json!({"v": 2})))
+    );
+    sink.write(&[upsert("1", json!({"v": 3}), Some(3))])
+        .await
+        .unwrap();
+    assert_eq!(
+        body_of(&sink, "1").await,
+        Some(StoredBody::Json(json!({"v": 3})))
+    );
+    assert_eq!(
+        sink.held_version(&key("1")).await.unwrap(),
+        Some(Version::Int(3))
+    );
+    sink.write(&[upsert("1", json!({"v": "none"}), None)])
+        .await
+        .unwrap();
+    assert_eq!(sink.held_version(&key("1")).await.unwrap(), None);
+    sink.write(&[Change::Upsert {
+        key: key("2"),
+        entity: Entity::json("{}", Some(Version::Timestamp(77))),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(
+        sink.held_version(&key("2")).await.unwrap(),
+        Some(Version::Timestamp(77))
+    );
+    assert_eq!(sink.held_version(&key("absent")).await.unwrap(), None);
+    sink.check().await.unwrap();
+}
+
+#[tokio::test]
+async fn deletes_and_tombstones() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SqliteSink::open(&cfg(&dir, DeleteMode::Delete))
+        .await
+        .unwrap();
+    sink.write(&[upsert("1", json!({}), Some(1))])
+        .await
+        .unwrap();
+    sink.write(&[Change::Delete { key: key("1") }])
+        .await
+        .unwrap();
+    assert_eq!(sink.get(&key("1")).await.unwrap(), None);
+    drop(sink);
+
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SqliteSink::open(&cfg(&dir, DeleteMode::Tombstone))
+        .await
+        .unwrap();
+    sink.write(&[upsert("1", json!({"a": 1}), Some(5))])
+        .await
+        .unwrap();
+    sink.write(&[Change::Delete { key: key("1") }])
+        .await
+        .unwrap();
+    let row = sink.get(&key("1")).await.unwrap().unwrap();
+    assert!(row.deleted && row.body.is_none());
+    assert_eq!(row.version, Some(Version::Int(5)));
+    sink.write(&[upsert("1", json!({"a": "stale"}), Some(4))])
+        .await
+        .unwrap();
+    assert!(sink.get(&key("1")).await.unwrap().unwrap().deleted);
+    sink.write(&[upsert("1", json!({"a": 6}), Some(6))])
+        .await
+        .unwrap();
+    let row = sink.get(&key("1")).await.unwrap().unwrap();
+    assert!(!row.deleted);
+    assert_eq!(row.body, Some(StoredBody::Json(json!({"a": 6}))));
+}
+
+#[tokio::test]
+async fn one_bad_record_is_reported_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(&dir, DeleteMode::Delete);
+    let conn = Connection::open(&c.path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE refetch_entities (entity_type TEXT NOT NULL, entity_id TEXT NOT NULL \
+         CHECK (entity_id <> 'bad'), version INTEGER, version_kind TEXT, content_type TEXT, \
+         body TEXT, body_raw BLOB, deleted INTEGER NOT NULL DEFAULT 0, \
+         updated_at TEXT NOT NULL DEFAULT '', PRIMARY KEY (entity_type, entity_id))",
+    )
+    .unwrap();
+    drop(conn);
+    let sink = SqliteSink::open(&c).await.unwrap();
+    let report = sink
+        .write(&[
+            upsert("a", json!(1), Some(1)),
+            upsert("bad", json!(2), Some(1)),
+            upsert("c", json!(3), Some(1)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].0, 1);
+    assert!(matches!(report.failed[0].1, SinkError::Permanent { .. }));
+    let all = sink.snapshot().await.unwrap();
+    assert_eq!(
+        all.keys().cloned().collect::<Vec<_>>(),
+        vec![key("a"), key("c")]
+    );
+}
+
+#[tokio::test]
+async fn a_locked_database_fails_the_batch_transiently_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(&dir, DeleteMode::Delete);
+    let sink = SqliteSink::open(&c).await.unwrap();
+    let other = Connection::open(&c.path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let err = sink
+        .write(&[
+            upsert("a", json!(1), Some(1)),
+            upsert("b", json!(1), Some(1)),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SinkError::Transient { .. }), "{err:?}");
+    other.execute_batch("ROLLBACK").unwrap();
+    assert!(sink.snapshot().await.unwrap().is_empty());
+    sink.write(&[upsert("a", json!(1), Some(1))]).await.unwrap();
+    assert_eq!(sink.snapshot().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn non_json_bodies_are_kept_verbatim_and_snapshot_orders_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SqliteSink::open(&cfg(&dir, DeleteMode::Delete))
+        .await
+        .unwrap();
+    let raw = Change::Upsert {
+        key: key("b"),
+        entity: Entity {
+            body: bytes::Bytes::from_static(&[0xff, 0, 1]),
+            content_type: Some("application/octet-stream".into()),
+            version: None,
+            validators: None,
+        },
+    };
+    sink.write(&[
+        raw,
+        upsert("B", json!([1]), None),
+        upsert("ä", json!(null), None),
+    ])
+    .await
+    .unwrap();
+    let all = sink.snapshot().await.unwrap();
+    let ids: Vec<&str> = all.keys().map(|k| k.id()).collect();
+    assert_eq!(ids, ["B", "b", "ä"]);
+    assert_eq!(all[&key("b")].body, Some(StoredBody::Raw(vec![0xff, 0, 1])));
+    assert_eq!(
+        all[&key("ä")].body,
+        Some(StoredBody::Json(serde_json::Value::Null))
+    );
+}
+
+#[tokio::test]
+async fn a_table_that_does_not_match_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(&dir, DeleteMode::Delete);
+    let conn = Connection::open(&c.path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE wrong (entity_type TEXT, entity_id TEXT, version INTEGER, \
+         body TEXT NOT NULL, deleted INTEGER, updated_at TEXT, owner TEXT NOT NULL)",
+    )
+    .unwrap();
+    drop(conn);
+    c.table = "wrong".into();
+    c.create_table = false;
+    let err = SqliteSink::open(&c).await.unwrap_err().to_string();
+    for expected in [
+        "missing column version_kind",
+        "missing column body_raw",
+        "column body is NOT NULL",
+        "extra column owner",
+        "no primary key",
+    ] {
+        assert!(err.contains(expected), "{expected:?} not in {err}");
+    }
+    c.table = "absent".into();
+    let err = SqliteSink::open(&c).await.unwrap_err().to_string();
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+/// Kill -9 right after an acknowledgement: the acknowledged rows are in the database. The test
+/// runs itself as the child process (see `crash_test`).
+#[test]
+fn acknowledged_rows_survive_sigkill() {
+    const ENV: &str = "REFETCH_SINKS_CRASH_SQLITE";
+    const NAME: &str = "sqlite::tests::acknowledged_rows_survive_sigkill";
+    if let Some(path) = crate::crash_test::child_target(ENV) {
+        crate::crash_test::act_as_child(async move {
+            let sink = SqliteSink::open(&SqliteConfig {
+                path,
+                ..SqliteConfig::default()
+            })
+            .await
+            .unwrap();
+            let batch: Vec<Change> = (0..100)
+                .map(|i| upsert(&i.to_string(), json!({"i": i}), Some(i)))
+                .collect();
+            sink.write(&batch).await.unwrap();
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crash.db");
+    crate::crash_test::run_child_until_acked(NAME, ENV, &path);
+    let conn = Connection::open(&path).unwrap();
+    let (count, sum): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), sum(version) FROM refetch_entities",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((count, sum), (100, (0..100).sum::<i64>()));
+}
