@@ -7,11 +7,13 @@
 //! | [`postgres`] | the PostgreSQL a test talks to (from `REFETCH_TEST_PG`), a fresh schema per test |
 //! | [`process`] | spawning and killing pipeline processes for crash tests |
 //! | [`http_source`] | a local HTTP source on 127.0.0.1 whose entities change, with fault injection |
+//! | [`mock`] | librdkafka's mock cluster with no initial rebalance delay |
 //! | [`memory`] | an in-memory versioned source (a `Fetcher`) and a recording sink with failure injection |
 
 pub mod http_source;
 pub mod kafka;
 pub mod memory;
+pub mod mock;
 pub mod names;
 pub mod postgres;
 pub mod process;
