@@ -72,7 +72,7 @@ pub async fn build_sink(cfg: &SinkConfig) -> Result<Arc<dyn Sink>, SinkBuildErro
         #[cfg(feature = "kafka")]
         SinkConfig::Kafka(c) => crate::kafka::KafkaSink::new(c),
         #[cfg(feature = "http")]
-        SinkConfig::Http(c) => crate::http::HttpSink::new(c),
+        SinkConfig::Http(c) => Ok(Arc::new(crate::http::HttpSink::new(c)?)),
         #[cfg(feature = "sqlite")]
         SinkConfig::Sqlite(c) => Ok(Arc::new(crate::sqlite::SqliteSink::open(c).await?)),
         SinkConfig::Jsonl(c) => Ok(Arc::new(crate::jsonl::JsonlSink::open(c).await?)),
