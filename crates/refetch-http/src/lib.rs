@@ -1,1 +1,102 @@
-//! placeholder
+//! # refetch-http: fetch entities from REST sources, safely
+//!
+//! The built-in [`refetch::Fetcher`] for sources that serve entities over HTTP. A notification
+//! says "customer 42 changed"; this crate turns that into `GET https://crm.example/customers/42`,
+//! classifies the answer for the engine, and protects the source while doing it.
+//!
+//! ## Configure a source per entity type
+//!
+//! ```
+//! use refetch_http::{HttpFetcher, HttpFetcherConfig};
+//!
+//! let config: HttpFetcherConfig = toml::from_str(r#"
+//!     [sources.customer]
+//!     url = "https://crm.example/api/customers/{id}"
+//!     timeout = "5s"
+//!     rate_limit = 50.0                      # requests per second
+//!     burst = 10
+//!     concurrency = 16
+//!     auth = { kind = "bearer", token = "${CRM_TOKEN}" }
+//!     version = { pointer = "/version", kind = "integer" }
+//!     not_found = { pointer = "/error", equals = "not_found" }
+//!     batch = { url = "https://crm.example/api/customers?ids={ids}", max = 50 }
+//! "#).unwrap();
+//! // `${CRM_TOKEN}` is resolved from the environment when the fetcher is built:
+//! let fetcher = HttpFetcher::builder()
+//!     .env(|name| (name == "CRM_TOKEN").then(|| "t0ken".to_owned()))
+//!     .source("customer", config.sources["customer"].clone())
+//!     .build()
+//!     .unwrap();
+//! # use refetch::Fetcher;
+//! assert!(fetcher.handles("customer") && !fetcher.handles("order"));
+//! assert_eq!(fetcher.batch_limit("customer"), 50);
+//! ```
+//!
+//! In the `refetch` binary the same table sits under the fetcher's section of the TOML file and
+//! [`HttpFetcher::from_config`] resolves `${VAR}` from the process environment. Every field is
+//! documented on [`SourceConfig`].
+//!
+//! ## Ids are untrusted
+//!
+//! Ids come from notification payloads. Each placeholder (`{id}`, `{type}`, declared `fields`) is
+//! percent-encoded as one path segment or one query value, so no id can change the scheme, the
+//! host or the path: `../admin` becomes `..%2Fadmin`, `a/b` becomes `a%2Fb`. Ids that would still
+//! be a dot segment or empty (`""`, `.`, `..`, `.%2E`, `%2e%2e`) are refused with a permanent
+//! error before any request, so the engine dead-letters them. Templates are checked when the
+//! fetcher is built (see [`template`]).
+//!
+//! ## What an answer means
+//!
+//! | answer | outcome |
+//! |---|---|
+//! | 2xx | [`FetchOutcome::Found`](refetch::FetchOutcome::Found): body (or the envelope's inner value), content type, version, `ETag`/`Last-Modified` validators |
+//! | 304 (to a conditional request) | `Unchanged` |
+//! | 404, 410 | `Gone`; with `not_found` configured, only when the body is the source's own not-found answer (otherwise transient: a gateway's 404 is not a deletion) |
+//! | 429, 5xx, 408, timeout, connection error, a body cut short | transient, honouring `Retry-After` (seconds or HTTP date) |
+//! | a redirect to another host (not followed unless configured), too many redirects | permanent |
+//! | other 4xx, body over `body_limit`, non-JSON content type or unparsable JSON where JSON is expected | permanent |
+//!
+//! ## Protecting the source
+//!
+//! Per source: a rate limit with burst (`governor`; waits are counted), a concurrency limit, and a
+//! circuit breaker ([`breaker`]) that opens after consecutive transient failures and then answers
+//! [`FetchError::NotAttempted`](refetch::FetchError::NotAttempted) (no request, no retry budget
+//! spent) until one probe succeeds after the cooldown.
+//!
+//! ## Conditional and batched fetches
+//!
+//! Validators in [`FetchRequest::validators`](refetch::FetchRequest) become `If-None-Match` and
+//! `If-Modified-Since`; the engine fills them only from sink acknowledgements. With a `batch`
+//! endpoint, [`Fetcher::fetch_batch`](refetch::Fetcher::fetch_batch) asks for up to `max` ids at
+//! once and maps the items back by their id; a key missing from the answer is fetched alone
+//! (`missing = "retry"`, the default) or taken as gone (`missing = "gone"`); an id containing the
+//! separator is always fetched alone.
+//!
+//! ## Secrets
+//!
+//! Header values and auth fields may use `${VAR}`. Their values never appear in logs, `Debug`
+//! output or error messages ([`secret`]). Credentials inside the URL template are refused.
+//!
+//! ## Metrics
+//!
+//! See [`telemetry`] for the series (`refetch_http_requests_total`, `refetch_http_request_seconds`,
+//! `refetch_http_rate_limited_total`, `refetch_http_breaker_open`, ...).
+
+// Tests may panic on unexpected values; library code may not (see the workspace lints).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod breaker;
+pub mod config;
+pub mod fetcher;
+pub mod response;
+pub mod secret;
+pub mod telemetry;
+pub mod template;
+
+pub use config::{
+    AuthConfig, BatchConfig, BreakerConfig, HttpFetcherConfig, MissingKey, NotFoundConfig,
+    SourceConfig, VersionConfig,
+};
+pub use fetcher::{ConfigError, HttpFetcher, HttpFetcherBuilder};
+pub use secret::{Secret, SecretString};
+pub use template::{RenderError, TemplateError, UrlTemplate, encode_component};

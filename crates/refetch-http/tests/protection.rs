@@ -1,0 +1,182 @@
+//! Protecting the source: circuit breaker, rate limit, concurrency limit, and their metrics.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use metrics_util::debugging::DebuggingRecorder;
+use refetch::{FetchError, FetchOutcome, Fetcher};
+use refetch_http::{BreakerConfig, SourceConfig};
+use refetch_testkit::http_source::Fault;
+use serde_json::json;
+use support::{Metrics, fetcher, req, source, template};
+
+const SRC: (&str, &str) = ("source", "customer");
+
+// `#[tokio::test]` runs on one thread, so the thread-local recorder sees every metric.
+#[tokio::test]
+async fn breaker_opens_answers_not_attempted_and_half_opens_for_one_probe() {
+    let recorder = DebuggingRecorder::new();
+    let mut m = Metrics::new(recorder.snapshotter());
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let src = source().await;
+    src.put("customer", "1", json!({}));
+    let cooldown = Duration::from_millis(300);
+    let f = fetcher(SourceConfig {
+        breaker: BreakerConfig {
+            failures: 3,
+            cooldown,
+        },
+        ..SourceConfig::new(template(&src))
+    });
+    assert_eq!(m.gauge("refetch_http_breaker_open", &[SRC]), Some(0.0));
+
+    src.set_fault(Some(Fault::Status(503)));
+    for _ in 0..3 {
+        let r = f.fetch(&req("1")).await;
+        assert!(matches!(r, Err(FetchError::Transient { .. })), "{r:?}");
+    }
+    assert!(f.breaker_open("customer"));
+    let opened = Instant::now();
+    assert_eq!(m.gauge("refetch_http_breaker_open", &[SRC]), Some(1.0));
+
+    let before = src.total_requests();
+    let r = f.fetch(&req("1")).await;
+    match &r {
+        Err(e @ FetchError::NotAttempted { retry_after, .. }) => {
+            assert!(!e.counts_against_budget());
+            assert!(retry_after.is_some_and(|d| d <= cooldown), "{r:?}");
+        }
+        other => panic!("expected NotAttempted, got {other:?}"),
+    }
+    assert_eq!(src.total_requests(), before, "no request while open");
+
+    // After the cooldown one probe goes out; it fails and the breaker opens again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let probe = loop {
+        let r = f.fetch(&req("1")).await;
+        if !matches!(r, Err(FetchError::NotAttempted { .. })) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "breaker never half-opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(opened.elapsed() >= cooldown);
+    assert!(
+        matches!(probe, Err(FetchError::Transient { .. })),
+        "{probe:?}"
+    );
+    assert_eq!(src.total_requests(), before + 1);
+    assert!(matches!(
+        f.fetch(&req("1")).await,
+        Err(FetchError::NotAttempted { .. })
+    ));
+
+    // The source recovers: the next probe closes the breaker.
+    src.clear_faults();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match f.fetch(&req("1")).await {
+            Ok(FetchOutcome::Found(_)) => break,
+            Err(FetchError::NotAttempted { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("expected the probe to succeed, got {other:?}"),
+        }
+    }
+    assert!(!f.breaker_open("customer"));
+    assert_eq!(m.gauge("refetch_http_breaker_open", &[SRC]), Some(0.0));
+    assert!(m.counter("refetch_http_not_attempted_total", &[SRC]) >= 2);
+    assert_eq!(
+        m.counter(
+            "refetch_http_requests_total",
+            &[SRC, ("outcome", "transient")]
+        ),
+        4
+    );
+    assert_eq!(
+        m.counter("refetch_http_requests_total", &[SRC, ("outcome", "found")]),
+        1
+    );
+    assert_eq!(m.histogram_len("refetch_http_request_seconds", &[SRC]), 5);
+}
+
+#[tokio::test]
+async fn permanent_answers_do_not_open_the_breaker() {
+    let src = source().await;
+    src.put("customer", "1", json!({}));
+    src.poison("customer", "1", Fault::Status(400));
+    let f = fetcher(SourceConfig {
+        breaker: BreakerConfig {
+            failures: 2,
+            cooldown: Duration::from_secs(60),
+        },
+        ..SourceConfig::new(template(&src))
+    });
+    for _ in 0..5 {
+        assert!(matches!(
+            f.fetch(&req("1")).await,
+            Err(FetchError::Permanent { .. })
+        ));
+        assert_eq!(f.fetch(&req("missing")).await, Ok(FetchOutcome::Gone));
+    }
+    assert!(!f.breaker_open("customer"));
+}
+
+#[tokio::test]
+async fn rate_limit_spaces_requests_and_counts_waits() {
+    let recorder = DebuggingRecorder::new();
+    let mut m = Metrics::new(recorder.snapshotter());
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let src = source().await;
+    src.put("customer", "1", json!({}));
+    let f = Arc::new(fetcher(SourceConfig {
+        rate_limit: Some(20.0),
+        burst: Some(1),
+        ..SourceConfig::new(template(&src))
+    }));
+    let fetches = (0..11).map(|_| {
+        let f = f.clone();
+        async move { f.fetch(&req("1")).await }
+    });
+    for r in join_all(fetches).await {
+        assert!(matches!(r, Ok(FetchOutcome::Found(_))), "{r:?}");
+    }
+    let at: Vec<Instant> = src.recorded().iter().map(|r| r.at).collect();
+    assert_eq!(at.len(), 11);
+    let span = at[10] - at[0];
+    // 10 intervals of 50 ms (a little slack for timer granularity).
+    assert!(span >= Duration::from_millis(450), "{span:?}");
+    assert!(
+        m.counter("refetch_http_rate_limited_total", &[SRC]) >= 9,
+        "waits are counted"
+    );
+}
+
+#[tokio::test]
+async fn concurrency_limit_caps_requests_in_flight() {
+    let src = source().await;
+    src.put("customer", "1", json!({}));
+    src.set_latency(Duration::from_millis(100));
+    let f = Arc::new(fetcher(SourceConfig {
+        concurrency: 3,
+        ..SourceConfig::new(template(&src))
+    }));
+    let fetches = (0..12).map(|_| {
+        let f = f.clone();
+        async move { f.fetch(&req("1")).await }
+    });
+    let started = Instant::now();
+    for r in join_all(fetches).await {
+        assert!(matches!(r, Ok(FetchOutcome::Found(_))), "{r:?}");
+    }
+    assert_eq!(src.max_concurrent_requests(), 3);
+    // 12 requests, 3 at a time, 100 ms each: at least 4 rounds.
+    assert!(started.elapsed() >= Duration::from_millis(390));
+}
