@@ -41,6 +41,15 @@ pub enum SinkBuildError {
 }
 
 impl SinkBuildError {
+    #[cfg_attr(
+        not(any(
+            feature = "postgres",
+            feature = "kafka",
+            feature = "http",
+            feature = "sqlite"
+        )),
+        allow(dead_code)
+    )]
     pub(crate) fn config(sink: &'static str, message: impl Into<String>) -> Self {
         SinkBuildError::Config {
             sink,
@@ -70,7 +79,7 @@ pub async fn build_sink(cfg: &SinkConfig) -> Result<Arc<dyn Sink>, SinkBuildErro
         #[cfg(feature = "postgres")]
         SinkConfig::Postgres(c) => Ok(Arc::new(crate::postgres::PostgresSink::connect(c).await?)),
         #[cfg(feature = "kafka")]
-        SinkConfig::Kafka(c) => crate::kafka::KafkaSink::new(c),
+        SinkConfig::Kafka(c) => Ok(Arc::new(crate::kafka::KafkaSink::new(c)?)),
         #[cfg(feature = "http")]
         SinkConfig::Http(c) => Ok(Arc::new(crate::http::HttpSink::new(c)?)),
         #[cfg(feature = "sqlite")]
@@ -79,5 +88,69 @@ pub async fn build_sink(cfg: &SinkConfig) -> Result<Arc<dyn Sink>, SinkBuildErro
         SinkConfig::Stdout(_) => Ok(Arc::new(crate::stdout::StdoutSink::new())),
         #[allow(unreachable_patterns)]
         other => Err(SinkBuildError::FeatureDisabled(other.kind())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HttpConfig, JsonlConfig, SqliteConfig, StdoutConfig};
+
+    #[tokio::test]
+    async fn builds_the_configured_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = build_sink(&SinkConfig::Sqlite(SqliteConfig {
+            path: dir.path().join("x.db"),
+            max_batch: 7,
+            ..SqliteConfig::default()
+        }))
+        .await
+        .unwrap();
+        assert!(sqlite.tracks_versions());
+        assert_eq!(sqlite.max_batch(), 7);
+        let jsonl = build_sink(&SinkConfig::Jsonl(JsonlConfig {
+            path: dir.path().join("x.jsonl"),
+            max_batch: 5,
+        }))
+        .await
+        .unwrap();
+        assert_eq!(jsonl.max_batch(), 5);
+        assert!(!jsonl.tracks_versions());
+        build_sink(&SinkConfig::Stdout(StdoutConfig {}))
+            .await
+            .unwrap();
+        let http = build_sink(&SinkConfig::Http(HttpConfig::default()))
+            .await
+            .unwrap();
+        assert_eq!(http.max_batch(), HttpConfig::default().max_batch);
+    }
+
+    #[tokio::test]
+    async fn bad_configuration_is_reported_without_secrets() {
+        let err = build_sink(&SinkConfig::Http(HttpConfig {
+            url_template: "http://user:hunter2@h/{nope}".into(),
+            ..HttpConfig::default()
+        }))
+        .await
+        .err()
+        .unwrap();
+        assert!(
+            matches!(err, SinkBuildError::Config { sink: "http", .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("{nope}"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let err = build_sink(&SinkConfig::Jsonl(JsonlConfig {
+            path: dir.path().join("missing-dir").join("x.jsonl"),
+            ..JsonlConfig::default()
+        }))
+        .await
+        .err()
+        .unwrap();
+        assert!(
+            matches!(err, SinkBuildError::Unavailable { sink: "jsonl", .. }),
+            "{err:?}"
+        );
     }
 }
