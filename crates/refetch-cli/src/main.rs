@@ -1,1 +1,68 @@
-fn main() {}
+//! # `refetch`: the notification-plus-pull pipeline as a program
+//!
+//! Reads one TOML file (see `docs/configuration.md` and `examples/refetch.example.toml`) and wires
+//! the engine (`refetch`) to the HTTP fetcher (`refetch-http`) and a sink (`refetch-sinks`).
+//! Subcommands: `run`, `validate`, `demo`, `dlq list|redrive`, `fetch`, `offsets`; `refetch
+//! --help` lists them with examples. Operating it (scaling out, rebalances, dead letters,
+//! metrics, readiness, signals) is described in `docs/operations.md`.
+//!
+//! Modules: [`cli`] (flags), [`config`] (the file), [`wiring`] (configuration to parts),
+//! [`run`], [`validate`], [`dlq`], [`offsets`] (subcommands), [`ops`] (the operations endpoint),
+//! [`observe`] (fetch latency and breakers), [`logging`], [`signals`], [`demo`] and
+//! [`demo_source`] (the embedded demo).
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod demo_source;
+pub mod dlq;
+pub mod logging;
+pub mod observe;
+pub mod offsets;
+pub mod ops;
+pub mod run;
+pub mod signals;
+pub mod validate;
+pub mod wiring;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("refetch")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Run(a) => run::run(a).await,
+            Command::Validate(a) => validate::validate(a).await,
+            Command::Demo(a) => demo::demo(a).await,
+            Command::Dlq(c) => dlq::command(c).await,
+            Command::Fetch(a) => run::fetch(a).await,
+            Command::Offsets(a) => offsets::command(a).await,
+        }
+    });
+    // Background tasks (the ops server, librdkafka callbacks) must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

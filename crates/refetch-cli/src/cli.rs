@@ -1,0 +1,268 @@
+//! The command line: subcommands, flags and their help texts (clap derive).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+const AFTER_HELP: &str = "\
+Examples:
+  refetch demo                                   # everything in-process: no broker, server or database
+  refetch validate --config refetch.toml         # check the file (keys, lines, environment variables)
+  refetch validate --config refetch.toml --connect   # ... and reach the broker, the source and the sink
+  refetch run --config refetch.toml              # run the pipeline; SIGTERM/SIGINT stop it gracefully
+  refetch fetch --config refetch.toml --key customer:42 --key customer:43
+  refetch offsets --config refetch.toml          # committed offset, end offset and lag per partition
+  refetch offsets --config refetch.toml --reset-to 2026-01-01T00:00:00Z --dry-run
+  refetch dlq list --config refetch.toml
+  refetch dlq redrive --config refetch.toml --all
+
+Exit codes: 0 success, 1 failure, 2 invalid command line or configuration, 130 second signal.
+Configuration reference: docs/configuration.md. Operations guide: docs/operations.md.";
+
+/// refetch: consume change notifications from Kafka, fetch each entity's current state once per
+/// burst, write it durably, and commit offsets only for what is durable.
+#[derive(Debug, Parser)]
+#[command(name = "refetch", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the pipeline described by a configuration file until SIGTERM or SIGINT.
+    #[command(after_help = "\
+Serves /metrics, /healthz, /readyz, /status.json and a status page on [ops] listen
+(127.0.0.1:9464 by default). The first SIGTERM/SIGINT drains and commits (exit 0); a second one
+exits at once (exit 130).
+
+Example:
+  refetch run --config /etc/refetch/crm.toml")]
+    Run(ConfigArg),
+    /// Check a configuration file; with --connect, also reach the broker, source and sink.
+    #[command(after_help = "\
+Every problem names the key and its line. With --connect each check prints one line:
+broker metadata and topics, dead-letter topic writable, each source reachable (its
+[validate.health_urls] entry with GET, otherwise a HEAD of the URL template's origin), and the
+sink's own check.
+
+Example:
+  CRM_TOKEN=... PG_PASSWORD=... refetch validate --config crm.toml --connect")]
+    Validate(ValidateArgs),
+    /// Stream generated notifications through the real pipeline, all in this process.
+    #[command(after_help = "\
+Starts librdkafka's mock cluster (3 partitions), a demo REST source whose customers change in
+bursts, and a SQLite sink in a temporary folder; streams the notifications through the real
+Kafka consumer, coalescing engine and HTTP fetcher; prints a summary and checks that the sink
+equals the source for every customer (exit 1 if not).
+
+Examples:
+  refetch demo
+  refetch demo --notifications 100000 --entities 5000 --duplicates 4 --window 300ms --seed 7")]
+    Demo(DemoArgs),
+    /// Inspect and redrive the dead-letter topic.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Refresh entities now, through the engine's single flight.
+    #[command(after_help = "\
+Fetches each key from its source and writes it to the sink, exactly like a notification
+would (versions, validators, dead letters), without touching consumer offsets.
+
+Example:
+  refetch fetch --config crm.toml --key customer:42 --key customer:43")]
+    Fetch(FetchArgs),
+    /// Show (or reset) the consumer group's committed offsets, end offsets and lag.
+    #[command(after_help = "\
+TIME for --reset-to: `earliest`, `latest`, an RFC 3339 timestamp, or a duration ago (`2h`).
+Resetting needs every refetch process of the group stopped; preview with --dry-run.
+
+Examples:
+  refetch offsets --config crm.toml
+  refetch offsets --config crm.toml --reset-to 2h --dry-run")]
+    Offsets(OffsetsArgs),
+}
+
+/// `--config FILE`.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArg {
+    /// The TOML configuration file.
+    #[arg(short, long, value_name = "FILE", env = "REFETCH_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// `refetch validate`.
+#[derive(Debug, Clone, Args)]
+pub struct ValidateArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Also reach the broker (metadata, dead-letter topic), each source and the sink.
+    #[arg(long)]
+    pub connect: bool,
+}
+
+/// `refetch fetch`.
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// An entity to refresh, as TYPE:ID (repeatable; the id is everything after the first `:`).
+    #[arg(long = "key", value_name = "TYPE:ID", required = true)]
+    pub keys: Vec<String>,
+}
+
+/// `refetch offsets`.
+#[derive(Debug, Clone, Args)]
+pub struct OffsetsArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Move the group's committed offsets to TIME (`earliest`, `latest`, RFC 3339, or `2h` ago).
+    #[arg(long, value_name = "TIME")]
+    pub reset_to: Option<String>,
+    /// With --reset-to: show the new offsets without committing them.
+    #[arg(long, requires = "reset_to")]
+    pub dry_run: bool,
+}
+
+/// `refetch dlq ...`.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Print dead letters with their `refetch.*` headers.
+    #[command(after_help = "Example:\n  refetch dlq list --config crm.toml --limit 20")]
+    List(DlqListArgs),
+    /// Run chosen dead letters through the pipeline again.
+    #[command(after_help = "\
+By default the entities named by the records' refetch.entity.type / refetch.entity.id headers
+are refreshed now through the engine's single flight. --to-retry-topic republishes them to the
+configured retry topic (which `refetch run` subscribes to) instead; --to-source-topic writes
+records that kept their original payload (decode failures) back to their source topic.
+
+Examples:
+  refetch dlq redrive --config crm.toml --all --dry-run
+  refetch dlq redrive --config crm.toml --reason fetch
+  refetch dlq redrive --config crm.toml --record 0:17 --record 2:4 --to-retry-topic")]
+    Redrive(DlqRedriveArgs),
+}
+
+/// `refetch dlq list`.
+#[derive(Debug, Clone, Args)]
+pub struct DlqListArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Print at most this many records (the oldest first).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// One JSON object per record instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `refetch dlq redrive`.
+#[derive(Debug, Clone, Args)]
+pub struct DlqRedriveArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Every dead letter.
+    #[arg(long, conflicts_with_all = ["records"])]
+    pub all: bool,
+    /// A dead letter by its coordinates in the dead-letter topic, PARTITION:OFFSET (repeatable).
+    #[arg(long = "record", value_name = "PARTITION:OFFSET")]
+    pub records: Vec<String>,
+    /// Only dead letters with this `refetch.reason` (decode, id_too_long, unknown_type, fetch,
+    /// sink).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only dead letters of this entity type.
+    #[arg(long)]
+    pub entity_type: Option<String>,
+    /// Republish to the retry topic (`[kafka] retry_topic`) instead of refreshing here.
+    #[arg(long, conflicts_with = "to_source_topic")]
+    pub to_retry_topic: bool,
+    /// Write records that kept their original payload back to their source topic.
+    #[arg(long)]
+    pub to_source_topic: bool,
+    /// Show what would be redriven without doing it.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `refetch demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Notifications to stream.
+    #[arg(long, default_value_t = 30_000)]
+    pub notifications: usize,
+    /// Customers at the demo source.
+    #[arg(long, default_value_t = 3_000)]
+    pub entities: usize,
+    /// Events per save (one save changes phone, address, email, ... and announces each).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub duplicates: u32,
+    /// The coalescing window (a key is fetched once it was quiet this long).
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub window: Duration,
+    /// Seed of the generated changes.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Notifications per second the demo produces (0: as fast as possible).
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u32,
+    /// Where to serve the status page and /metrics while the demo runs (`off` to disable).
+    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_listen)]
+    pub listen: Listen,
+}
+
+/// A listen address, or none (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse::<SocketAddr>()
+        .map(|a| Listen(Some(a)))
+        .map_err(|e| format!("expected host:port or `off`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn demo_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "refetch",
+            "demo",
+            "--notifications",
+            "10",
+            "--window",
+            "50ms",
+            "--listen",
+            "off",
+        ])
+        .expect("parses");
+        let Command::Demo(d) = cli.command else {
+            panic!("not demo")
+        };
+        assert_eq!(d.notifications, 10);
+        assert_eq!(d.window, Duration::from_millis(50));
+        assert_eq!(d.listen, Listen(None));
+        assert!(Cli::try_parse_from(["refetch", "demo", "--duplicates", "0"]).is_err());
+        assert!(Cli::try_parse_from(["refetch", "fetch", "--config", "x.toml"]).is_err());
+    }
+}

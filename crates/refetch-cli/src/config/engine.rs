@@ -1,0 +1,229 @@
+//! `[engine]`: the engine's settings as TOML (durations as humantime strings).
+//!
+//! [`refetch::EngineConfig`] is plain data without serde; this mirror adds it and converts both
+//! ways, so the defaults written in the docs are the engine's own.
+
+use std::time::Duration;
+
+use refetch::{Backoff, EngineConfig, GoneGuardConfig, UnknownTypePolicy};
+use serde::{Deserialize, Serialize};
+
+/// `[engine]`: coalescing, concurrency, retries, memory caps and deadlines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// Trailing debounce window: a key is fetched once no new notification arrived for this
+    /// long.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// A key that keeps changing is still fetched at least this often after its first pending
+    /// notification (must be at least `window`).
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Fetches running at once (all entity types together).
+    pub fetch_concurrency: usize,
+    /// Largest sink batch.
+    pub sink_batch_max: usize,
+    /// How long a sink batch waits for more changes once it has one.
+    #[serde(with = "humantime_serde")]
+    pub sink_linger: Duration,
+    /// Sink batches in flight at once.
+    pub sink_concurrency: usize,
+    /// Retry backoff of failed fetches.
+    pub fetch_backoff: BackoffSection,
+    /// Failed attempts against a healthy source before a key is dead-lettered. Attempts not made
+    /// (open breaker, rate limit) or made while the source fails for most keys do not count.
+    pub retry_budget: u32,
+    /// Retry backoff of failed sink writes (a failing batch is retried without end).
+    pub sink_backoff: BackoffSection,
+    /// Attempts for a single record the sink keeps failing while its batch-mates succeed, before
+    /// it is dead-lettered.
+    pub sink_record_budget: u32,
+    /// Recent fetch attempts per entity type used to judge whether the source is healthy.
+    pub health_window: usize,
+    /// Share of failed attempts above which a source counts as failing for most keys (its
+    /// failures then spend no retry budget).
+    pub unhealthy_ratio: f64,
+    /// How often satisfied offsets are committed.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Offsets held per partition before that partition pauses.
+    pub max_outstanding_per_partition: usize,
+    /// Pending keys in total before every partition pauses.
+    pub max_pending_keys: usize,
+    /// Pending bytes (ids and keys) in total before every partition pauses.
+    pub max_pending_bytes: usize,
+    /// Paused partitions resume once usage falls below this share of the cap.
+    pub resume_ratio: f64,
+    /// Ids longer than this many bytes are dead-lettered as too long.
+    pub max_id_len: usize,
+    /// Notifications of entity types no `[fetcher.sources]` entry serves: `ignore` (count
+    /// them) or `dead_letter`.
+    pub unknown_types: UnknownTypePolicy,
+    /// Keys whose acknowledged version and HTTP validators are remembered (skips fetches for
+    /// notifications already satisfied, enables conditional requests).
+    pub version_cache_capacity: u64,
+    /// The guard that stops deletes when too many fetches say "gone".
+    pub gone_guard: GoneGuardSection,
+    /// How long a revoked partition waits for writes already issued before it commits and lets
+    /// go. Must stay below the consumer's `max.poll.interval.ms`.
+    #[serde(with = "humantime_serde")]
+    pub rebalance_drain: Duration,
+    /// On SIGTERM/SIGINT: how long in-flight work may take before the final commit (work not
+    /// finished by then is simply not committed and is redone by the next owner).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_deadline: Duration,
+}
+
+/// Exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffSection {
+    /// The first delay.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// The longest delay.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// Growth factor per attempt.
+    pub multiplier: f64,
+}
+
+impl Default for BackoffSection {
+    fn default() -> Self {
+        EngineConfig::default().fetch_backoff.into()
+    }
+}
+
+impl From<Backoff> for BackoffSection {
+    fn from(b: Backoff) -> Self {
+        BackoffSection {
+            initial: b.initial,
+            max: b.max,
+            multiplier: b.multiplier,
+        }
+    }
+}
+
+impl From<BackoffSection> for Backoff {
+    fn from(b: BackoffSection) -> Self {
+        Backoff {
+            initial: b.initial,
+            max: b.max,
+            multiplier: b.multiplier,
+        }
+    }
+}
+
+/// `[engine.gone_guard]`: stop deletes when "gone" answers are abnormally frequent.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GoneGuardSection {
+    /// Recent fetch outcomes in the sliding window.
+    pub window: usize,
+    /// The guard judges only once this many outcomes are in the window.
+    pub min_samples: usize,
+    /// Share of "gone" outcomes above which deletes are held (and readiness fails).
+    pub max_ratio: f64,
+}
+
+impl Default for GoneGuardSection {
+    fn default() -> Self {
+        let g = GoneGuardConfig::default();
+        GoneGuardSection {
+            window: g.window,
+            min_samples: g.min_samples,
+            max_ratio: g.max_ratio,
+        }
+    }
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        EngineSection::from(&EngineConfig::default())
+    }
+}
+
+impl From<&EngineConfig> for EngineSection {
+    fn from(e: &EngineConfig) -> Self {
+        EngineSection {
+            window: e.window,
+            max_wait: e.max_wait,
+            fetch_concurrency: e.fetch_concurrency,
+            sink_batch_max: e.sink_batch_max,
+            sink_linger: e.sink_linger,
+            sink_concurrency: e.sink_concurrency,
+            fetch_backoff: e.fetch_backoff.into(),
+            retry_budget: e.retry_budget,
+            sink_backoff: e.sink_backoff.into(),
+            sink_record_budget: e.sink_record_budget,
+            health_window: e.health_window,
+            unhealthy_ratio: e.unhealthy_ratio,
+            commit_interval: e.commit_interval,
+            max_outstanding_per_partition: e.max_outstanding_per_partition,
+            max_pending_keys: e.max_pending_keys,
+            max_pending_bytes: e.max_pending_bytes,
+            resume_ratio: e.resume_ratio,
+            max_id_len: e.max_id_len,
+            unknown_types: e.unknown_types,
+            version_cache_capacity: e.version_cache_capacity,
+            gone_guard: GoneGuardSection {
+                window: e.gone_guard.window,
+                min_samples: e.gone_guard.min_samples,
+                max_ratio: e.gone_guard.max_ratio,
+            },
+            rebalance_drain: e.rebalance_drain,
+            shutdown_deadline: e.shutdown_deadline,
+        }
+    }
+}
+
+impl EngineSection {
+    /// The engine's settings.
+    pub fn to_engine(&self) -> EngineConfig {
+        EngineConfig {
+            window: self.window,
+            max_wait: self.max_wait,
+            fetch_concurrency: self.fetch_concurrency,
+            sink_batch_max: self.sink_batch_max,
+            sink_linger: self.sink_linger,
+            sink_concurrency: self.sink_concurrency,
+            fetch_backoff: self.fetch_backoff.into(),
+            retry_budget: self.retry_budget,
+            sink_backoff: self.sink_backoff.into(),
+            sink_record_budget: self.sink_record_budget,
+            health_window: self.health_window,
+            unhealthy_ratio: self.unhealthy_ratio,
+            commit_interval: self.commit_interval,
+            max_outstanding_per_partition: self.max_outstanding_per_partition,
+            max_pending_keys: self.max_pending_keys,
+            max_pending_bytes: self.max_pending_bytes,
+            resume_ratio: self.resume_ratio,
+            max_id_len: self.max_id_len,
+            unknown_types: self.unknown_types,
+            version_cache_capacity: self.version_cache_capacity,
+            gone_guard: GoneGuardConfig {
+                window: self.gone_guard.window,
+                min_samples: self.gone_guard.min_samples,
+                max_ratio: self.gone_guard.max_ratio,
+            },
+            rebalance_drain: self.rebalance_drain,
+            shutdown_deadline: self.shutdown_deadline,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_the_engine_defaults() {
+        let e = EngineConfig::default();
+        assert_eq!(EngineSection::from(&e).to_engine(), e);
+        assert_eq!(
+            EngineSection::default().sink_backoff.max,
+            e.sink_backoff.max
+        );
+    }
+}

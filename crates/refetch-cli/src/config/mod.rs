@@ -1,0 +1,586 @@
+//! The configuration file of the `refetch` binary.
+//!
+//! One TOML file describes one pipeline: where notifications come from (`[kafka]`, `[[topics]]`),
+//! how they coalesce (`[engine]`), where entities are fetched (`[fetcher]`, the HTTP fetcher's own
+//! configuration from `refetch-http`), where they are written (`[sink]`, from `refetch-sinks`),
+//! and how the process is operated (`[ops]`, `[log]`).
+//!
+//! Everything is plain serde data that refuses unknown keys, so a typo is an error that names the
+//! key and its line rather than a silent default. Durations are humantime strings (`"500ms"`,
+//! `"2s"`). Loading ([`load`]) also resolves `${VAR}` references from the environment and checks
+//! the relations between settings, so `refetch validate` and `refetch run` reject the same files
+//! with the same messages. `docs/configuration.md` is the reference of every key; a test keeps it
+//! complete.
+
+mod engine;
+mod load;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use refetch::decode::{JsonDecoder, RecordKeyDecoder, Route};
+use refetch::{GroupProtocol, KafkaConfig, NotificationDecoder, VersionKind};
+use refetch_http::HttpFetcherConfig;
+use refetch_sinks::SinkConfig;
+use serde::{Deserialize, Serialize};
+
+pub use engine::{BackoffSection, EngineSection, GoneGuardSection};
+pub use load::{ConfigError, Loaded, load, load_str, resolve_env};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Kafka connection, consumer group and dead-letter topic.
+    pub kafka: KafkaSection,
+    /// The notification topics and how each is decoded.
+    pub topics: Vec<TopicSection>,
+    /// Coalescing, concurrency, retries, caps and deadlines of the engine.
+    #[serde(default)]
+    pub engine: EngineSection,
+    /// The HTTP fetcher: one source per entity type (see `refetch-http`).
+    pub fetcher: HttpFetcherConfig,
+    /// Where fetched entities are written, selected by `kind` (see `refetch-sinks`).
+    pub sink: SinkConfig,
+    /// The operations endpoint (metrics, health, readiness, status page).
+    #[serde(default)]
+    pub ops: OpsSection,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
+    /// What `refetch validate --connect` checks beyond the defaults.
+    #[serde(default)]
+    pub validate: ValidateSection,
+}
+
+/// `[kafka]`: connection, consumer group and the topics refetch owns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSection {
+    /// Bootstrap servers, `host:port[,host:port...]` (librdkafka's `bootstrap.servers`).
+    pub brokers: String,
+    /// The consumer group. Every process with the same group shares the topics' partitions.
+    pub group_id: String,
+    /// `classic` (cooperative-sticky assignor) or `consumer` (KIP-848, broker-side assignment).
+    #[serde(default)]
+    pub group_protocol: GroupProtocol,
+    /// Where dead letters go. Default: `<group_id>.dlq`. The topic must exist and be writable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+    /// A retry topic refetch owns and subscribes to in addition to `[[topics]]` (conventionally
+    /// `<group_id>.retry`). `refetch dlq redrive --to-retry-topic` republishes dead letters there;
+    /// its records name their entity in the `refetch.entity.type` / `refetch.entity.id` headers.
+    /// Unset: no retry topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_topic: Option<String>,
+    /// librdkafka properties for every client (consumer and producers), for example
+    /// `"security.protocol" = "SASL_SSL"`. Values may use `${VAR}`. Settings refetch depends on
+    /// (`enable.auto.commit`, `enable.auto.offset.store`) are refused.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only (for example `max.poll.interval.ms`).
+    #[serde(default)]
+    pub consumer_properties: BTreeMap<String, String>,
+    /// librdkafka properties for the dead-letter and retry producers only.
+    #[serde(default)]
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        KafkaSection {
+            brokers: "127.0.0.1:9092".to_owned(),
+            group_id: "refetch".to_owned(),
+            group_protocol: GroupProtocol::Classic,
+            dead_letter_topic: None,
+            retry_topic: None,
+            properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaSection {
+    /// The dead-letter topic, explicit or `<group_id>.dlq`.
+    pub fn dead_letter_topic(&self) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.group_id))
+    }
+}
+
+/// `[[topics]]`: one notification topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSection {
+    /// The topic name.
+    pub name: String,
+    /// How its records become entity keys.
+    pub decoder: DecoderSection,
+}
+
+/// How a topic's records are decoded, selected by `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DecoderSection {
+    /// A JSON payload (`kind = "json"`): the id, type and version are found by JSON pointers.
+    Json(JsonDecoderSection),
+    /// The record key is the id (`kind = "record_key"`); every record has one entity type.
+    RecordKey(RecordKeyDecoderSection),
+}
+
+/// `kind = "json"` decoder settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonDecoderSection {
+    /// JSON pointer to the entity type, for example `"/type"`. Set this or `fixed_type`.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub type_pointer: Option<String>,
+    /// Every record of the topic is of this entity type. Set this or `type`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed_type: Option<String>,
+    /// JSON pointer to the id (a string or an integer), for example `"/id"`.
+    #[serde(default = "default_id_pointer")]
+    pub id: String,
+    /// JSON pointer to the entity's version, if notifications carry one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// `integer` or `timestamp` (RFC 3339 or epoch milliseconds; equal timestamps never prove
+    /// a change is held).
+    #[serde(default = "default_version_kind")]
+    pub version_kind: VersionKind,
+    /// Extra fields handed to the fetcher's URL templates: name = JSON pointer.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+    /// Child types routed to an aggregate root (an `address` change is a change of its
+    /// customer).
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+}
+
+fn default_id_pointer() -> String {
+    "/id".to_owned()
+}
+
+fn default_version_kind() -> VersionKind {
+    VersionKind::Integer
+}
+
+impl Default for JsonDecoderSection {
+    fn default() -> Self {
+        JsonDecoderSection {
+            type_pointer: None,
+            fixed_type: None,
+            id: default_id_pointer(),
+            version: None,
+            version_kind: VersionKind::Integer,
+            fields: BTreeMap::new(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// `[[topics.decoder.routes]]`: a child type whose changes are changes of its root.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// The child's entity type as decoded (for example `address`).
+    pub from_type: String,
+    /// The root's entity type (for example `customer`).
+    pub to_type: String,
+    /// JSON pointer to the root's id in the child's notification (for example `/customer_id`).
+    pub id: String,
+    /// JSON pointer to the root's version, if the child's notification carries it. Without it a
+    /// routed notification counts as unversioned (the child's version says nothing about the
+    /// root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// `kind = "record_key"` decoder settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordKeyDecoderSection {
+    /// The entity type of every record of the topic.
+    pub entity_type: String,
+}
+
+/// `[ops]`: the operations endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsSection {
+    /// Serve the endpoint at all.
+    pub enabled: bool,
+    /// Listen address. Loopback by default: expose it deliberately (`0.0.0.0:9464`) when a
+    /// scraper on another host needs it.
+    pub listen: SocketAddr,
+}
+
+impl Default for OpsSection {
+    fn default() -> Self {
+        OpsSection {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// A `tracing` filter, for example `"info"` or `"info,refetch=debug"`. `RUST_LOG`, when set,
+    /// wins.
+    pub level: String,
+    /// `text` (human-readable) or `json` (one object per line).
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[validate]`: extra checks of `refetch validate --connect`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidateSection {
+    /// A health URL per entity type (`customer = "https://crm.example/health"`), fetched with
+    /// `GET` and expected to answer 2xx. Types without one get a `HEAD` of their URL template's
+    /// origin, where any HTTP answer counts as reachable.
+    pub health_urls: BTreeMap<String, String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The header naming a retry-topic record's entity type (also on dead letters).
+pub const ENTITY_TYPE_HEADER: &str = refetch::dlq::header::ENTITY_TYPE;
+/// The header naming a retry-topic record's entity id (also on dead letters).
+pub const ENTITY_ID_HEADER: &str = refetch::dlq::header::ENTITY_ID;
+
+/// Decodes retry-topic records: the entity is named by the `refetch.entity.type` and
+/// `refetch.entity.id` headers that dead letters carry.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderKeyDecoder;
+
+impl NotificationDecoder for HeaderKeyDecoder {
+    fn decode(
+        &self,
+        record: &refetch::RecordView<'_>,
+    ) -> Result<refetch::Decoded, refetch::DecodeError> {
+        let header = |name: &str| -> Result<String, refetch::DecodeError> {
+            let value = record
+                .headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| v.as_deref())
+                .ok_or_else(|| refetch::DecodeError::new(format!("header `{name}` missing")))?;
+            let text = std::str::from_utf8(value).map_err(|_| {
+                refetch::DecodeError::new(format!("header `{name}` is not valid UTF-8"))
+            })?;
+            if text.is_empty() {
+                return Err(refetch::DecodeError::new(format!(
+                    "header `{name}` is empty"
+                )));
+            }
+            Ok(text.to_owned())
+        };
+        let key = refetch::EntityKey::new(header(ENTITY_TYPE_HEADER)?, header(ENTITY_ID_HEADER)?);
+        Ok(refetch::Decoded::Notification(refetch::Notification::new(
+            key,
+        )))
+    }
+}
+
+impl DecoderSection {
+    /// Build the engine decoder this section describes.
+    pub fn build(&self) -> Arc<dyn NotificationDecoder> {
+        match self {
+            DecoderSection::Json(j) => {
+                let mut d = match (&j.fixed_type, &j.type_pointer) {
+                    (Some(t), _) => JsonDecoder::fixed_type(t.as_str(), j.id.as_str()),
+                    (None, Some(p)) => JsonDecoder::typed(p.as_str(), j.id.as_str()),
+                    // Rejected by `Config::check`; a type pointer of `/type` is the convention.
+                    (None, None) => JsonDecoder::typed("/type", j.id.as_str()),
+                };
+                if let Some(v) = &j.version {
+                    d = d.with_version(v.as_str(), j.version_kind);
+                }
+                for (name, pointer) in &j.fields {
+                    d = d.with_field(name.as_str(), pointer.as_str());
+                }
+                for r in &j.routes {
+                    d = d.with_route(Route {
+                        from_type: r.from_type.clone(),
+                        to_type: Arc::from(r.to_type.as_str()),
+                        id_pointer: r.id.clone(),
+                        version_pointer: r.version.clone(),
+                    });
+                }
+                Arc::new(d)
+            }
+            DecoderSection::RecordKey(r) => Arc::new(RecordKeyDecoder::new(r.entity_type.as_str())),
+        }
+    }
+}
+
+/// A problem found by [`Config::check`]: the key path (`engine.max_wait`) and what is expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Dotted key path, arrays as `topics[0]`.
+    pub path: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl Invalid {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Config {
+    /// The engine's Kafka settings (topics include the retry topic when configured).
+    pub fn kafka_config(&self) -> KafkaConfig {
+        let k = &self.kafka;
+        let mut topics: Vec<String> = self.topics.iter().map(|t| t.name.clone()).collect();
+        if let Some(r) = &k.retry_topic {
+            topics.push(r.clone());
+        }
+        let mut cfg = KafkaConfig::new(k.brokers.clone(), k.group_id.clone(), topics);
+        cfg.group_protocol = k.group_protocol;
+        cfg.dead_letter_topic = k.dead_letter_topic();
+        cfg.properties = k.properties.clone();
+        cfg.consumer_properties = k.consumer_properties.clone();
+        cfg.producer_properties = k.producer_properties.clone();
+        cfg
+    }
+
+    /// Every topic with its decoder (the retry topic decodes entity headers).
+    pub fn decoders(&self) -> Vec<(String, Arc<dyn NotificationDecoder>)> {
+        let mut out: Vec<(String, Arc<dyn NotificationDecoder>)> = self
+            .topics
+            .iter()
+            .map(|t| (t.name.clone(), t.decoder.build()))
+            .collect();
+        if let Some(r) = &self.kafka.retry_topic {
+            out.push((r.clone(), Arc::new(HeaderKeyDecoder)));
+        }
+        out
+    }
+
+    /// Check the relations between settings that serde cannot: required values, exclusive
+    /// options, the engine's and Kafka's own validation. Returns the first problem.
+    pub fn check(&self) -> Result<(), Invalid> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(Invalid::new(
+                "kafka.brokers",
+                "expected host:port[,host:port...], found an empty string",
+            ));
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(Invalid::new(
+                "kafka.group_id",
+                "expected a consumer group name, found an empty string",
+            ));
+        }
+        if self.topics.is_empty() {
+            return Err(Invalid::new(
+                "topics",
+                "expected at least one [[topics]] table with a name and a decoder",
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, t) in self.topics.iter().enumerate() {
+            if t.name.trim().is_empty() {
+                return Err(Invalid::new(
+                    format!("topics[{i}].name"),
+                    "expected a topic name",
+                ));
+            }
+            if !seen.insert(t.name.as_str()) {
+                return Err(Invalid::new(
+                    format!("topics[{i}].name"),
+                    format!("topic `{}` is listed twice", t.name),
+                ));
+            }
+            if Some(&t.name) == self.kafka.retry_topic.as_ref() {
+                return Err(Invalid::new(
+                    format!("topics[{i}].name"),
+                    "the retry topic is subscribed on its own; do not list it in [[topics]]",
+                ));
+            }
+            match &t.decoder {
+                DecoderSection::Json(j) => {
+                    let p = format!("topics[{i}].decoder");
+                    match (&j.type_pointer, &j.fixed_type) {
+                        (Some(_), Some(_)) => {
+                            return Err(Invalid::new(
+                                format!("{p}.fixed_type"),
+                                "set either `type` (a JSON pointer) or `fixed_type`, not both",
+                            ));
+                        }
+                        (None, None) => {
+                            return Err(Invalid::new(
+                                p,
+                                "expected `type` (a JSON pointer such as \"/type\") or \
+                                 `fixed_type` (an entity type name)",
+                            ));
+                        }
+                        _ => {}
+                    }
+                    let mut pointers = vec![(format!("{p}.id"), j.id.as_str())];
+                    if let Some(t) = &j.type_pointer {
+                        pointers.push((format!("{p}.type"), t));
+                    }
+                    if let Some(v) = &j.version {
+                        pointers.push((format!("{p}.version"), v));
+                    }
+                    for (name, ptr) in &j.fields {
+                        pointers.push((format!("{p}.fields.{name}"), ptr));
+                    }
+                    for (ri, r) in j.routes.iter().enumerate() {
+                        pointers.push((format!("{p}.routes[{ri}].id"), r.id.as_str()));
+                        if let Some(v) = &r.version {
+                            pointers.push((format!("{p}.routes[{ri}].version"), v));
+                        }
+                        if r.from_type.is_empty() || r.to_type.is_empty() {
+                            return Err(Invalid::new(
+                                format!("{p}.routes[{ri}]"),
+                                "expected non-empty `from_type` and `to_type`",
+                            ));
+                        }
+                    }
+                    for (path, ptr) in pointers {
+                        if !ptr.is_empty() && !ptr.starts_with('/') {
+                            return Err(Invalid::new(
+                                path,
+                                format!(
+                                    "expected a JSON pointer starting with `/` (for example \
+                                     \"/{ptr}\"), found {ptr:?}"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                DecoderSection::RecordKey(r) => {
+                    if r.entity_type.trim().is_empty() {
+                        return Err(Invalid::new(
+                            format!("topics[{i}].decoder.entity_type"),
+                            "expected an entity type name",
+                        ));
+                    }
+                }
+            }
+        }
+        let kafka = self.kafka_config();
+        if let Err(e) = kafka.validate() {
+            let path = match &e {
+                refetch::kafka::KafkaSetupError::Property { key, .. } => {
+                    if self.kafka.consumer_properties.contains_key(key) {
+                        format!("kafka.consumer_properties.{key}")
+                    } else if self.kafka.properties.contains_key(key) {
+                        format!("kafka.properties.{key}")
+                    } else {
+                        "kafka".to_owned()
+                    }
+                }
+                _ => "kafka".to_owned(),
+            };
+            return Err(Invalid::new(path, e.to_string()));
+        }
+        for (k, v) in &self.kafka.producer_properties {
+            let forced = ["enable.idempotence", "acks"];
+            if forced.contains(&k.as_str()) {
+                return Err(Invalid::new(
+                    format!("kafka.producer_properties.{k}"),
+                    format!(
+                        "`{k}` = {v:?} is not configurable: dead letters are produced \
+                         idempotently with acks=all"
+                    ),
+                ));
+            }
+        }
+        let engine = self.engine.to_engine();
+        if let Err(e) = engine.validate(Some(kafka.max_poll_interval())) {
+            return Err(Invalid::new(format!("engine.{}", e.key), e.reason));
+        }
+        if self.fetcher.sources.is_empty() {
+            return Err(Invalid::new(
+                "fetcher.sources",
+                "expected at least one source, for example [fetcher.sources.customer] with a url",
+            ));
+        }
+        for (t, s) in &self.fetcher.sources {
+            if s.url.trim().is_empty() {
+                return Err(Invalid::new(
+                    format!("fetcher.sources.{t}.url"),
+                    "expected a URL template such as \"https://crm.example/customers/{id}\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Warnings about settings that work but weaken a guarantee (design notes, invariant 10):
+    /// keys that can arrive on several partitions without versions to order them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let versioned = |j: &JsonDecoderSection| j.version.is_some();
+        for t in &self.topics {
+            if let DecoderSection::Json(j) = &t.decoder {
+                for r in &j.routes {
+                    if r.version.is_none() {
+                        out.push(format!(
+                            "topic `{}` routes `{}` to `{}` without a root version pointer: \
+                             if producers key child and root records differently, one {} can \
+                             arrive on several partitions and several processes may write it \
+                             out of order unless the sink guards on the fetched version",
+                            t.name, r.from_type, r.to_type, r.to_type
+                        ));
+                    }
+                }
+            }
+        }
+        let unversioned_topics = self
+            .topics
+            .iter()
+            .filter(|t| match &t.decoder {
+                DecoderSection::Json(j) => !versioned(j),
+                DecoderSection::RecordKey(_) => true,
+            })
+            .count();
+        if self.topics.len() > 1 && unversioned_topics > 0 {
+            out.push(format!(
+                "{} notification topics are configured and {} of them carry no versions: a key \
+                 that appears on several topics is owned by several partitions (refetch counts \
+                 such keys); per-key order across processes then relies on the sink's version \
+                 guard",
+                self.topics.len(),
+                unversioned_topics
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

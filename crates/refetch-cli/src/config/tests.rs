@@ -1,0 +1,470 @@
+//! Tests of the configuration file: the example parses, every error names its key and line, and
+//! `docs/configuration.md` documents every key.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use refetch_http::{AuthConfig, BatchConfig, NotFoundConfig, SourceConfig, VersionConfig};
+use refetch_sinks::SinkConfig;
+
+use super::*;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn example_text() -> String {
+    std::fs::read_to_string(repo().join("examples/refetch.example.toml")).expect("example exists")
+}
+
+fn env_all(name: &str) -> Option<String> {
+    Some(format!("<{name}>"))
+}
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+const MINIMAL: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+group_id = "g"
+
+[[topics]]
+name = "changes"
+decoder = { kind = "json", type = "/type" }
+
+[fetcher.sources.customer]
+url = "http://127.0.0.1:1/customers/{id}"
+
+[sink]
+kind = "jsonl"
+path = "out.jsonl"
+"#;
+
+fn load_text(text: &str) -> Result<Loaded, ConfigError> {
+    load_str(text, Path::new("test.toml"), &env_all)
+}
+
+/// `MINIMAL` with `extra` appended, expected to fail; returns the rendered error.
+fn error_of(extra: &str) -> (ConfigError, String) {
+    let text = format!("{MINIMAL}{extra}");
+    let e = load_text(&text).expect_err("must be rejected");
+    let shown = e.to_string();
+    (e, shown)
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .expect("needle in text")
+}
+
+#[test]
+fn the_example_parses_and_means_what_it_says() {
+    let text = example_text();
+    let loaded = load_str(&text, Path::new("refetch.example.toml"), &env_all)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = &loaded.config;
+    assert_eq!(c.kafka.group_id, "crm-customers-to-postgres");
+    assert_eq!(
+        c.kafka.properties.get("sasl.password").map(String::as_str),
+        Some("<KAFKA_PASSWORD>"),
+        "${{VAR}} is resolved outside [fetcher]"
+    );
+    assert_eq!(c.engine.window, Duration::from_millis(300));
+    assert_eq!(c.engine.max_wait, Duration::from_secs(5));
+    let DecoderSection::Json(j) = &c.topics[0].decoder else {
+        panic!("json decoder expected")
+    };
+    assert_eq!(j.routes[0].to_type, "customer");
+    assert_eq!(j.fields.get("tenant").map(String::as_str), Some("/tenant"));
+    let SinkConfig::Postgres(pg) = &c.sink else {
+        panic!("postgres sink expected")
+    };
+    assert_eq!(
+        pg.url.expose(),
+        "postgres://refetch:<PG_PASSWORD>@db.internal:5432/crm_replica"
+    );
+    assert_eq!(pg.table, "customers");
+    // The fetcher resolves its own variables when it is built.
+    let headers = &c.fetcher.sources["customer"].headers;
+    assert_eq!(
+        serde_json::to_value(&headers["X-Api-Key"]).expect("serializes"),
+        serde_json::json!("${CRM_API_KEY}")
+    );
+    assert_eq!(
+        c.kafka_config().topics,
+        vec!["crm.changes", "crm-customers-to-postgres.retry"]
+    );
+    assert_eq!(c.ops.listen.to_string(), "127.0.0.1:9464");
+    assert_eq!(c.log.format, LogFormat::Json);
+    // Routing without a root version weakens cross-partition ordering: warned about.
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("routes `address` to `customer`")),
+        "{:?}",
+        loaded.warnings
+    );
+}
+
+#[test]
+fn the_minimal_file_gets_the_documented_defaults() {
+    let c = load_text(MINIMAL).expect("loads").config;
+    assert_eq!(c.engine.to_engine(), refetch::EngineConfig::default());
+    assert_eq!(c.kafka.dead_letter_topic(), "g.dlq");
+    assert_eq!(c.ops, OpsSection::default());
+    assert_eq!(c.log.level, "info");
+    let k = c.kafka_config();
+    assert_eq!(k.group_protocol, refetch::GroupProtocol::Classic);
+    assert_eq!(k.topics, vec!["changes"]);
+}
+
+#[test]
+fn an_unknown_key_is_named_with_its_line_and_the_expected_keys() {
+    let (e, shown) = error_of("\n[engine]\nwindoww = \"1s\"\n");
+    let text = format!("{MINIMAL}\n[engine]\nwindoww = \"1s\"\n");
+    assert_eq!(e.position.map(|p| p.0), Some(line_of(&text, "windoww")));
+    assert!(shown.contains("unknown field `windoww`"), "{shown}");
+    assert!(shown.contains("expected one of"), "{shown}");
+    assert!(shown.starts_with("test.toml:"), "{shown}");
+}
+
+#[test]
+fn a_bad_duration_says_what_was_expected() {
+    let (e, shown) = error_of("\n[engine]\nwindow = \"fast\"\n");
+    let text = format!("{MINIMAL}\n[engine]\nwindow = \"fast\"\n");
+    assert_eq!(e.position.map(|p| p.0), Some(line_of(&text, "\"fast\"")));
+    assert!(shown.contains("fast"), "{shown}");
+    let (_, shown) = error_of("\n[engine]\nfetch_concurrency = \"many\"\n");
+    assert!(shown.contains("expected"), "{shown}");
+}
+
+#[test]
+fn an_unset_environment_variable_is_named_with_its_key_and_line() {
+    let text = format!("{MINIMAL}\n[kafka.properties]\n\"sasl.password\" = \"${{KAFKA_PW}}\"\n")
+        .replace("[kafka.properties]", "")
+        .replace(
+            "group_id = \"g\"",
+            "group_id = \"g\"\nproperties = { \"sasl.password\" = \"${KAFKA_PW}\" }",
+        );
+    let e = load_str(&text, Path::new("t.toml"), &no_env).expect_err("rejected");
+    let shown = e.to_string();
+    assert!(
+        shown.contains("environment variable `KAFKA_PW` is not set"),
+        "{shown}"
+    );
+    assert_eq!(e.path.as_deref(), Some("kafka.properties.sasl.password"));
+    assert_eq!(e.position.map(|p| p.0), Some(line_of(&text, "KAFKA_PW")));
+    // `$${` is a literal.
+    let text = MINIMAL.replace("out.jsonl", "$${HOME}.jsonl");
+    let c = load_str(&text, Path::new("t.toml"), &no_env)
+        .expect("loads")
+        .config;
+    let SinkConfig::Jsonl(j) = c.sink else {
+        panic!("jsonl")
+    };
+    assert_eq!(j.path, PathBuf::from("${HOME}.jsonl"));
+}
+
+#[test]
+fn engine_relations_name_the_key_and_its_line() {
+    let extra = "\n[engine]\nwindow = \"5s\"\nmax_wait = \"1s\"\n";
+    let (e, shown) = error_of(extra);
+    let text = format!("{MINIMAL}{extra}");
+    assert_eq!(e.path.as_deref(), Some("engine.max_wait"));
+    assert_eq!(e.position.map(|p| p.0), Some(line_of(&text, "max_wait")));
+    assert!(shown.contains("expected max_wait >= window"), "{shown}");
+
+    let extra = "\n[engine]\nrebalance_drain = \"10m\"\n";
+    let (e, shown) = error_of(extra);
+    assert_eq!(e.path.as_deref(), Some("engine.rebalance_drain"));
+    assert!(shown.contains("max.poll.interval.ms"), "{shown}");
+}
+
+#[test]
+fn librdkafka_properties_that_break_commit_safety_are_refused() {
+    let text = MINIMAL.replace(
+        "group_id = \"g\"",
+        "group_id = \"g\"\nproperties = { \"enable.auto.commit\" = \"true\" }",
+    );
+    let e = load_text(&text).expect_err("rejected");
+    assert_eq!(
+        e.path.as_deref(),
+        Some("kafka.properties.enable.auto.commit")
+    );
+    assert!(e.to_string().contains("automatic offset storing"), "{e}");
+    assert_eq!(
+        e.position.map(|p| p.0),
+        Some(line_of(&text, "enable.auto.commit"))
+    );
+
+    let text = MINIMAL.replace(
+        "group_id = \"g\"",
+        "group_id = \"g\"\ngroup_protocol = \"consumer\"\nconsumer_properties = { \"session.timeout.ms\" = \"6000\" }",
+    );
+    let e = load_text(&text).expect_err("rejected");
+    assert_eq!(
+        e.path.as_deref(),
+        Some("kafka.consumer_properties.session.timeout.ms")
+    );
+    assert!(e.to_string().contains("group.protocol=consumer"), "{e}");
+
+    let text = MINIMAL.replace(
+        "group_id = \"g\"",
+        "group_id = \"g\"\nproducer_properties = { acks = \"1\" }",
+    );
+    let e = load_text(&text).expect_err("rejected");
+    assert!(e.to_string().contains("acks=all"), "{e}");
+}
+
+#[test]
+fn decoder_mistakes_are_explained() {
+    let both = MINIMAL.replace(
+        "decoder = { kind = \"json\", type = \"/type\" }",
+        "decoder = { kind = \"json\", type = \"/type\", fixed_type = \"customer\" }",
+    );
+    let e = load_text(&both).expect_err("rejected");
+    assert!(e.to_string().contains("not both"), "{e}");
+    let neither = MINIMAL.replace(
+        "decoder = { kind = \"json\", type = \"/type\" }",
+        "decoder = { kind = \"json\" }",
+    );
+    let e = load_text(&neither).expect_err("rejected");
+    assert!(e.to_string().contains("`fixed_type`"), "{e}");
+    let pointer = MINIMAL.replace("type = \"/type\"", "type = \"type\"");
+    let e = load_text(&pointer).expect_err("rejected");
+    assert!(
+        e.to_string().contains("JSON pointer starting with `/`"),
+        "{e}"
+    );
+    assert_eq!(e.path.as_deref(), Some("topics[0].decoder.type"));
+    let kind = MINIMAL.replace("kind = \"json\"", "kind = \"avro\"");
+    let e = load_text(&kind).expect_err("rejected");
+    assert!(e.to_string().contains("avro"), "{e}");
+    let no_topics = format!(
+        "topics = []\n{}",
+        MINIMAL.replace(
+            "[[topics]]\nname = \"changes\"\ndecoder = { kind = \"json\", type = \"/type\" }\n",
+            ""
+        )
+    );
+    let e = load_text(&no_topics).expect_err("rejected");
+    assert!(e.to_string().contains("at least one [[topics]]"), "{e}");
+}
+
+#[test]
+fn missing_sections_and_syntax_errors_point_at_the_file() {
+    let e = load_text("[kafka]\nbrokers = \"b\"\n").expect_err("rejected");
+    assert!(e.to_string().contains("missing field"), "{e}");
+    let e = load_text("[kafka\nbrokers = 1").expect_err("rejected");
+    assert_eq!(e.position.map(|p| p.0), Some(1));
+    let e = load(Path::new("/nonexistent/refetch.toml")).expect_err("rejected");
+    assert!(e.to_string().contains("cannot read"), "{e}");
+}
+
+#[test]
+fn the_retry_topic_decodes_entity_headers() {
+    let headers = vec![
+        (ENTITY_TYPE_HEADER.to_owned(), Some(b"customer".to_vec())),
+        (ENTITY_ID_HEADER.to_owned(), Some(b"42".to_vec())),
+    ];
+    let view = refetch::RecordView {
+        topic: "g.retry",
+        partition: 0,
+        offset: 3,
+        key: None,
+        payload: Some(b"{}"),
+        headers: &headers,
+    };
+    match HeaderKeyDecoder.decode(&view) {
+        Ok(refetch::Decoded::Notification(n)) => {
+            assert_eq!(n.key, refetch::EntityKey::new("customer", "42"));
+        }
+        other => panic!("expected a notification, got {other:?}"),
+    }
+    let view = refetch::RecordView {
+        headers: &[],
+        ..view
+    };
+    assert!(HeaderKeyDecoder.decode(&view).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// docs/configuration.md documents every key.
+
+/// Tables whose keys are user-chosen names: documented as a whole.
+const FREE_MAPS: &[&str] = &[
+    "kafka.properties",
+    "kafka.consumer_properties",
+    "kafka.producer_properties",
+    "topics[].decoder.fields",
+    "fetcher.sources.<type>.headers",
+    "sink.headers",
+    "sink.properties",
+    "validate.health_urls",
+];
+
+fn key_paths(v: &toml::Value, path: &str, out: &mut BTreeSet<String>) {
+    match v {
+        toml::Value::Table(t) => {
+            if FREE_MAPS.contains(&path) {
+                out.insert(path.to_owned());
+                return;
+            }
+            for (k, v) in t {
+                let child = if path == "fetcher.sources" {
+                    format!("{path}.<type>")
+                } else if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                key_paths(v, &child, out);
+            }
+        }
+        toml::Value::Array(items)
+            if items.iter().all(toml::Value::is_table) && !items.is_empty() =>
+        {
+            for item in items {
+                key_paths(item, &format!("{path}[]"), out);
+            }
+        }
+        _ => {
+            out.insert(path.to_owned());
+        }
+    }
+}
+
+/// A configuration with every optional setting filled, in every variant.
+fn full_configs() -> Vec<Config> {
+    let example = load_str(&example_text(), Path::new("x"), &env_all)
+        .expect("example loads")
+        .config;
+    let mut full = example.clone();
+    full.kafka
+        .producer_properties
+        .insert("linger.ms".into(), "5".into());
+    let mut json = JsonDecoderSection {
+        type_pointer: Some("/type".into()),
+        version: Some("/v".into()),
+        ..JsonDecoderSection::default()
+    };
+    json.fields.insert("tenant".into(), "/tenant".into());
+    json.routes.push(RouteSection {
+        from_type: "address".into(),
+        to_type: "customer".into(),
+        id: "/customer_id".into(),
+        version: Some("/customer_version".into()),
+    });
+    full.topics = vec![
+        TopicSection {
+            name: "a".into(),
+            decoder: DecoderSection::Json(json),
+        },
+        TopicSection {
+            name: "c".into(),
+            decoder: DecoderSection::Json(JsonDecoderSection {
+                fixed_type: Some("customer".into()),
+                ..JsonDecoderSection::default()
+            }),
+        },
+        TopicSection {
+            name: "b".into(),
+            decoder: DecoderSection::RecordKey(RecordKeyDecoderSection {
+                entity_type: "customer".into(),
+            }),
+        },
+    ];
+    let mut source = SourceConfig {
+        rate_limit: Some(1.0),
+        burst: Some(1),
+        version: Some(VersionConfig {
+            pointer: Some("/v".into()),
+            header: Some("X-Version".into()),
+            kind: refetch::VersionKind::Integer,
+        }),
+        envelope: Some("/data".into()),
+        not_found: Some(NotFoundConfig {
+            pointer: Some("/error".into()),
+            equals: Some("not_found".into()),
+            contains: Some("not found".into()),
+        }),
+        batch: Some(BatchConfig::default()),
+        auth: Some(AuthConfig::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        }),
+        ..SourceConfig::new("http://h/{id}")
+    };
+    source.headers.insert("X-Api-Key".into(), "k".into());
+    full.fetcher
+        .sources
+        .insert("customer".into(), source.clone());
+    let mut out = vec![full.clone()];
+    let mut bearer = full.clone();
+    source.auth = Some(AuthConfig::Bearer { token: "t".into() });
+    bearer.fetcher.sources.insert("customer".into(), source);
+    out.push(bearer);
+    let mut kafka_sink = refetch_sinks::KafkaConfig::default();
+    kafka_sink.properties.insert("x".into(), "y".into());
+    let mut http_sink = refetch_sinks::HttpConfig::default();
+    http_sink.headers.insert("A".into(), "b".into());
+    for sink in [
+        SinkConfig::Postgres(Default::default()),
+        SinkConfig::Kafka(kafka_sink),
+        SinkConfig::Http(http_sink),
+        SinkConfig::Sqlite(Default::default()),
+        SinkConfig::Jsonl(Default::default()),
+        SinkConfig::Stdout(Default::default()),
+    ] {
+        let mut c = full.clone();
+        c.sink = sink;
+        out.push(c);
+    }
+    out
+}
+
+#[test]
+fn docs_configuration_md_documents_every_key() {
+    let doc = std::fs::read_to_string(repo().join("docs/configuration.md"))
+        .expect("docs/configuration.md exists");
+    let mut paths = BTreeSet::new();
+    for c in full_configs() {
+        let v = toml::Value::try_from(&c).expect("serializes");
+        key_paths(&v, "", &mut paths);
+    }
+    assert!(paths.len() > 80, "too few keys found: {paths:?}");
+    for must in [
+        "engine.window",
+        "sink.kind",
+        "fetcher.sources.<type>.url",
+        "topics[].decoder.routes[].id",
+    ] {
+        assert!(paths.contains(must), "{must} not among {paths:?}");
+    }
+    let missing: Vec<&String> = paths
+        .iter()
+        .filter(|p| !doc.contains(&format!("`{p}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/configuration.md does not document these keys (write each as `path`): {missing:#?}"
+    );
+}
+
+#[test]
+fn every_full_configuration_round_trips_through_toml() {
+    for c in full_configs() {
+        let text = toml::to_string(&c).expect("serializes");
+        let back = load_str(&text, Path::new("round-trip.toml"), &no_env);
+        // Secrets under [fetcher] stay `${VAR}` text and are not resolved here; everything else
+        // must parse back to the same configuration.
+        let back = back.unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(back.config, c);
+    }
+}

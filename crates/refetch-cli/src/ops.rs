@@ -1,0 +1,407 @@
+//! The operations endpoint: metrics, health, readiness, a JSON status and a status page.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `/metrics` | Prometheus text: every `refetch_*` metric the engine, fetcher and sink emit through the `metrics` facade |
+//! | `/healthz` | `200 ok` while the pipeline task answers, `503` once it stopped |
+//! | `/readyz` | `200 ready` only when the pipeline is ready (joined its group, gone guard not tripped, dead-letter topic writable, not shutting down); otherwise `503` and one reason per line |
+//! | `/status.json` | the engine's status (counters, partitions, pending keys, latency), fetch latency and breaker states |
+//! | `/` | a status page for people, refreshed every 2 s |
+//!
+//! It binds to `127.0.0.1:9464` unless configured otherwise: the page shows entity types and
+//! topic names, and nothing here needs to be reachable from other hosts unless a scraper is.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use refetch::{PipelineHandle, Status};
+
+use crate::observe::{FetchSnapshot, FetchStats};
+
+/// Install the Prometheus recorder as the global `metrics` recorder (once per process; later
+/// calls return the same handle). `None` when another recorder was installed first.
+pub fn install_recorder() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => {
+                let upkeep = h.clone();
+                // Histograms need periodic upkeep; a plain thread works with or without tokio.
+                let _ = std::thread::Builder::new()
+                    .name("metrics-upkeep".into())
+                    .spawn(move || {
+                        loop {
+                            std::thread::sleep(Duration::from_secs(5));
+                            upkeep.run_upkeep();
+                        }
+                    });
+                Some(h)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot install the Prometheus recorder; /metrics is empty");
+                None
+            }
+        })
+        .clone()
+}
+
+/// What the endpoint serves from.
+#[derive(Clone)]
+pub struct OpsState {
+    /// The running pipeline.
+    pub handle: PipelineHandle,
+    /// The Prometheus recorder's handle, if installed.
+    pub prometheus: Option<PrometheusHandle>,
+    /// Fetch latency and breakers.
+    pub fetch: Arc<FetchStats>,
+    /// A title for the page (the consumer group).
+    pub title: String,
+    /// When the process started.
+    pub started: Instant,
+}
+
+/// A served endpoint.
+#[derive(Debug)]
+pub struct OpsServer {
+    /// The bound address (useful with port 0).
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OpsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Bind `listen` and serve the endpoint until the returned server is dropped.
+pub async fn serve(listen: SocketAddr, state: OpsState) -> std::io::Result<OpsServer> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let app = router(state);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "operations endpoint failed");
+        }
+    });
+    Ok(OpsServer { addr, task })
+}
+
+/// The endpoint's routes.
+pub fn router(state: OpsState) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status.json", get(status_json))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<OpsState>) -> Response {
+    let body = s
+        .prometheus
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn healthz(State(s): State<OpsState>) -> Response {
+    match s.handle.status().await {
+        Some(_) => (StatusCode::OK, "ok\n").into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "pipeline stopped\n").into_response(),
+    }
+}
+
+async fn readyz(State(s): State<OpsState>) -> Response {
+    match s.handle.status().await {
+        Some(st) if st.ready() => (StatusCode::OK, "ready\n").into_response(),
+        Some(st) => {
+            let mut body = String::from("not ready:\n");
+            for r in &st.not_ready {
+                let _ = writeln!(body, "- {r}");
+            }
+            (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+        }
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready:\n- pipeline stopped\n",
+        )
+            .into_response(),
+    }
+}
+
+/// The document `/status.json` serves.
+#[derive(Debug, serde::Serialize)]
+pub struct StatusDocument {
+    /// Ready for traffic.
+    pub ready: bool,
+    /// Seconds since start.
+    pub uptime_seconds: u64,
+    /// Notifications per fetch.
+    pub coalescing_ratio: Option<f64>,
+    /// The pipeline's status.
+    pub status: Status,
+    /// Fetch latency and breakers.
+    pub fetch: FetchSnapshot,
+}
+
+async fn status_json(State(s): State<OpsState>) -> Response {
+    match s.handle.status().await {
+        Some(status) => {
+            let doc = StatusDocument {
+                ready: status.ready(),
+                uptime_seconds: s.started.elapsed().as_secs(),
+                coalescing_ratio: coalescing_ratio(&status),
+                fetch: s.fetch.snapshot(),
+                status,
+            };
+            axum::Json(doc).into_response()
+        }
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"error": "pipeline stopped"})),
+        )
+            .into_response(),
+    }
+}
+
+/// Notifications per fetch (how much coalescing saves the source).
+pub fn coalescing_ratio(status: &Status) -> Option<f64> {
+    let c = &status.engine.counters;
+    (c.fetches > 0).then(|| c.notifications as f64 / c.fetches as f64)
+}
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 1000.0 => format!("{:.2} s", v / 1000.0),
+        Some(v) => format!("{v:.1} ms"),
+        None => "–".to_owned(),
+    }
+}
+
+fn opt(v: Option<i64>) -> String {
+    v.map_or_else(|| "–".to_owned(), |v| v.to_string())
+}
+
+async fn page(State(s): State<OpsState>) -> Response {
+    let Some(st) = s.handle.status().await else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Html(
+                "<!doctype html><meta http-equiv=\"refresh\" content=\"2\"><title>refetch</title>\
+                 <p>The pipeline has stopped.</p>"
+                    .to_owned(),
+            ),
+        )
+            .into_response();
+    };
+    Html(render_page(
+        &s.title,
+        &st,
+        &s.fetch.snapshot(),
+        s.started.elapsed(),
+    ))
+    .into_response()
+}
+
+/// The status page as HTML (refreshes itself every 2 seconds).
+pub fn render_page(title: &str, st: &Status, fetch: &FetchSnapshot, uptime: Duration) -> String {
+    let e = &st.engine;
+    let c = &e.counters;
+    let mut h = String::with_capacity(8 * 1024);
+    let ready = if st.ready() {
+        "<span class=ok id=ready>ready</span>".to_owned()
+    } else {
+        format!(
+            "<span class=bad id=ready>not ready</span><ul>{}</ul>",
+            st.not_ready
+                .iter()
+                .map(|r| format!("<li>{}</li>", esc(r)))
+                .collect::<String>()
+        )
+    };
+    let _ = write!(
+        h,
+        "<!doctype html><html lang=en><head><meta charset=utf-8>\
+         <meta http-equiv=\"refresh\" content=\"2\">\
+         <title>refetch · {title}</title><style>\
+         body{{font:14px system-ui,sans-serif;margin:1.5em;color:#222}}\
+         h1{{font-size:1.3em}} table{{border-collapse:collapse;margin:.5em 0 1.5em}}\
+         td,th{{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:right}}\
+         th:first-child,td:first-child{{text-align:left}}\
+         .ok{{color:#176f2c;font-weight:bold}} .bad{{color:#b3261e;font-weight:bold}}\
+         .grid{{display:flex;flex-wrap:wrap;gap:1em}} .card{{border:1px solid #ddd;border-radius:6px;padding:.6em 1em;min-width:10em}}\
+         .card b{{display:block;font-size:1.4em}}</style></head><body>\
+         <h1>refetch · {title}</h1><p>{ready} · up {up} · refreshes every 2 s</p>",
+        title = esc(title),
+        up = humantime::format_duration(Duration::from_secs(uptime.as_secs())),
+    );
+    let ratio = if c.fetches > 0 {
+        format!("{:.2}", c.notifications as f64 / c.fetches as f64)
+    } else {
+        "–".to_owned()
+    };
+    let oldest = e
+        .oldest_pending_ms
+        .map_or_else(|| "–".to_owned(), |v| ms(Some(v as f64)));
+    let cards: [(&str, &str, String); 12] = [
+        (
+            "notifications",
+            "Notifications",
+            c.notifications.to_string(),
+        ),
+        ("fetches", "Fetches", c.fetches.to_string()),
+        ("ratio", "Coalescing ratio (notifications / fetches)", ratio),
+        ("writes", "Durable writes", c.writes.to_string()),
+        ("pending", "Pending keys", e.pending_keys.to_string()),
+        ("oldest", "Oldest pending", oldest),
+        ("fetch-p50", "Fetch latency p50", ms(fetch.p50_ms)),
+        ("fetch-p99", "Fetch latency p99", ms(fetch.p99_ms)),
+        (
+            "e2e-p50",
+            "Notification → durable p50",
+            ms(e.latency_p50_ms),
+        ),
+        (
+            "e2e-p99",
+            "Notification → durable p99",
+            ms(e.latency_p99_ms),
+        ),
+        (
+            "dead-letters",
+            "Dead letters (issued / acknowledged)",
+            format!("{} / {}", c.dead_letters, c.dead_letters_acked),
+        ),
+        (
+            "errors",
+            "Fetch errors (transient / permanent)",
+            format!("{} / {}", c.fetch_transient, c.fetch_permanent),
+        ),
+    ];
+    h.push_str("<div class=grid>");
+    for (id, label, value) in cards {
+        let _ = write!(
+            h,
+            "<div class=card>{label}<b id=\"{id}\">{}</b></div>",
+            esc(&value)
+        );
+    }
+    h.push_str("</div>");
+
+    h.push_str("<h2>Partitions</h2><table id=partitions><tr><th>topic / partition</th>\
+        <th>consumed</th><th>committed</th><th>behind commit</th><th>held offsets</th><th>paused</th></tr>");
+    for p in &e.partitions {
+        let consumed = p.last_received.map(|o| o + 1);
+        let behind = match (consumed, p.committed) {
+            (Some(a), Some(b)) => (a - b).max(0).to_string(),
+            (Some(a), None) => a.to_string(),
+            _ => "–".to_owned(),
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}/{}</td><td>{}</td><td>{}</td><td>{behind}</td><td>{}</td><td>{}</td></tr>",
+            esc(&p.topic),
+            p.partition,
+            opt(consumed),
+            opt(p.committed),
+            p.outstanding,
+            if p.paused { "paused" } else { "" }
+        );
+    }
+    if e.partitions.is_empty() {
+        h.push_str("<tr><td colspan=6>no partitions assigned</td></tr>");
+    }
+    h.push_str("</table>");
+
+    h.push_str(
+        "<h2>Sources</h2><table id=breakers><tr><th>entity type</th><th>circuit breaker</th></tr>",
+    );
+    for (t, open) in &fetch.breakers_open {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td></tr>",
+            esc(t),
+            if *open {
+                "<span class=bad>open</span>"
+            } else {
+                "<span class=ok>closed</span>"
+            }
+        );
+    }
+    h.push_str("</table>");
+
+    let _ = write!(
+        h,
+        "<h2>Details</h2><table id=details>\
+         <tr><td>records consumed</td><td>{}</td></tr>\
+         <tr><td>coalesced into a pending key</td><td>{}</td></tr>\
+         <tr><td>satisfied by a held version</td><td>{}</td></tr>\
+         <tr><td>found / gone / unchanged</td><td>{} / {} / {}</td></tr>\
+         <tr><td>stale reads</td><td>{}</td></tr>\
+         <tr><td>decode errors / ignored</td><td>{} / {}</td></tr>\
+         <tr><td>fetches in flight</td><td>{}</td></tr>\
+         <tr><td>gone guard</td><td>{} ({:.0}% gone)</td></tr>\
+         <tr><td>dead-letter topic</td><td>{}</td></tr>\
+         <tr><td>commits / failed</td><td>{} / {}</td></tr>\
+         </table><p><a href=\"/status.json\">status.json</a> · <a href=\"/metrics\">metrics</a></p></body></html>",
+        c.records,
+        c.coalesced,
+        c.satisfied_by_version,
+        c.found,
+        c.gone,
+        c.unchanged,
+        c.stale_reads,
+        c.decode_errors,
+        c.ignored,
+        e.fetches_in_flight,
+        if e.gone_guard_tripped {
+            "<span class=bad>tripped: deletes held</span>"
+        } else {
+            "ok"
+        },
+        e.gone_ratio * 100.0,
+        if e.dead_letter_broken {
+            "<span class=bad>refuses writes</span>"
+        } else {
+            "ok"
+        },
+        c.commits,
+        c.commit_failures,
+    );
+    h
+}
+
+#[cfg(test)]
+mod tests;
