@@ -1,1 +1,171 @@
-fn main() {}
+//! The engine's hot path: decode + coalesce + offset tracking, and memory per pending key.
+//!
+//! Run: `cargo bench -p refetch --bench hot_path`
+//!
+//! - `decode/json_100b`: the JSON decoder alone on ~100-byte notifications (the baseline);
+//! - `ingest/*`: a record through `Engine::on_record` (decode, version check, coalescing into
+//!   the key's pending entry, offset tracking), over 10,000 hot keys and over distinct keys;
+//! - before criterion runs, a counting allocator measures the heap the engine holds per pending
+//!   key (64-byte ids) and prints it.
+
+#![allow(unsafe_code)] // a counting global allocator, for the memory figure only
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use criterion::{BatchSize, Criterion, Throughput};
+use refetch::clock::Tick;
+use refetch::decode::{JsonDecoder, NotificationDecoder, RecordView};
+use refetch::engine::{Decoders, Engine, TopicPartition};
+use refetch::{EngineConfig, VersionKind};
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: delegates to the system allocator and only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn payloads(keys: usize) -> Vec<Vec<u8>> {
+    (0..keys)
+        .map(|i| {
+            format!(
+                r#"{{"id":"customer-{i:08}","type":"customer","v":{},"field":"phone","src":"crm-eu"}}"#,
+                i % 97
+            )
+            .into_bytes()
+        })
+        .collect()
+}
+
+fn decoder() -> JsonDecoder {
+    JsonDecoder::fixed_type("customer", "/id").with_version("/v", VersionKind::Integer)
+}
+
+fn engine() -> Engine {
+    let cfg = EngineConfig {
+        max_pending_keys: usize::MAX / 2,
+        max_outstanding_per_partition: usize::MAX / 2,
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(
+        cfg,
+        Decoders::new().default_decoder(Arc::new(decoder())),
+        Box::new(|_| true),
+        false,
+    );
+    e.assign(&[TopicPartition::new("notes", 0)]);
+    e
+}
+
+fn view(payload: &[u8], offset: i64) -> RecordView<'_> {
+    RecordView {
+        topic: "notes",
+        partition: 0,
+        offset,
+        key: None,
+        payload: Some(payload),
+        headers: &[],
+    }
+}
+
+/// Heap bytes the engine holds per pending key with 64-byte ids.
+fn memory_per_pending_key() -> f64 {
+    const KEYS: usize = 100_000;
+    let ids: Vec<Vec<u8>> = (0..KEYS)
+        .map(|i| format!(r#"{{"id":"{:064}"}}"#, i).into_bytes())
+        .collect();
+    let cfg = EngineConfig {
+        max_pending_keys: usize::MAX / 2,
+        max_outstanding_per_partition: usize::MAX / 2,
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(
+        cfg,
+        Decoders::new().default_decoder(Arc::new(JsonDecoder::fixed_type("customer", "/id"))),
+        Box::new(|_| true),
+        false,
+    );
+    e.assign(&[TopicPartition::new("notes", 0)]);
+    let before = LIVE.load(Ordering::SeqCst);
+    for (o, p) in ids.iter().enumerate() {
+        e.on_record(&view(p, o as i64), Tick(0));
+    }
+    let after = LIVE.load(Ordering::SeqCst);
+    assert_eq!(e.pending_keys(), KEYS);
+    (after - before) as f64 / KEYS as f64
+}
+
+fn main() {
+    let per_key = memory_per_pending_key();
+    println!(
+        "memory: {per_key:.0} heap bytes per pending key (64-byte ids, one notification each, 100,000 keys; includes the offset tracker entry and timer)"
+    );
+
+    let mut c = Criterion::default().configure_from_args();
+    let hot = payloads(10_000);
+    let distinct = payloads(1_000_000);
+
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(1));
+    let d = decoder();
+    let mut i = 0usize;
+    g.bench_function("json_100b", |b| {
+        b.iter(|| {
+            i = (i + 1) % hot.len();
+            d.decode(&view(&hot[i], 0))
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("ingest");
+    const BATCH: usize = 100_000;
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("hot_10k_keys", |b| {
+        b.iter_batched_ref(
+            engine,
+            |e| {
+                for o in 0..BATCH {
+                    e.on_record(&view(&hot[o % hot.len()], o as i64), Tick(0));
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("distinct_keys", |b| {
+        b.iter_batched_ref(
+            engine,
+            |e| {
+                for (o, p) in distinct.iter().take(BATCH).enumerate() {
+                    e.on_record(&view(p, o as i64), Tick(0));
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+    c.final_summary();
+}

@@ -11,9 +11,8 @@
 //! flight's write is acknowledged with a version that covers every pending notification, the
 //! follow-up is satisfied without a fetch (rule (b)).
 
-use std::sync::Arc;
-
 use crate::clock::Tick;
+use crate::decode::Fields;
 use crate::fetch::Validators;
 use crate::key::Version;
 use crate::sink::Change;
@@ -118,25 +117,99 @@ pub(crate) struct RetryState {
     pub next_at: Tick,
 }
 
+/// Rarely used per-key state, boxed so the common key (pending, no retry, no fields) stays small.
+#[derive(Debug, Default)]
+pub(crate) struct KeyExtra {
+    pub retry: Option<RetryState>,
+    pub fields: Option<Fields>,
+    /// An on-demand refresh waits for this key: it needs a fetch even without notes.
+    pub refresh_requested: bool,
+}
+
+impl KeyExtra {
+    fn is_empty(&self) -> bool {
+        self.retry.is_none() && self.fields.is_none() && !self.refresh_requested
+    }
+}
+
 /// Everything the engine holds for one key.
 #[derive(Debug, Default)]
 pub(crate) struct KeyState {
     pub pending: Option<Pending>,
     pub flight: Option<Box<Flight>>,
-    pub retry: Option<RetryState>,
-    pub fields: Option<Arc<[(Box<str>, Box<str>)]>>,
-    /// On-demand refreshes waiting for this key: they need a fetch even without notes.
-    pub refresh_requested: bool,
+    extra: Option<Box<KeyExtra>>,
 }
 
 impl KeyState {
+    /// A key with one pending entry.
+    pub fn with_pending(pending: Pending) -> Self {
+        KeyState {
+            pending: Some(pending),
+            flight: None,
+            extra: None,
+        }
+    }
+
+    fn extra_mut(&mut self) -> &mut KeyExtra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    fn tidy(&mut self) {
+        if self.extra.as_ref().is_some_and(|e| e.is_empty()) {
+            self.extra = None;
+        }
+    }
+
+    /// The retry state, if the key's fetches are failing.
+    pub fn retry(&self) -> Option<RetryState> {
+        self.extra.as_ref().and_then(|e| e.retry)
+    }
+
+    /// The retry state, created with `init` if absent.
+    pub fn retry_or_insert(&mut self, init: RetryState) -> &mut RetryState {
+        self.extra_mut().retry.get_or_insert(init)
+    }
+
+    /// Forget the retry state (after success or a dead letter).
+    pub fn clear_retry(&mut self) {
+        if let Some(e) = &mut self.extra {
+            e.retry = None;
+        }
+        self.tidy();
+    }
+
+    /// Decoded fields of the newest notification.
+    pub fn fields(&self) -> Option<Fields> {
+        self.extra.as_ref().and_then(|e| e.fields.clone())
+    }
+
+    /// Remember the newest notification's fields.
+    pub fn set_fields(&mut self, fields: Fields) {
+        self.extra_mut().fields = Some(fields);
+    }
+
+    /// Is an on-demand refresh waiting?
+    pub fn refresh_requested(&self) -> bool {
+        self.extra.as_ref().is_some_and(|e| e.refresh_requested)
+    }
+
+    /// Mark or clear a waiting refresh.
+    pub fn set_refresh_requested(&mut self, on: bool) {
+        if on {
+            self.extra_mut().refresh_requested = true;
+        } else if let Some(e) = &mut self.extra {
+            e.refresh_requested = false;
+            self.tidy();
+        }
+    }
+
     /// When the key can start its next flight, if it has pending work and no flight.
     pub fn due(&self) -> Option<Tick> {
         if self.flight.is_some() {
             return None;
         }
         let pending = self.pending.as_ref()?;
-        Some(match self.retry {
+        Some(match self.retry() {
             Some(r) => pending.deadline.max(r.next_at),
             None => pending.deadline,
         })

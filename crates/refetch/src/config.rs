@@ -251,8 +251,10 @@ mod tests {
         assert!(c.validate(Some(Duration::from_secs(300))).is_ok());
         let e = c.validate(Some(Duration::from_secs(5))).unwrap_err();
         assert_eq!(e.key, "rebalance_drain");
-        let mut c = EngineConfig::default();
-        c.max_wait = Duration::from_millis(1);
+        let c = EngineConfig {
+            max_wait: Duration::from_millis(1),
+            ..EngineConfig::default()
+        };
         assert_eq!(c.validate(None).unwrap_err().key, "max_wait");
     }
 }

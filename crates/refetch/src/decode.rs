@@ -16,6 +16,9 @@ use serde_json::Value;
 
 use crate::key::{EntityKey, Version, VersionKind};
 
+/// Extra named fields decoded from a notification (for URL templates), shared cheaply.
+pub type Fields = Arc<[(Box<str>, Box<str>)]>;
+
 /// One decoded change notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {
@@ -24,7 +27,7 @@ pub struct Notification {
     /// The version the notification announces, if any.
     pub version: Option<Version>,
     /// Extra named fields for URL templates (for example a tenant).
-    pub fields: Option<Arc<[(Box<str>, Box<str>)]>>,
+    pub fields: Option<Fields>,
 }
 
 impl Notification {
@@ -153,6 +156,9 @@ pub struct JsonDecoder {
     version: Option<(String, VersionKind)>,
     fields: Vec<(Box<str>, String)>,
     routes: Vec<Route>,
+    /// When every pointer names a top-level member, the member names: the payload is then
+    /// parsed sparsely (other members are skipped without being built).
+    top_level: Option<Vec<String>>,
 }
 
 impl JsonDecoder {
@@ -164,7 +170,9 @@ impl JsonDecoder {
             version: None,
             fields: Vec::new(),
             routes: Vec::new(),
+            top_level: None,
         }
+        .plan()
     }
 
     /// The type at `type_pointer`, the id at `id_pointer`.
@@ -175,25 +183,122 @@ impl JsonDecoder {
             version: None,
             fields: Vec::new(),
             routes: Vec::new(),
+            top_level: None,
         }
+        .plan()
     }
 
     /// Read the version at `pointer`, of `kind`.
     pub fn with_version(mut self, pointer: impl Into<String>, kind: VersionKind) -> Self {
         self.version = Some((pointer.into(), kind));
-        self
+        self.plan()
     }
 
     /// Also read the field `name` at `pointer` (for URL templates).
     pub fn with_field(mut self, name: impl Into<Box<str>>, pointer: impl Into<String>) -> Self {
         self.fields.push((name.into(), pointer.into()));
-        self
+        self.plan()
     }
 
     /// Route notifications of one type to their aggregate root.
     pub fn with_route(mut self, route: Route) -> Self {
         self.routes.push(route);
+        self.plan()
+    }
+
+    /// Decide whether the sparse top-level parse applies.
+    fn plan(mut self) -> Self {
+        let mut pointers: Vec<&str> = vec![&self.id_pointer];
+        if let TypeSource::Pointer(p) = &self.types {
+            pointers.push(p);
+        }
+        if let Some((p, _)) = &self.version {
+            pointers.push(p);
+        }
+        pointers.extend(self.fields.iter().map(|(_, p)| p.as_str()));
+        for r in &self.routes {
+            pointers.push(&r.id_pointer);
+            pointers.extend(r.version_pointer.as_deref());
+        }
+        let simple = |p: &str| p.len() > 1 && p.starts_with('/') && !p[1..].contains(['/', '~']);
+        self.top_level = pointers
+            .iter()
+            .all(|p| simple(p))
+            .then(|| pointers.iter().map(|p| p[1..].to_owned()).collect());
         self
+    }
+
+    fn parse(&self, payload: &[u8]) -> Result<Value, DecodeError> {
+        let parsed = match &self.top_level {
+            Some(names) => {
+                let mut de = serde_json::Deserializer::from_slice(payload);
+                serde::de::DeserializeSeed::deserialize(sparse::Sparse { names }, &mut de)
+                    .and_then(|v| de.end().map(|()| v))
+            }
+            None => serde_json::from_slice(payload),
+        };
+        parsed.map_err(|e| DecodeError::new(format!("payload is not valid JSON: {e}")))
+    }
+}
+
+/// A JSON object parser that keeps only the wanted top-level members.
+mod sparse {
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+    use serde_json::{Map, Value};
+
+    pub(super) struct Sparse<'a> {
+        pub names: &'a [String],
+    }
+
+    /// Which wanted member a key is, if any; compares without allocating.
+    struct Wanted<'a>(&'a [String]);
+
+    impl<'de> DeserializeSeed<'de> for Wanted<'_> {
+        type Value = Option<usize>;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Wanted<'_> {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a member name")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(self.0.iter().position(|n| n == v))
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Sparse<'_> {
+        type Value = Value;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Sparse<'_> {
+        type Value = Value;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(found) = map.next_key_seed(Wanted(self.names))? {
+                match found.and_then(|i| self.names.get(i)) {
+                    Some(name) => {
+                        let v: Value = map.next_value()?;
+                        out.insert(name.clone(), v);
+                    }
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(Value::Object(out))
+        }
     }
 }
 
@@ -268,8 +373,7 @@ impl NotificationDecoder for JsonDecoder {
         let Some(payload) = record.payload else {
             return Err(DecodeError::new("record has no payload (tombstone)"));
         };
-        let doc: Value = serde_json::from_slice(payload)
-            .map_err(|e| DecodeError::new(format!("payload is not valid JSON: {e}")))?;
+        let doc = self.parse(payload)?;
         let entity_type: Arc<str> = match &self.types {
             TypeSource::Fixed(t) => t.clone(),
             TypeSource::Pointer(p) => match doc.pointer(p) {

@@ -25,6 +25,7 @@ use std::time::Duration;
 use crate::clock::{Tick, millis};
 use crate::coalesce::{Flight, KeyState, NoteRef, Notes, Pending, Phase, REFRESH_SLOT, RetryState};
 use crate::config::{EngineConfig, UnknownTypePolicy};
+use crate::decode::Fields;
 use crate::decode::{Decoded, NotificationDecoder, RecordView};
 use crate::dlq::{self, DeadLetter, header, reason};
 use crate::error::ErrorClass;
@@ -290,7 +291,9 @@ pub struct Engine {
     next_dead_letter: u64,
     dead_letter_broken: bool,
 
-    acked: moka::sync::Cache<EntityKey, Acked>,
+    /// Acknowledged versions and validators per key (bounded, least recently used evicted).
+    /// A single-threaded LRU: the engine owns it, so a concurrent cache would only add cost.
+    acked: lru::LruCache<EntityKey, Acked>,
     health: HashMap<Arc<str>, SourceHealth>,
     gone_guard: GoneGuard,
 
@@ -323,9 +326,11 @@ impl Engine {
         handles: Box<dyn Fn(&str) -> bool + Send + Sync>,
         sink_tracks_versions: bool,
     ) -> Self {
-        let acked = moka::sync::Cache::builder()
-            .max_capacity(cfg.version_cache_capacity)
-            .build();
+        let capacity = usize::try_from(cfg.version_cache_capacity)
+            .ok()
+            .and_then(std::num::NonZeroUsize::new)
+            .unwrap_or(std::num::NonZeroUsize::MIN);
+        let acked = lru::LruCache::new(capacity);
         let gone_guard = GoneGuard::new(cfg.gone_guard);
         Engine {
             cfg,
@@ -473,7 +478,7 @@ impl Engine {
         for (key, state) in self.keys.iter_mut() {
             if let Some(p) = &mut state.pending {
                 p.notes.retain(|n| !slots.contains(&n.slot));
-                if p.notes.is_empty() && !state.refresh_requested {
+                if p.notes.is_empty() && !state.refresh_requested() {
                     state.pending = None;
                 }
             }
@@ -634,7 +639,7 @@ impl Engine {
         &mut self,
         key: EntityKey,
         version: Option<Version>,
-        fields: Option<Arc<[(Box<str>, Box<str>)]>>,
+        fields: Option<Fields>,
         note: NoteRef,
         now: Tick,
     ) {
@@ -654,17 +659,16 @@ impl Engine {
                         schedule = state.due();
                     }
                 }
-                if fields.is_some() {
-                    state.fields = fields;
+                if let Some(f) = fields {
+                    state.set_fields(f);
                 }
             }
             None => {
                 self.pending_bytes += key.heap_bytes() + KEY_OVERHEAD;
-                let state = KeyState {
-                    pending: Some(Pending::new(now, window, note, version)),
-                    fields,
-                    ..KeyState::default()
-                };
+                let mut state = KeyState::with_pending(Pending::new(now, window, note, version));
+                if let Some(f) = fields {
+                    state.set_fields(f);
+                }
                 schedule = state.due();
                 self.keys.insert(key.clone(), state);
             }
@@ -702,7 +706,7 @@ impl Engine {
         }
         self.add_note(key.clone(), None, None, note, now);
         if let Some(state) = self.keys.get_mut(&key) {
-            state.refresh_requested = true;
+            state.set_refresh_requested(true);
             if let Some(p) = &mut state.pending {
                 p.deadline = p.deadline.min(now);
             }
@@ -765,20 +769,20 @@ impl Engine {
     }
 
     fn start_flight(&mut self, key: EntityKey, _now: Tick) {
-        let cached = self.acked.get(&key);
+        let cached = self.acked.get(&key).cloned();
         let Some(state) = self.keys.get_mut(&key) else {
             return;
         };
         let Some(batch) = state.pending.take() else {
             return;
         };
-        state.refresh_requested = false;
+        state.set_refresh_requested(false);
         let id = self.next_flight;
         self.next_flight += 1;
         let check_sink_first = self.sink_tracks_versions && batch.all_versioned && cached.is_none();
         let request = FetchRequest {
             key: key.clone(),
-            fields: state.fields.clone(),
+            fields: state.fields(),
             validators: cached.and_then(|a| a.validators),
             min_version: batch.max_version,
         };
@@ -874,7 +878,7 @@ impl Engine {
             FetchResult::AlreadyHeld(v) => {
                 self.counters.already_held += 1;
                 self.record_health(&entity_type, false);
-                self.acked.insert(
+                self.acked.put(
                     key.clone(),
                     Acked {
                         version: Some(v),
@@ -986,7 +990,7 @@ impl Engine {
             let Some(state) = self.keys.get_mut(key) else {
                 return;
             };
-            let r = state.retry.get_or_insert(RetryState {
+            let r = state.retry_or_insert(RetryState {
                 counted: 0,
                 attempts: 0,
                 next_at: now,
@@ -1019,9 +1023,13 @@ impl Engine {
         let Some(state) = self.keys.get_mut(key) else {
             return;
         };
-        if let Some(r) = &mut state.retry {
-            r.next_at = now.after(delay);
-        }
+        state
+            .retry_or_insert(RetryState {
+                counted: 0,
+                attempts: 0,
+                next_at: now,
+            })
+            .next_at = now.after(delay);
         if let Some(f) = state.flight.take() {
             let batch = f.batch;
             match &mut state.pending {
@@ -1114,9 +1122,9 @@ impl Engine {
                 self.counters.writes += 1;
                 crate::metrics::write_durable();
                 if deleted {
-                    self.acked.invalidate(key);
+                    self.acked.pop(key);
                 } else if version.is_some() || validators.is_some() {
-                    self.acked.insert(
+                    self.acked.put(
                         key.clone(),
                         Acked {
                             version,
@@ -1124,7 +1132,7 @@ impl Engine {
                         },
                     );
                 } else {
-                    self.acked.invalidate(key);
+                    self.acked.pop(key);
                 }
                 self.finish_success(key, now);
             }
@@ -1168,7 +1176,7 @@ impl Engine {
         let Some(f) = state.flight.take() else {
             return;
         };
-        state.retry = None;
+        state.clear_retry();
         self.latency.record(now.since(f.batch.first_at));
         crate::metrics::latency(now.since(f.batch.first_at));
         for n in &f.batch.notes {
@@ -1226,11 +1234,11 @@ impl Engine {
         attempts: u32,
         now: Tick,
     ) {
-        self.acked.invalidate(key);
+        self.acked.pop(key);
         let Some(state) = self.keys.get_mut(key) else {
             return;
         };
-        state.retry = None;
+        state.clear_retry();
         let Some(f) = state.flight.take() else {
             return;
         };
@@ -1590,5 +1598,5 @@ impl Engine {
 }
 
 fn state_attempts(state: Option<&KeyState>) -> u32 {
-    state.and_then(|s| s.retry).map_or(0, |r| r.attempts)
+    state.and_then(KeyState::retry).map_or(0, |r| r.attempts)
 }

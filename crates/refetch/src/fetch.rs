@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::decode::Fields;
 use crate::error::ErrorClass;
 use crate::key::{EntityKey, Version};
 
@@ -80,7 +81,7 @@ pub struct FetchRequest {
     /// The entity to fetch.
     pub key: EntityKey,
     /// Extra fields decoded from the newest notification (for URL templates), if any.
-    pub fields: Option<Arc<[(Box<str>, Box<str>)]>>,
+    pub fields: Option<Fields>,
     /// Validators of the state the sink holds, for a conditional fetch.
     pub validators: Option<Validators>,
     /// The highest version any coalesced notification announced; a lower fetched version is a
