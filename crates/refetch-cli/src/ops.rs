@@ -7,6 +7,7 @@
 //! | `/readyz` | `200 ready` only when the pipeline is ready (joined its group, gone guard not tripped, dead-letter topic writable, not shutting down); otherwise `503` and one reason per line |
 //! | `/status.json` | the engine's status (counters, partitions, pending keys, latency), fetch latency and breaker states |
 //! | `/` | a status page for people, refreshed every 2 s |
+//! | `POST /gone-guard/reset` | an operator's decision that the deletes are real: the gone guard lets them through again |
 //!
 //! It binds to `127.0.0.1:9464` unless configured otherwise: the page shows entity types and
 //! topic names, and nothing here needs to be reachable from other hosts unless a scraper is.
@@ -21,6 +22,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use refetch::{PipelineHandle, Status};
 
@@ -103,6 +105,7 @@ pub fn router(state: OpsState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status.json", get(status_json))
+        .route("/gone-guard/reset", axum::routing::post(reset_gone_guard))
         .with_state(state)
 }
 
@@ -145,6 +148,19 @@ async fn readyz(State(s): State<OpsState>) -> Response {
         )
             .into_response(),
     }
+}
+
+async fn reset_gone_guard(State(s): State<OpsState>) -> Response {
+    if s.handle.status().await.is_none() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "pipeline stopped\n").into_response();
+    }
+    tracing::warn!("gone guard reset through the operations endpoint");
+    s.handle.reset_gone_guard();
+    (
+        StatusCode::OK,
+        "gone guard reset: deletes are let through again\n",
+    )
+        .into_response()
 }
 
 /// The document `/status.json` serves.

@@ -226,5 +226,19 @@ async fn readiness_fails_with_its_reason_while_the_gone_guard_holds_deletes() {
     assert!(page.contains("tripped: deletes held"), "{page}");
     // Liveness is unaffected: the process is healthy, just not ready.
     assert_eq!(get(&h, "/healthz").await.0, 200);
+    // The operator decides the deletes are real.
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/gone-guard/reset", h.server.addr))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
+    wait_for(
+        "readiness after the reset",
+        Duration::from_secs(20),
+        || async { get(&h, "/readyz").await.0 == 200 },
+    )
+    .await
+    .expect("ready again");
     h.handle.shutdown();
 }
