@@ -1,7 +1,86 @@
 //! # refetch
 //!
-//! The engine of the *notification-plus-pull* integration pattern (crate docs grow into a guide
-//! as the engine lands).
+//! The engine of the *notification-plus-pull* integration pattern. A source system publishes thin
+//! change notifications on Kafka ("customer 42 changed", sometimes with a version); refetch
+//! consumes them in a consumer group, **coalesces notifications per entity** in a trailing
+//! debounce window capped by a max-wait, **fetches each entity once** through a [`Fetcher`],
+//! **writes** it through a [`Sink`], and **commits a Kafka offset only after every notification
+//! at or below it is durably handled**.
+//!
+//! ## What it guarantees
+//! - **At-least-once, never skipped.** A partition's committed offset never passes a received
+//!   notification that is not satisfied: written durably by a fetch that started after it, covered
+//!   by a version the sink acknowledged, or dead-lettered with the broker's acknowledgement.
+//!   Offsets are tracked in the order received, so compaction and transaction markers are safe.
+//! - **No lost update.** A notification that arrives while its entity is being fetched starts a
+//!   follow-up fetch; after the input goes quiet, the sink holds, for every entity, a state read
+//!   after that entity's last notification.
+//! - **Per-entity order.** At most one fetch-and-write per entity at a time in a process; writes
+//!   for one entity reach the sink in the order their fetches ran.
+//! - **Bounded work and memory.** An entity is fetched at most once per window plus one follow-up
+//!   per flight; partitions pause (the consumer keeps polling) when caps on outstanding offsets,
+//!   pending keys or bytes are reached.
+//! - **Failures have defined outcomes.** Transient fetch errors retry with backoff and jitter,
+//!   honouring retry-after; only attempts against a source that is healthy for other keys spend
+//!   the retry budget, so an outage dead-letters nothing. Permanent errors, spent budgets,
+//!   undecodable records and over-long ids go to a dead-letter topic. A sink that is down is
+//!   retried without end while nothing is committed.
+//!
+//! What is *not* promised: order across different entities, and exactly-once writes (a crash
+//! re-delivers notifications after the last commit; sinks should upsert and guard on version).
+//!
+//! ## Embedding
+//! Implement [`Fetcher`] and [`Sink`] (or use the built-in HTTP fetcher and sinks from the
+//! `refetch-http` and `refetch-sinks` crates), choose a decoder, and run:
+//!
+//! ```no_run
+//! use refetch::decode::JsonDecoder;
+//! use refetch::{KafkaConfig, Pipeline, VersionKind};
+//! # use refetch::{async_trait, Change, FetchError, FetchOutcome, FetchRequest, Fetcher, Sink, SinkError, WriteReport};
+//! # struct MyFetcher; struct MySink;
+//! # #[async_trait] impl Fetcher for MyFetcher {
+//! #     async fn fetch(&self, _: &FetchRequest) -> Result<FetchOutcome, FetchError> { Ok(FetchOutcome::Gone) } }
+//! # #[async_trait] impl Sink for MySink {
+//! #     async fn write(&self, _: &[Change]) -> Result<WriteReport, SinkError> { Ok(WriteReport::all_durable()) } }
+//!
+//! # async fn run() -> Result<(), refetch::PipelineError> {
+//! let kafka = KafkaConfig::new("localhost:9092", "crm-to-warehouse", vec!["crm.customers".into()]);
+//! let pipeline = Pipeline::builder::<MyFetcher, MySink>()
+//!     .kafka(kafka) // dead letters go to "crm-to-warehouse.dlq" unless configured otherwise
+//!     .decoder(JsonDecoder::fixed_type("customer", "/id").with_version("/rev", VersionKind::Integer))
+//!     .fetcher(MyFetcher)
+//!     .sink(MySink)
+//!     .build()?;
+//! let handle = pipeline.handle(); // status, on-demand refresh, shutdown
+//! pipeline
+//!     .run(async {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!     })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! A complete runnable program (custom fetcher and sink on librdkafka's in-process mock cluster)
+//! is `examples/custom_pipeline.rs`: `cargo run -p refetch --example custom_pipeline`.
+//!
+//! ## Layout
+//! | module | concept |
+//! |---|---|
+//! | [`key`] | entity keys and versions (integer or timestamp) |
+//! | [`decode`] | Kafka record -> notification: JSON pointers, fixed types, aggregate routing, record keys |
+//! | [`fetch`] / [`sink`] | the pluggable traits and their outcomes |
+//! | [`error`] | the retry classification every error carries |
+//! | [`coalesce`](crate::engine) | pending notifications per key, single flight, follow-ups (inside the engine) |
+//! | [`offsets`] | per-partition tracking of received offsets and the safe commit point |
+//! | [`health`] | source health for retry budgets, and the gone-rate guard |
+//! | [`dlq`] | dead-letter record layout and reasons |
+//! | [`engine`] | the I/O-free state machine that ties these together |
+//! | [`dispatch`] | running fetch, write and dead-letter jobs; sink batching and retries |
+//! | [`consumer`] / [`kafka`] | the consumer interface; librdkafka driver, rebalances, dead-letter producer |
+//! | [`pipeline`] | builder, handle and the async runtime (shutdown, revokes, commits, backpressure) |
+//! | [`config`] | engine settings and their validation |
+//! | [`metrics`] / [`stats`] | metrics through the `metrics` facade; in-process counters |
+//! | [`clock`] | monotonic millisecond ticks (debounce runs on the wall clock, not stream time) |
 
 pub mod clock;
 pub(crate) mod coalesce;
