@@ -264,6 +264,7 @@ async fn memory_consumer_task(
         .unwrap_or_default();
     assign(&state, &events, &mut owned, all);
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(5));
+    let mut control_open = true;
     loop {
         tokio::select! {
             cmd = commands.recv() => match cmd {
@@ -281,8 +282,8 @@ async fn memory_consumer_task(
                     return;
                 }
             },
-            ctl = control.recv() => match ctl {
-                None => {}
+            ctl = control.recv(), if control_open => match ctl {
+                None => control_open = false,
                 Some(ControlMsg::Revoke(tps, done)) => {
                     let (tx, rx) = std::sync::mpsc::sync_channel(1);
                     if events.send(ConsumerEvent::Revoke { partitions: tps.clone(), reply: tx }).is_err() {

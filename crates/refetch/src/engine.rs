@@ -648,6 +648,20 @@ impl Engine {
         let mut schedule = None;
         match self.keys.get_mut(&key) {
             Some(state) => {
+                let elsewhere = state
+                    .pending
+                    .iter()
+                    .flat_map(|p| p.notes.first())
+                    .chain(state.flight.iter().flat_map(|f| f.batch.notes.first()))
+                    .any(|n| {
+                        n.slot != note.slot && n.slot != REFRESH_SLOT && note.slot != REFRESH_SLOT
+                    });
+                if elsewhere {
+                    // Invariant 10: per-key order across instances needs one partition per key
+                    // (or versions). Count the evidence that it does not hold.
+                    self.counters.keys_on_several_partitions += 1;
+                    crate::metrics::key_on_several_partitions();
+                }
                 match &mut state.pending {
                     Some(p) => {
                         p.merge(now, window, max_wait, note, version);

@@ -10,6 +10,7 @@
 //! | `refetch_notifications_satisfied_by_version_total` | counter | | satisfied without a fetch |
 //! | `refetch_records_ignored_total` | counter | `reason` | records that were not notifications |
 //! | `refetch_decode_errors_total` | counter | | records that could not be decoded |
+//! | `refetch_keys_on_several_partitions_total` | counter | | a key's notifications seen on two partitions at once |
 //! | `refetch_fetches_total` | counter | `outcome` | fetch outcomes |
 //! | `refetch_fetch_seconds` | histogram | | fetch latency |
 //! | `refetch_sink_batch_seconds` | histogram | | sink batch latency (engine side) |
@@ -41,6 +42,10 @@ pub(crate) fn satisfied_by_version() {
 
 pub(crate) fn ignored(reason: &'static str) {
     metrics::counter!("refetch_records_ignored_total", "reason" => reason).increment(1);
+}
+
+pub(crate) fn key_on_several_partitions() {
+    metrics::counter!("refetch_keys_on_several_partitions_total").increment(1);
 }
 
 pub(crate) fn decode_error() {

@@ -53,6 +53,9 @@ pub struct Counters {
     pub unassigned_records: u64,
     /// Records that arrived while their partition was paused.
     pub records_while_paused: u64,
+    /// Notifications of a key that had notifications pending or in flight from another
+    /// partition (per-key order across instances then depends on versions).
+    pub keys_on_several_partitions: u64,
     /// Offsets committed successfully.
     pub commits: u64,
     /// Commit attempts that failed (retried later).

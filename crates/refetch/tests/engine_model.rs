@@ -582,3 +582,30 @@ fn stale_read_is_retried() {
     assert_eq!(w.engine.counters().stale_reads, 1);
     w.drain();
 }
+
+/// Invariant 10: a key whose notifications arrive on two partitions is counted.
+#[test]
+fn keys_seen_on_several_partitions_are_counted() {
+    let mut w = World::new();
+    w.apply(Op::Notify {
+        key: 2,
+        partition: 0,
+        versioned: false,
+        gap: 0,
+    });
+    w.apply(Op::Notify {
+        key: 2,
+        partition: 0,
+        versioned: false,
+        gap: 0,
+    });
+    assert_eq!(w.engine.counters().keys_on_several_partitions, 0);
+    w.apply(Op::Notify {
+        key: 2,
+        partition: 1,
+        versioned: false,
+        gap: 0,
+    });
+    assert_eq!(w.engine.counters().keys_on_several_partitions, 1);
+    w.drain();
+}
