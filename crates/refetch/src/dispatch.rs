@@ -122,14 +122,18 @@ impl<F: Fetcher + ?Sized, S: Sink + ?Sized> FetchDispatcher<F, S> {
             let fetcher = self.fetcher.clone();
             let sink = self.sink.clone();
             let done = self.done.clone();
-            tokio::spawn(async move {
-                let result = fetch_one(&*fetcher, &*sink, &job).await;
-                let _ = done.send(Completion::Fetched {
-                    key: job.request.key,
-                    flight: job.flight,
-                    result,
-                });
-            });
+            let span = tracing::debug_span!("flight", key = %job.request.key, flight = job.flight);
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let result = fetch_one(&*fetcher, &*sink, &job).await;
+                    let _ = done.send(Completion::Fetched {
+                        key: job.request.key,
+                        flight: job.flight,
+                        result,
+                    });
+                },
+                span,
+            ));
         }
         for (_, _, chunk) in groups {
             {

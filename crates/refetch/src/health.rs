@@ -87,11 +87,18 @@ impl SourceHealth {
 }
 
 /// The gone-rate guard.
+///
+/// Deletes need evidence: a "gone" outcome becomes a delete only while gone outcomes are a minority
+/// of the recent window (at most `max_ratio`). With fewer than `min_samples` outcomes the guard
+/// holds deletes that would push the ratio over the limit but does not yet trip; once the window
+/// has `min_samples` outcomes and the ratio is abnormal it trips (readiness fails) until the ratio
+/// drops or an operator resets it. A reset trusts gone outcomes again until the guard trips anew.
 #[derive(Debug, Clone)]
 pub struct GoneGuard {
     cfg: GoneGuardConfig,
     gone: Window,
     tripped: bool,
+    trusted_after_reset: bool,
 }
 
 impl GoneGuard {
@@ -101,24 +108,26 @@ impl GoneGuard {
             cfg,
             gone: Window::new(cfg.window),
             tripped: false,
+            trusted_after_reset: false,
         }
     }
 
-    /// Record a fetch outcome; returns whether the guard is tripped afterwards.
+    /// Record a fetch outcome. For a gone outcome, returns whether its delete must be held back.
     pub fn record(&mut self, gone: bool) -> bool {
         self.gone.push(gone);
-        let abnormal =
-            self.gone.len() >= self.cfg.min_samples && self.gone.ratio() > self.cfg.max_ratio;
-        if abnormal {
+        let abnormal = self.gone.ratio() > self.cfg.max_ratio;
+        let judged = self.gone.len() >= self.cfg.min_samples;
+        if judged && abnormal {
             self.tripped = true;
-        } else if self.tripped && self.gone.len() >= self.cfg.min_samples {
+            self.trusted_after_reset = false;
+        } else if self.tripped && judged {
             // The ratio dropped back below the threshold.
             self.tripped = false;
         }
-        self.tripped
+        gone && (self.tripped || (abnormal && !self.trusted_after_reset))
     }
 
-    /// Is the guard holding deletes back?
+    /// Is the guard tripped (enough evidence of abnormal gone outcomes; readiness fails)?
     pub fn is_tripped(&self) -> bool {
         self.tripped
     }
@@ -128,10 +137,11 @@ impl GoneGuard {
         self.gone.ratio()
     }
 
-    /// An operator's reset: forget the window and allow deletes again.
+    /// An operator's reset: forget the window and trust gone outcomes until the guard trips again.
     pub fn reset(&mut self) {
         self.gone.clear();
         self.tripped = false;
+        self.trusted_after_reset = true;
     }
 }
 
@@ -140,26 +150,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_misrouted_template_trips_the_guard_and_it_recovers() {
+    fn a_misrouted_template_deletes_nothing_and_trips_the_guard() {
         let mut g = GoneGuard::new(GoneGuardConfig {
             window: 100,
             min_samples: 50,
             max_ratio: 0.2,
         });
         for _ in 0..49 {
-            assert!(!g.record(true), "needs min_samples before judging");
+            assert!(
+                g.record(true),
+                "every delete is held while gone is the majority"
+            );
+            assert!(!g.is_tripped(), "needs min_samples before tripping");
         }
         assert!(g.record(true));
+        assert!(g.is_tripped());
         for _ in 0..100 {
-            g.record(false);
+            assert!(!g.record(false));
         }
         assert!(!g.is_tripped());
+        assert!(!g.record(true), "a rare delete among found outcomes passes");
         for _ in 0..60 {
             g.record(true);
         }
         assert!(g.is_tripped());
         g.reset();
         assert!(!g.is_tripped());
+        assert!(!g.record(true), "after a reset, gone outcomes are trusted");
+    }
+
+    #[test]
+    fn a_fresh_guard_holds_a_first_delete_until_there_is_evidence() {
+        let mut g = GoneGuard::new(GoneGuardConfig::default());
+        assert!(g.record(true), "the very first outcome is gone: held");
+        for _ in 0..20 {
+            g.record(false);
+        }
+        assert!(!g.record(true), "gone is now a minority: delete");
     }
 
     #[test]

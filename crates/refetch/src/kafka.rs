@@ -203,6 +203,34 @@ struct DriverContext {
 }
 
 impl ClientContext for DriverContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        // An automatic offset reset means notifications were skipped (`latest`) or will be
+        // re-read (`earliest`) without the engine asking: always worth an error and a count.
+        if log_message.contains("reset")
+            && (fac.contains("OFFSET") || log_message.contains("offset reset"))
+        {
+            metrics::counter!("refetch_offset_resets_total").increment(1);
+            tracing::error!(
+                facility = fac,
+                message = log_message,
+                "automatic offset reset"
+            );
+            return;
+        }
+        match level {
+            rdkafka::config::RDKafkaLogLevel::Emerg
+            | rdkafka::config::RDKafkaLogLevel::Alert
+            | rdkafka::config::RDKafkaLogLevel::Critical
+            | rdkafka::config::RDKafkaLogLevel::Error => {
+                tracing::error!(facility = fac, message = log_message, "librdkafka")
+            }
+            rdkafka::config::RDKafkaLogLevel::Warning => {
+                tracing::warn!(facility = fac, message = log_message, "librdkafka")
+            }
+            _ => tracing::debug!(facility = fac, message = log_message, "librdkafka"),
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         let fatal = matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
         tracing::error!(error = %error, reason, "kafka client error");
