@@ -3,7 +3,10 @@
 //!
 //! Run with `cargo bench -p refetch-http --bench throughput`. Besides criterion's report it
 //! prints one line per configuration: `achieved/ideal` close to 1.0 means the fetcher adds
-//! little overhead to the source's own latency.
+//! little overhead to the source's own latency. The same line gives a baseline measured in the
+//! same run: a bare `reqwest` client keeping `C` requests in flight against the same server
+//! (`raw/ideal`), and the fetcher relative to it (`fetcher/raw`), which separates the fetcher's
+//! own cost from the test server's and the machine's.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,7 +24,7 @@ const KEYS: usize = 256;
 
 struct Setup {
     runtime: tokio::runtime::Runtime,
-    _source: HttpSource,
+    source: HttpSource,
     fetcher: Arc<HttpFetcher>,
     requests: Arc<Vec<FetchRequest>>,
 }
@@ -62,7 +65,7 @@ fn setup(latency: Duration, concurrency: usize) -> Setup {
         .collect();
     Setup {
         runtime,
-        _source: source,
+        source,
         fetcher: Arc::new(fetcher),
         requests: Arc::new(requests),
     }
@@ -74,6 +77,22 @@ async fn round(fetcher: &HttpFetcher, requests: &[FetchRequest]) {
     for r in results {
         assert!(matches!(r, Ok(FetchOutcome::Found(_))), "{r:?}");
     }
+}
+
+/// The baseline: a bare client with `concurrency` requests in flight, no fetcher logic.
+async fn raw_round(client: &reqwest::Client, base: &str, concurrency: usize) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let calls = (0..KEYS).map(|i| {
+        let permits = permits.clone();
+        let url = format!("{base}/customer/{i}");
+        async move {
+            let _permit = permits.acquire().await.unwrap();
+            let r = client.get(url).send().await.unwrap();
+            assert!(r.status().is_success());
+            r.bytes().await.unwrap();
+        }
+    });
+    join_all(calls).await;
 }
 
 fn throughput(c: &mut Criterion) {
@@ -91,9 +110,17 @@ fn throughput(c: &mut Criterion) {
         let elapsed = started.elapsed();
         let achieved = KEYS as f64 / elapsed.as_secs_f64();
         let ideal = concurrency as f64 / latency.as_secs_f64();
+        let client = reqwest::Client::new();
+        let base = s.source.base_url();
+        s.runtime.block_on(raw_round(&client, &base, concurrency));
+        let started = Instant::now();
+        s.runtime.block_on(raw_round(&client, &base, concurrency));
+        let raw = KEYS as f64 / started.elapsed().as_secs_f64();
         println!(
-            "L={latency_ms}ms C={concurrency}: {achieved:.0} req/s, ideal C/L = {ideal:.0} req/s, achieved/ideal = {:.2}",
-            achieved / ideal
+            "L={latency_ms}ms C={concurrency}: {achieved:.0} req/s, ideal C/L = {ideal:.0} req/s, achieved/ideal = {:.2}; bare client {raw:.0} req/s (raw/ideal = {:.2}), fetcher/raw = {:.2}",
+            achieved / ideal,
+            raw / ideal,
+            achieved / raw
         );
         group.bench_function(format!("L{latency_ms}ms_C{concurrency}"), |b| {
             b.iter_custom(|iters| {
