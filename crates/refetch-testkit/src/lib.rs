@@ -8,6 +8,7 @@
 //! | [`process`] | spawning and killing pipeline processes for crash tests |
 //! | [`http_source`] | a local HTTP source on 127.0.0.1 whose entities change, with fault injection |
 //! | [`mock`] | librdkafka's mock cluster with no initial rebalance delay |
+//! | [`raw_http`] | a hostile HTTP server writing raw bytes (broken chunking, slowloris, wrong content types) |
 //! | [`memory`] | an in-memory versioned source (a `Fetcher`) and a recording sink with failure injection |
 
 pub mod http_source;
@@ -17,3 +18,4 @@ pub mod mock;
 pub mod names;
 pub mod postgres;
 pub mod process;
+pub mod raw_http;
