@@ -88,6 +88,8 @@ impl Pending {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
     Fetching,
+    /// Fetched as a member of a business action; waits for the action's group write.
+    Parked,
     Writing,
 }
 
@@ -104,6 +106,8 @@ pub(crate) struct Flight {
     pub validators: Option<Validators>,
     /// Write attempts that failed for this record alone.
     pub write_failures: u32,
+    /// The business action this flight serves (see [`crate::action`]).
+    pub action: Option<u64>,
 }
 
 /// Retry state of a key whose fetches fail.

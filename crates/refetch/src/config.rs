@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use crate::action::ActionConfig;
+
 /// What to do with notifications of entity types no fetcher serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -118,6 +120,8 @@ pub struct EngineConfig {
     pub rebalance_drain: Duration,
     /// How long shutdown waits for in-flight work before it commits what is satisfied.
     pub shutdown_deadline: Duration,
+    /// Business-action grouping of notifications that carry a correlation id.
+    pub actions: ActionConfig,
 }
 
 impl Default for EngineConfig {
@@ -154,6 +158,7 @@ impl Default for EngineConfig {
             gone_guard: GoneGuardConfig::default(),
             rebalance_drain: Duration::from_secs(10),
             shutdown_deadline: Duration::from_secs(15),
+            actions: ActionConfig::default(),
         }
     }
 }
@@ -207,6 +212,15 @@ impl EngineConfig {
         }
         if !(0.0..=1.0).contains(&self.gone_guard.max_ratio) {
             return err("gone_guard.max_ratio", "expected a share in [0, 1]".into());
+        }
+        if self.actions.max_wait < self.actions.window {
+            return err(
+                "actions.max_wait",
+                format!(
+                    "{:?} is below the action window {:?}; expected max_wait >= window",
+                    self.actions.max_wait, self.actions.window
+                ),
+            );
         }
         if let Some(max_poll) = max_poll_interval {
             if self.rebalance_drain >= max_poll {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::action::ActionTag;
 use crate::key::{EntityKey, Version, VersionKind};
 
 /// Extra named fields decoded from a notification (for URL templates), shared cheaply.
@@ -28,6 +29,9 @@ pub struct Notification {
     pub version: Option<Version>,
     /// Extra named fields for URL templates (for example a tenant).
     pub fields: Option<Fields>,
+    /// The business action this notification belongs to (correlation id and, where the source
+    /// announces it, the action's size). `None` for ordinary notifications.
+    pub action: Option<ActionTag>,
 }
 
 impl Notification {
@@ -37,7 +41,14 @@ impl Notification {
             key,
             version: None,
             fields: None,
+            action: None,
         }
+    }
+
+    /// The same notification as a member of a business action.
+    pub fn with_action(mut self, action: ActionTag) -> Self {
+        self.action = Some(action);
+        self
     }
 
     /// The same notification with a version.
@@ -135,6 +146,56 @@ pub struct Route {
     pub version_pointer: Option<String>,
 }
 
+/// Where a decoder reads a notification's correlation id (the business action it belongs to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorrelationSource {
+    /// The string (or integer) at this JSON pointer in the payload.
+    Pointer(String),
+    /// The value of this record header (UTF-8).
+    Header(String),
+}
+
+/// How a decoder groups notifications into business actions (see [`crate::action`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Correlation {
+    /// Where the correlation id is. A notification without one is an ordinary notification.
+    pub id: CorrelationSource,
+    /// JSON pointer to the action's announced size (how many distinct entities it changes), if
+    /// the source provides it. Without it an action completes when its quiet window passes.
+    pub size_pointer: Option<String>,
+}
+
+impl Correlation {
+    /// Read the action tag of one record; `None` when the record carries no correlation id.
+    fn read(&self, doc: Option<&Value>, record: &RecordView<'_>) -> Option<ActionTag> {
+        let id: Arc<str> = match &self.id {
+            CorrelationSource::Pointer(p) => match doc?.pointer(p)? {
+                Value::String(s) if !s.is_empty() => Arc::from(s.as_str()),
+                Value::Number(n) if n.is_i64() || n.is_u64() => Arc::from(n.to_string()),
+                _ => return None,
+            },
+            CorrelationSource::Header(name) => {
+                let (_, v) = record.headers.iter().find(|(k, _)| k == name)?;
+                let text = std::str::from_utf8(v.as_deref()?).ok()?;
+                if text.is_empty() {
+                    return None;
+                }
+                Arc::from(text)
+            }
+        };
+        let size = self.size_pointer.as_deref().and_then(|p| {
+            let v = doc?.pointer(p)?;
+            let n = match v {
+                Value::Number(n) => n.as_u64()?,
+                Value::String(s) => s.trim().parse::<u64>().ok()?,
+                _ => return None,
+            };
+            u32::try_from(n).ok().filter(|n| *n > 0)
+        });
+        Some(ActionTag { id, size })
+    }
+}
+
 /// Decodes JSON notifications with JSON pointers.
 ///
 /// ```
@@ -156,6 +217,7 @@ pub struct JsonDecoder {
     version: Option<(String, VersionKind)>,
     fields: Vec<(Box<str>, String)>,
     routes: Vec<Route>,
+    correlation: Option<Correlation>,
     /// When every pointer names a top-level member, the member names: the payload is then
     /// parsed sparsely (other members are skipped without being built).
     top_level: Option<Vec<String>>,
@@ -170,6 +232,7 @@ impl JsonDecoder {
             version: None,
             fields: Vec::new(),
             routes: Vec::new(),
+            correlation: None,
             top_level: None,
         }
         .plan()
@@ -183,6 +246,7 @@ impl JsonDecoder {
             version: None,
             fields: Vec::new(),
             routes: Vec::new(),
+            correlation: None,
             top_level: None,
         }
         .plan()
@@ -206,6 +270,12 @@ impl JsonDecoder {
         self.plan()
     }
 
+    /// Group notifications into business actions by a correlation id (see [`crate::action`]).
+    pub fn with_correlation(mut self, correlation: Correlation) -> Self {
+        self.correlation = Some(correlation);
+        self.plan()
+    }
+
     /// Decide whether the sparse top-level parse applies.
     fn plan(mut self) -> Self {
         let mut pointers: Vec<&str> = vec![&self.id_pointer];
@@ -219,6 +289,12 @@ impl JsonDecoder {
         for r in &self.routes {
             pointers.push(&r.id_pointer);
             pointers.extend(r.version_pointer.as_deref());
+        }
+        if let Some(c) = &self.correlation {
+            if let CorrelationSource::Pointer(p) = &c.id {
+                pointers.push(p);
+            }
+            pointers.extend(c.size_pointer.as_deref());
         }
         let simple = |p: &str| p.len() > 1 && p.starts_with('/') && !p[1..].contains(['/', '~']);
         self.top_level = pointers
@@ -421,10 +497,15 @@ impl NotificationDecoder for JsonDecoder {
                 },
                 None => None,
             };
+            let action = self
+                .correlation
+                .as_ref()
+                .and_then(|c| c.read(Some(&doc), record));
             return Ok(Decoded::Notification(Notification {
                 key: EntityKey::new(route.to_type.clone(), id),
                 version,
                 fields,
+                action,
             }));
         }
         let id = id_at(&doc, &self.id_pointer)?;
@@ -435,10 +516,15 @@ impl NotificationDecoder for JsonDecoder {
             },
             None => None,
         };
+        let action = self
+            .correlation
+            .as_ref()
+            .and_then(|c| c.read(Some(&doc), record));
         Ok(Decoded::Notification(Notification {
             key: EntityKey::new(entity_type, id),
             version,
             fields,
+            action,
         }))
     }
 }
@@ -447,6 +533,7 @@ impl NotificationDecoder for JsonDecoder {
 #[derive(Debug, Clone)]
 pub struct RecordKeyDecoder {
     entity_type: Arc<str>,
+    correlation_header: Option<String>,
 }
 
 impl RecordKeyDecoder {
@@ -454,7 +541,14 @@ impl RecordKeyDecoder {
     pub fn new(entity_type: impl Into<Arc<str>>) -> Self {
         RecordKeyDecoder {
             entity_type: entity_type.into(),
+            correlation_header: None,
         }
+    }
+
+    /// Group notifications into business actions by the correlation id in this record header.
+    pub fn with_correlation_header(mut self, header: impl Into<String>) -> Self {
+        self.correlation_header = Some(header.into());
+        self
     }
 }
 
@@ -468,10 +562,15 @@ impl NotificationDecoder for RecordKeyDecoder {
         if id.is_empty() {
             return Err(DecodeError::new("record key is empty"));
         }
-        Ok(Decoded::Notification(Notification::new(EntityKey::new(
-            self.entity_type.clone(),
-            id,
-        ))))
+        let mut n = Notification::new(EntityKey::new(self.entity_type.clone(), id));
+        if let Some(h) = &self.correlation_header {
+            let c = Correlation {
+                id: CorrelationSource::Header(h.clone()),
+                size_pointer: None,
+            };
+            n.action = c.read(None, record);
+        }
+        Ok(Decoded::Notification(n))
     }
 }
 
@@ -551,6 +650,37 @@ mod tests {
         assert_eq!(n.version, None);
         let n = notification(&d, br#"{"type":"customer","id":"42","v":3}"#);
         assert_eq!(n.version, Some(Version::Int(3)));
+    }
+
+    #[test]
+    fn correlation_from_pointer_or_header_with_size() {
+        let d = JsonDecoder::fixed_type("c", "/id").with_correlation(Correlation {
+            id: CorrelationSource::Pointer("/tx".into()),
+            size_pointer: Some("/of".into()),
+        });
+        let n = notification(&d, br#"{"id":"1","tx":"t-9","of":3,"big":[1,2]}"#);
+        let tag = n.action.expect("tagged");
+        assert_eq!((&*tag.id, tag.size), ("t-9", Some(3)));
+        let n = notification(&d, br#"{"id":"1","tx":77,"of":"2"}"#);
+        let tag = n.action.expect("tagged");
+        assert_eq!((&*tag.id, tag.size), ("77", Some(2)));
+        let n = notification(&d, br#"{"id":"1","of":2}"#);
+        assert_eq!(
+            n.action, None,
+            "no correlation id: an ordinary notification"
+        );
+        let n = notification(&d, br#"{"id":"1","tx":"a","of":"many"}"#);
+        assert_eq!(n.action.map(|t| t.size), Some(None));
+
+        let headers = vec![("tx".to_owned(), Some(b"h-1".to_vec()))];
+        let d = RecordKeyDecoder::new("c").with_correlation_header("tx");
+        let mut r = rec(b"");
+        r.key = Some(b"42");
+        r.headers = &headers;
+        let Ok(Decoded::Notification(n)) = d.decode(&r) else {
+            panic!("decodes")
+        };
+        assert_eq!(n.action.map(|t| t.id), Some(Arc::from("h-1")));
     }
 
     #[test]

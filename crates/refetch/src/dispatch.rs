@@ -239,12 +239,27 @@ pub(crate) fn start_sink_writer<S: Sink + ?Sized>(
                 return;
             };
             let mut batch = vec![first];
+            // Writes of a business action are issued consecutively and go in one batch, even
+            // past `batch_max`: this is what makes the action atomic in a transactional sink.
+            let mut group_left = group_rest(&batch[0]);
             let until = tokio::time::Instant::now() + linger;
-            while batch.len() < batch_max {
-                match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some(job)) => batch.push(job),
-                    Ok(None) | Err(_) => break,
-                }
+            while batch.len() < batch_max || group_left > 0 {
+                let next = if group_left > 0 {
+                    rx.recv().await
+                } else {
+                    match tokio::time::timeout_at(until, rx.recv()).await {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    }
+                };
+                let Some(job) = next else {
+                    break;
+                };
+                group_left = match group_left {
+                    0 => group_rest(&job),
+                    n => n - 1,
+                };
+                batch.push(job);
             }
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
@@ -265,6 +280,33 @@ pub(crate) fn start_sink_writer<S: Sink + ?Sized>(
         }
     });
     tx
+}
+
+/// How many more writes of `job`'s action group follow it.
+fn group_rest(job: &WriteJob) -> usize {
+    job.group.map_or(0, |g| g.size.saturating_sub(1))
+}
+
+/// Split a batch into units that must stay together: each action group, and every other write
+/// on its own.
+fn units(batch: &[WriteJob]) -> Vec<&[WriteJob]> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < batch.len() {
+        let len = match batch[i].group {
+            Some(g) => {
+                let n = batch[i..]
+                    .iter()
+                    .take_while(|j| j.group.is_some_and(|h| h.action == g.action))
+                    .count();
+                n.max(1)
+            }
+            None => 1,
+        };
+        out.push(&batch[i..i + len]);
+        i += len;
+    }
+    out
 }
 
 async fn write_with_retry<S: Sink + ?Sized>(
@@ -295,10 +337,17 @@ async fn write_with_retry<S: Sink + ?Sized>(
                 }
                 tracing::warn!(error = %message, size = changes.len(),
                     "sink refused a batch permanently; writing its records one by one");
+                // An action group is retried as a unit first; a group that fails on its own is
+                // split so only the bad record is rejected.
+                let parts = units(batch);
+                let parts: Vec<&[WriteJob]> = if parts.len() > 1 {
+                    parts
+                } else {
+                    batch.iter().map(std::slice::from_ref).collect()
+                };
                 let mut out = Vec::with_capacity(batch.len());
-                for job in batch {
-                    let single = std::slice::from_ref(job);
-                    let r = Box::pin(write_with_retry(sink, single, backoff)).await;
+                for part in parts {
+                    let r = Box::pin(write_with_retry(sink, part, backoff)).await;
                     out.extend(r);
                 }
                 return out;

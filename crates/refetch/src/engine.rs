@@ -22,6 +22,9 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::action::{
+    ActionFailurePolicy, ActionTag, Actions, CORRELATION_HEADER, Completed, MemberState,
+};
 use crate::clock::{Tick, millis};
 use crate::coalesce::{Flight, KeyState, NoteRef, Notes, Pending, Phase, REFRESH_SLOT, RetryState};
 use crate::config::{EngineConfig, UnknownTypePolicy};
@@ -80,6 +83,18 @@ pub struct WriteJob {
     pub flight: u64,
     /// The change.
     pub change: Change,
+    /// Set when the change belongs to a business action: the action's writes are issued one after
+    /// the other and must reach the sink in one batch.
+    pub group: Option<WriteGroup>,
+}
+
+/// The business action a write belongs to (see [`crate::action`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteGroup {
+    /// Identifies the action's group write.
+    pub action: u64,
+    /// How many writes the group has (all issued consecutively).
+    pub size: usize,
 }
 
 /// Produce a dead letter.
@@ -268,6 +283,9 @@ pub struct EngineStatus {
 /// Approximate bytes a key costs besides its id (map entry, state, one note).
 const KEY_OVERHEAD: usize = 160;
 
+/// Dead-letter reason of members dead-lettered because another member of their action failed.
+const ACTION_REASON: &str = "action";
+
 /// The engine's state machine. See the module docs.
 pub struct Engine {
     cfg: EngineConfig,
@@ -298,6 +316,8 @@ pub struct Engine {
     gone_guard: GoneGuard,
 
     refresh_done: Vec<(u64, RefreshOutcome)>,
+    /// The latest tick seen (revokes carry no tick of their own).
+    last_tick: Tick,
     globally_paused: bool,
     shutting_down: bool,
     jitter_state: u64,
@@ -305,6 +325,8 @@ pub struct Engine {
     actions: Vec<Action>,
     counters: Counters,
     latency: LatencyHistogram,
+    /// Business actions (notifications with a correlation id).
+    acts: Actions,
 }
 
 impl std::fmt::Debug for Engine {
@@ -332,6 +354,7 @@ impl Engine {
             .unwrap_or(std::num::NonZeroUsize::MIN);
         let acked = lru::LruCache::new(capacity);
         let gone_guard = GoneGuard::new(cfg.gone_guard);
+        let acts = Actions::new(cfg.actions);
         Engine {
             cfg,
             decoders,
@@ -354,12 +377,14 @@ impl Engine {
             health: HashMap::new(),
             gone_guard,
             refresh_done: Vec::new(),
+            last_tick: Tick(0),
             globally_paused: false,
             shutting_down: false,
             jitter_state: 0x9E37_79B9_7F4A_7C15,
             actions: Vec::new(),
             counters: Counters::default(),
             latency: LatencyHistogram::default(),
+            acts,
         }
     }
 
@@ -474,6 +499,14 @@ impl Engine {
         if slots.is_empty() {
             return;
         }
+        let touched = self.actions_touching(slots);
+        for a in self.acts.open.values_mut() {
+            for m in &mut a.members {
+                if let Some(p) = &mut m.pending {
+                    p.notes.retain(|n| !slots.contains(&n.slot));
+                }
+            }
+        }
         let mut emptied = Vec::new();
         for (key, state) in self.keys.iter_mut() {
             if let Some(p) = &mut state.pending {
@@ -483,7 +516,7 @@ impl Engine {
                 }
             }
             if let Some(f) = &mut state.flight {
-                if f.phase == Phase::Fetching || also_writing {
+                if f.phase != Phase::Writing || also_writing {
                     f.batch.notes.retain(|n| !slots.contains(&n.slot));
                 }
             }
@@ -493,6 +526,10 @@ impl Engine {
         }
         for key in emptied {
             self.remove_key(&key);
+        }
+        let now = self.last_tick;
+        for id in touched {
+            self.dissolve_action(id, now);
         }
     }
 
@@ -612,7 +649,10 @@ impl Engine {
         if !self.track(slot, record.offset, false) {
             return;
         }
-        self.add_note(n.key, n.version, n.fields, note, now);
+        match n.action {
+            None => self.add_note(n.key, n.version, n.fields, note, now),
+            Some(tag) => self.add_action_note(&tag, n.key, n.version, n.fields, note, now),
+        }
     }
 
     /// Record an offset in its partition's tracker. Returns `false` for a duplicate delivery
@@ -740,6 +780,10 @@ impl Engine {
     /// Start flights for keys whose time has come (up to the fetch concurrency) and re-issue
     /// writes whose backoff passed. Produces actions.
     pub fn poll(&mut self, now: Tick) {
+        self.last_tick = self.last_tick.max(now);
+        if !self.acts.is_empty() {
+            self.poll_actions(now);
+        }
         while let Some(Reverse((at, _, _))) = self.write_retries.peek() {
             if *at > now {
                 break;
@@ -753,6 +797,7 @@ impl Engine {
                         self.actions.push(Action::Write(WriteJob {
                             flight: flight_id,
                             change,
+                            group: None,
                         }));
                     }
                 }
@@ -782,7 +827,12 @@ impl Engine {
         }
     }
 
-    fn start_flight(&mut self, key: EntityKey, _now: Tick) {
+    fn start_flight(&mut self, key: EntityKey, now: Tick) {
+        let action = if self.acts.is_empty() {
+            None
+        } else {
+            self.claim_member(&key, now)
+        };
         let cached = self.acked.get(&key).cloned();
         let Some(state) = self.keys.get_mut(&key) else {
             return;
@@ -807,6 +857,7 @@ impl Engine {
             change: None,
             validators: None,
             write_failures: 0,
+            action,
         }));
         self.fetches_in_flight += 1;
         self.counters.fetches += 1;
@@ -827,10 +878,8 @@ impl Engine {
     pub fn next_wakeup(&self) -> Option<Tick> {
         let a = self.timers.peek().map(|Reverse((t, _))| *t);
         let b = self.write_retries.peek().map(|Reverse((t, _, _))| *t);
-        match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let c = self.acts.next_wakeup();
+        [a, b, c].into_iter().flatten().min()
     }
 
     fn jitter(&mut self) -> f64 {
@@ -879,12 +928,30 @@ impl Engine {
             i += 1;
             keep
         });
+        let action = f.action;
         if f.batch.notes.is_empty() {
             // Every notification belonged to partitions this engine no longer owns.
             self.counters.abandoned += 1;
             state.flight = None;
             self.after_flight(key, now);
+            if let Some(a) = action {
+                self.action_member_ended(key, a, false, now);
+            }
             return;
+        }
+        if let Some(a) = action {
+            if self.acts.open.get(&a).is_some_and(|x| x.failed) {
+                let attempts = state_attempts(self.keys.get(key)) + 1;
+                self.dead_letter_flight(
+                    key,
+                    ACTION_REASON,
+                    "another member of the business action failed",
+                    ErrorClass::Permanent,
+                    attempts,
+                    now,
+                );
+                return;
+            }
         }
         let min = f.batch.max_version;
         let entity_type = key.entity_type_arc().clone();
@@ -899,14 +966,14 @@ impl Engine {
                         validators: None,
                     },
                 );
-                self.finish_success(key, now);
+                self.finish_or_park(key, action, now);
             }
             FetchResult::Outcome(FetchOutcome::Unchanged) => {
                 self.counters.unchanged += 1;
                 crate::metrics::fetch_outcome("unchanged");
                 self.record_health(&entity_type, false);
                 self.gone_guard.record(false);
-                self.finish_success(key, now);
+                self.finish_or_park(key, action, now);
             }
             FetchResult::Outcome(FetchOutcome::Found(entity)) => {
                 self.record_health(&entity_type, false);
@@ -929,7 +996,10 @@ impl Engine {
                     key: key.clone(),
                     entity,
                 };
-                self.begin_write(key, change, validators);
+                match action {
+                    Some(a) => self.park(key, a, Some(change), validators, now),
+                    None => self.begin_write(key, change, validators),
+                }
             }
             FetchResult::Outcome(FetchOutcome::Gone) => {
                 self.record_health(&entity_type, false);
@@ -948,7 +1018,11 @@ impl Engine {
                 }
                 self.counters.gone += 1;
                 crate::metrics::fetch_outcome("gone");
-                self.begin_write(key, Change::Delete { key: key.clone() }, None);
+                let change = Change::Delete { key: key.clone() };
+                match action {
+                    Some(a) => self.park(key, a, Some(change), None, now),
+                    None => self.begin_write(key, change, None),
+                }
             }
             FetchResult::Error(e) => match e.class() {
                 ErrorClass::Permanent => {
@@ -1068,6 +1142,7 @@ impl Engine {
         self.actions.push(Action::Write(WriteJob {
             flight: f.id,
             change,
+            group: None,
         }));
     }
 
@@ -1190,6 +1265,7 @@ impl Engine {
         let Some(f) = state.flight.take() else {
             return;
         };
+        let action = f.action;
         state.clear_retry();
         self.latency.record(now.since(f.batch.first_at));
         crate::metrics::latency(now.since(f.batch.first_at));
@@ -1213,6 +1289,9 @@ impl Engine {
             }
         }
         self.after_flight(key, now);
+        if let Some(a) = action {
+            self.action_member_ended(key, a, false, now);
+        }
     }
 
     /// After a flight ended: schedule the follow-up, or forget the key.
@@ -1256,6 +1335,7 @@ impl Engine {
         let Some(f) = state.flight.take() else {
             return;
         };
+        let action = f.action;
         let mut notes = Notes::new();
         for n in f.batch.notes {
             if n.slot == REFRESH_SLOT {
@@ -1267,7 +1347,7 @@ impl Engine {
         }
         if !notes.is_empty() {
             let age = now.since(f.batch.first_at);
-            let record = self.key_dead_letter(
+            let mut record = self.key_dead_letter(
                 key,
                 f.batch.max_version,
                 &notes,
@@ -1277,9 +1357,17 @@ impl Engine {
                 attempts,
                 age,
             );
+            if let Some(corr) = action.and_then(|a| self.acts.open.get(&a)) {
+                record
+                    .headers
+                    .push((CORRELATION_HEADER.to_owned(), corr.correlation.to_string()));
+            }
             self.issue_dead_letter(record, notes);
         }
         self.after_flight(key, now);
+        if let Some(a) = action {
+            self.action_member_ended(key, a, true, now);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1499,6 +1587,10 @@ impl Engine {
     /// keep their backoff).
     pub fn flush(&mut self, now: Tick) {
         self.shutting_down = true;
+        let collecting: Vec<u64> = self.acts.collecting.values().copied().collect();
+        for id in collecting {
+            self.complete_action(id, Completed::ByTimeout, now);
+        }
         let mut due = Vec::new();
         for (key, state) in self.keys.iter_mut() {
             if let Some(p) = &mut state.pending {
@@ -1522,7 +1614,12 @@ impl Engine {
 
     /// Is there nothing pending and nothing in flight?
     pub fn is_idle(&self) -> bool {
-        self.keys.is_empty() && self.dead_letters.is_empty()
+        self.keys.is_empty() && self.dead_letters.is_empty() && self.acts.is_empty()
+    }
+
+    /// Business actions collecting or being fetched and written.
+    pub fn open_actions(&self) -> usize {
+        self.acts.open.len()
     }
 
     // ----- introspection ---------------------------------------------------------------------
@@ -1607,6 +1704,518 @@ impl Engine {
                 .latency
                 .quantile(0.99)
                 .map(|d| d.as_secs_f64() * 1000.0),
+        }
+    }
+}
+
+// ----- business actions ------------------------------------------------------------------------
+
+impl Engine {
+    /// A notification that belongs to a business action.
+    fn add_action_note(
+        &mut self,
+        tag: &ActionTag,
+        key: EntityKey,
+        version: Option<Version>,
+        fields: Option<Fields>,
+        note: NoteRef,
+        now: Tick,
+    ) {
+        if self.acts.is_closed(&tag.id) {
+            // Its action was already completed: a normal notification.
+            self.counters.action_late_members += 1;
+            crate::metrics::action_late_member();
+            self.add_note(key, version, fields, note, now);
+            return;
+        }
+        let before = self.acts.open.len();
+        let (id, full) = self.acts.add(tag, key, version, fields, note, now);
+        if self.acts.open.len() != before {
+            crate::metrics::actions_open(self.acts.open.len());
+        }
+        if full {
+            self.complete_action(id, Completed::ByCount, now);
+        }
+    }
+
+    /// Complete collection timers, and start member flights that waited for fetch concurrency.
+    fn poll_actions(&mut self, now: Tick) {
+        for id in self.acts.due(now) {
+            self.complete_action(id, Completed::ByTimeout, now);
+        }
+        while self.fetches_in_flight < self.cfg.fetch_concurrency {
+            let Some(key) = self.acts.ready.pop_front() else {
+                break;
+            };
+            if self.keys.get(&key).is_some_and(|s| s.flight.is_some()) {
+                continue;
+            }
+            self.start_flight(key, now);
+        }
+    }
+
+    /// Collection of an action ended: queue its members for their flights, or, when it is short
+    /// of its announced size, let its members fall back to normal writes.
+    fn complete_action(&mut self, id: u64, by: Completed, now: Tick) {
+        let Some(a) = self.acts.open.get_mut(&id) else {
+            return;
+        };
+        if a.running {
+            return;
+        }
+        let corr = a.correlation.clone();
+        let size = a.members.len();
+        let took = now.since(a.first_at);
+        let short = a.expected.is_some_and(|n| size < n as usize);
+        if !short {
+            a.running = true;
+        }
+        let keys: Vec<EntityKey> = a.members.iter().map(|m| m.key.clone()).collect();
+        if self.acts.collecting.get(&corr) == Some(&id) {
+            self.acts.collecting.remove(&corr);
+        }
+        self.acts.remember_closed(corr.clone());
+        match by {
+            Completed::ByCount => self.counters.actions_completed_by_count += 1,
+            Completed::ByTimeout => self.counters.actions_completed_by_timeout += 1,
+        }
+        crate::metrics::action_completed(by.label(), size, took);
+        tracing::debug!(correlation = %corr, size, by = by.label(), "business action complete");
+        if short {
+            tracing::info!(correlation = %corr, size, "business action incomplete: members fall back to normal writes");
+            self.dissolve_action(id, now);
+            return;
+        }
+        for key in keys {
+            let q = self.acts.queues.entry(key.clone()).or_default();
+            q.push_back(id);
+            if q.len() == 1 {
+                self.try_start_member(key, now);
+            }
+        }
+    }
+
+    /// It is `key`'s turn in the action at the head of its queue: start the flight now, or when
+    /// the fetch concurrency allows; a flight already running starts it when it ends.
+    fn try_start_member(&mut self, key: EntityKey, now: Tick) {
+        if self.keys.get(&key).is_some_and(|s| s.flight.is_some()) {
+            return;
+        }
+        if self.fetches_in_flight < self.cfg.fetch_concurrency {
+            self.start_flight(key, now);
+        } else {
+            self.acts.ready.push_back(key);
+        }
+    }
+
+    /// Before a flight of `key` starts: if the key serves a running action, move the member's
+    /// notes into the key's pending entry and return the action.
+    fn claim_member(&mut self, key: &EntityKey, now: Tick) -> Option<u64> {
+        let id = self.acts.head(key)?;
+        let a = self.acts.open.get_mut(&id)?;
+        if !a.running {
+            return None;
+        }
+        let m = a.member_mut(key)?;
+        let (pending, fields) = match m.state {
+            MemberState::Waiting => {
+                m.state = MemberState::Started;
+                (m.pending.take(), m.fields.take())
+            }
+            MemberState::Started => return Some(id),
+            MemberState::Fetched | MemberState::Done => return None,
+        };
+        if let Some(p) = pending {
+            self.pending_normal(key.clone(), p, fields, now, false);
+        }
+        Some(id)
+    }
+
+    /// Put notes into `key`'s ordinary pending entry, due now.
+    fn pending_normal(
+        &mut self,
+        key: EntityKey,
+        mut p: Pending,
+        fields: Option<Fields>,
+        now: Tick,
+        schedule: bool,
+    ) {
+        if p.notes.is_empty() {
+            return;
+        }
+        p.deadline = p.deadline.min(now);
+        match self.keys.get_mut(&key) {
+            Some(state) => {
+                match &mut state.pending {
+                    Some(existing) => {
+                        existing.absorb(p);
+                        existing.deadline = existing.deadline.min(now);
+                    }
+                    None => state.pending = Some(p),
+                }
+                if let Some(f) = fields {
+                    state.set_fields(f);
+                }
+            }
+            None => {
+                self.pending_bytes += key.heap_bytes() + KEY_OVERHEAD;
+                let mut state = KeyState::with_pending(p);
+                if let Some(f) = fields {
+                    state.set_fields(f);
+                }
+                self.keys.insert(key.clone(), state);
+            }
+        }
+        if schedule {
+            if let Some(at) = self.keys.get(&key).and_then(KeyState::due) {
+                self.timers.push(Reverse((at, key)));
+            }
+        }
+    }
+
+    /// An action member fetched (or unchanged): park its flight until the action's write.
+    fn park(
+        &mut self,
+        key: &EntityKey,
+        id: u64,
+        change: Option<Change>,
+        validators: Option<Validators>,
+        now: Tick,
+    ) {
+        let Some(f) = self.keys.get_mut(key).and_then(|s| s.flight.as_mut()) else {
+            return;
+        };
+        f.phase = Phase::Parked;
+        f.change = change;
+        f.validators = validators;
+        if let Some(m) = self.acts.open.get_mut(&id).and_then(|a| a.member_mut(key)) {
+            m.state = MemberState::Fetched;
+        }
+        self.maybe_issue_group(id, now);
+    }
+
+    fn finish_or_park(&mut self, key: &EntityKey, action: Option<u64>, now: Tick) {
+        match action {
+            Some(a) => self.park(key, a, None, None, now),
+            None => self.finish_success(key, now),
+        }
+    }
+
+    /// The flight of `key` serving action `id`, parked.
+    fn parked_flight(&self, key: &EntityKey, id: u64) -> Option<&Flight> {
+        self.keys
+            .get(key)
+            .and_then(|s| s.flight.as_deref())
+            .filter(|f| f.action == Some(id) && f.phase == Phase::Parked)
+    }
+
+    /// Every member is fetched or finished: issue the action's changes as one group of writes.
+    fn maybe_issue_group(&mut self, id: u64, now: Tick) {
+        let Some(a) = self.acts.open.get(&id) else {
+            return;
+        };
+        if !a.running || a.write_issued || a.failed || !a.all_fetched() {
+            return;
+        }
+        let fetched: Vec<EntityKey> = a
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::Fetched)
+            .map(|m| m.key.clone())
+            .collect();
+        let mut writes = Vec::new();
+        for key in &fetched {
+            if let Some(f) = self.parked_flight(key, id) {
+                if let Some(change) = &f.change {
+                    writes.push((key.clone(), f.id, change.clone()));
+                }
+            }
+        }
+        if let Some(a) = self.acts.open.get_mut(&id) {
+            a.write_issued = true;
+            a.writes_outstanding = writes.len();
+            for (key, _, _) in &writes {
+                if let Some(m) = a.member_mut(key) {
+                    m.in_write = true;
+                }
+            }
+        }
+        if writes.is_empty() {
+            self.finish_parked(id, now);
+            self.close_if_done(id);
+            return;
+        }
+        self.counters.actions_written += 1;
+        let size = writes.len();
+        for (key, flight, change) in writes {
+            self.hold_slots_of_flight(&key);
+            if let Some(f) = self.keys.get_mut(&key).and_then(|s| s.flight.as_mut()) {
+                f.phase = Phase::Writing;
+            }
+            self.actions.push(Action::Write(WriteJob {
+                flight,
+                change,
+                group: Some(WriteGroup { action: id, size }),
+            }));
+        }
+    }
+
+    /// Release members that needed no write (unchanged): their offsets go with the action's.
+    fn finish_parked(&mut self, id: u64, now: Tick) {
+        let Some(a) = self.acts.open.get(&id) else {
+            return;
+        };
+        let keys: Vec<EntityKey> = a
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::Fetched && !m.in_write)
+            .map(|m| m.key.clone())
+            .collect();
+        for key in keys {
+            if self.parked_flight(&key, id).is_some() {
+                self.finish_success(&key, now);
+            }
+        }
+    }
+
+    fn close_if_done(&mut self, id: u64) {
+        let done =
+            self.acts.open.get(&id).is_some_and(|a| {
+                a.running && a.members.iter().all(|m| m.state == MemberState::Done)
+            });
+        if done {
+            self.acts.open.remove(&id);
+            crate::metrics::actions_open(self.acts.open.len());
+        }
+    }
+
+    /// `key`'s flight for action `id` ended (written, unchanged, dead-lettered or abandoned).
+    fn action_member_ended(&mut self, key: &EntityKey, id: u64, failed: bool, now: Tick) {
+        let policy = self.acts.cfg.on_failure;
+        let mut fail_all = false;
+        let mut write_done = false;
+        let mut write_pending = false;
+        if let Some(a) = self.acts.open.get_mut(&id) {
+            if let Some(m) = a.member_mut(key) {
+                m.state = MemberState::Done;
+                m.failed |= failed;
+                if m.in_write {
+                    m.in_write = false;
+                    a.writes_outstanding = a.writes_outstanding.saturating_sub(1);
+                    write_done = a.writes_outstanding == 0;
+                }
+            }
+            if failed
+                && !a.failed
+                && !a.write_issued
+                && policy == ActionFailurePolicy::DeadLetterAll
+            {
+                a.failed = true;
+                fail_all = true;
+            }
+            write_pending = !a.write_issued;
+        }
+        let next = self.acts.pop(key, id);
+        if fail_all {
+            self.counters.actions_dead_lettered += 1;
+            self.fail_action(id, now);
+        } else if write_done {
+            self.finish_parked(id, now);
+        } else if write_pending {
+            self.maybe_issue_group(id, now);
+        }
+        self.close_if_done(id);
+        if next.is_some() {
+            self.try_start_member(key.clone(), now);
+        }
+    }
+
+    /// The failure policy dead-letters the whole action: every member not yet finished.
+    fn fail_action(&mut self, id: u64, now: Tick) {
+        let Some(a) = self.acts.open.get_mut(&id) else {
+            return;
+        };
+        let corr = a.correlation.clone();
+        let mut waiting = Vec::new();
+        let mut others = Vec::new();
+        for m in &mut a.members {
+            match m.state {
+                MemberState::Waiting => {
+                    m.state = MemberState::Done;
+                    m.failed = true;
+                    waiting.push((m.key.clone(), m.pending.take()));
+                }
+                MemberState::Started | MemberState::Fetched => others.push(m.key.clone()),
+                MemberState::Done => {}
+            }
+        }
+        let message = format!("another member of business action {corr} failed");
+        for (key, pending) in waiting {
+            let next = self.acts.pop(&key, id);
+            if let Some(p) = pending.filter(|p| !p.notes.is_empty()) {
+                let mut record = self.key_dead_letter(
+                    &key,
+                    p.max_version,
+                    &p.notes,
+                    ACTION_REASON,
+                    &message,
+                    ErrorClass::Permanent,
+                    0,
+                    now.since(p.first_at),
+                );
+                record
+                    .headers
+                    .push((CORRELATION_HEADER.to_owned(), corr.to_string()));
+                self.issue_dead_letter(record, p.notes);
+            }
+            if next.is_some() {
+                self.try_start_member(key, now);
+            }
+        }
+        for key in others {
+            let flight = self
+                .keys
+                .get(&key)
+                .and_then(|s| s.flight.as_deref())
+                .filter(|f| f.action == Some(id))
+                .map(|f| f.phase);
+            match flight {
+                // Its fetch is running: it is dead-lettered when the fetch ends.
+                Some(Phase::Fetching) | Some(Phase::Writing) => {}
+                Some(Phase::Parked) => {
+                    self.dead_letter_flight(
+                        &key,
+                        ACTION_REASON,
+                        &message,
+                        ErrorClass::Permanent,
+                        0,
+                        now,
+                    );
+                }
+                None => {
+                    // Between attempts (backoff): its notes wait in the key's pending entry.
+                    let pending = self.keys.get_mut(&key).and_then(|s| {
+                        s.clear_retry();
+                        s.pending.take()
+                    });
+                    if let Some(p) = pending.filter(|p| !p.notes.is_empty()) {
+                        let mut notes = Notes::new();
+                        for n in p.notes.iter() {
+                            if n.slot == REFRESH_SLOT {
+                                self.refresh_done.push((
+                                    n.offset as u64,
+                                    RefreshOutcome::Failed(message.clone()),
+                                ));
+                            } else {
+                                notes.push(*n);
+                            }
+                        }
+                        if !notes.is_empty() {
+                            let mut record = self.key_dead_letter(
+                                &key,
+                                p.max_version,
+                                &notes,
+                                ACTION_REASON,
+                                &message,
+                                ErrorClass::Permanent,
+                                0,
+                                now.since(p.first_at),
+                            );
+                            record
+                                .headers
+                                .push((CORRELATION_HEADER.to_owned(), corr.to_string()));
+                            self.issue_dead_letter(record, notes);
+                        }
+                    }
+                    self.after_flight(&key, now);
+                    self.action_member_ended(&key, id, true, now);
+                }
+            }
+        }
+        self.close_if_done(id);
+    }
+
+    /// Partitions are going away: actions with notes on them that were not yet written.
+    fn actions_touching(&self, slots: &[u32]) -> Vec<u64> {
+        if self.acts.is_empty() {
+            return Vec::new();
+        }
+        let on = |notes: &Notes| notes.iter().any(|n| slots.contains(&n.slot));
+        self.acts
+            .open
+            .iter()
+            .filter(|(_, a)| !a.write_issued)
+            .filter(|(id, a)| {
+                a.members.iter().any(|m| {
+                    m.pending.as_ref().is_some_and(|p| on(&p.notes))
+                        || self.keys.get(&m.key).is_some_and(|s| {
+                            s.flight
+                                .as_ref()
+                                .is_some_and(|f| f.action == Some(**id) && on(&f.batch.notes))
+                                || (m.state == MemberState::Started
+                                    && s.pending.as_ref().is_some_and(|p| on(&p.notes)))
+                        })
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// An action was split (by a revoke, or it timed out short of its announced size): its
+    /// members fall back to normal writes and it counts as incomplete.
+    fn dissolve_action(&mut self, id: u64, now: Tick) {
+        let Some(a) = self.acts.open.remove(&id) else {
+            return;
+        };
+        if self.acts.collecting.get(&a.correlation) == Some(&id) {
+            self.acts.collecting.remove(&a.correlation);
+        }
+        self.acts.remember_closed(a.correlation.clone());
+        self.counters.actions_incomplete += 1;
+        crate::metrics::action_incomplete();
+        crate::metrics::actions_open(self.acts.open.len());
+        for m in a.members {
+            let next = self.acts.pop(&m.key, id);
+            match m.state {
+                MemberState::Waiting => {
+                    if let Some(p) = m.pending {
+                        self.pending_normal(m.key.clone(), p, m.fields, now, true);
+                    }
+                }
+                MemberState::Started | MemberState::Fetched => {
+                    let parked = match self.keys.get_mut(&m.key).and_then(|s| s.flight.as_mut()) {
+                        Some(f) if f.action == Some(id) => {
+                            f.action = None;
+                            (f.phase == Phase::Parked).then(|| {
+                                (
+                                    f.batch.notes.is_empty(),
+                                    f.change.clone(),
+                                    f.validators.take(),
+                                )
+                            })
+                        }
+                        _ => None,
+                    };
+                    match parked {
+                        Some((true, _, _)) => {
+                            self.counters.abandoned += 1;
+                            if let Some(s) = self.keys.get_mut(&m.key) {
+                                s.flight = None;
+                            }
+                            self.after_flight(&m.key, now);
+                        }
+                        Some((false, Some(change), validators)) => {
+                            self.begin_write(&m.key, change, validators);
+                        }
+                        Some((false, None, _)) => self.finish_success(&m.key, now),
+                        None => {}
+                    }
+                }
+                MemberState::Done => {}
+            }
+            if next.is_some() {
+                self.try_start_member(m.key, now);
+            }
         }
     }
 }

@@ -82,6 +82,7 @@
 //! | [`metrics`] / [`stats`] | metrics through the `metrics` facade; in-process counters |
 //! | [`clock`] | monotonic millisecond ticks (debounce runs on the wall clock, not stream time) |
 
+pub mod action;
 pub mod clock;
 pub(crate) mod coalesce;
 pub mod config;
@@ -101,6 +102,7 @@ pub mod pipeline;
 pub mod sink;
 pub mod stats;
 
+pub use action::{ActionConfig, ActionFailurePolicy, ActionTag};
 pub use async_trait::async_trait;
 pub use config::{Backoff, EngineConfig, GoneGuardConfig, UnknownTypePolicy};
 pub use consumer::{ConsumerChannels, MemoryConsumer};

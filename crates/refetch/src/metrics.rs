@@ -22,6 +22,12 @@
 //! | `refetch_consumed_offset` / `refetch_committed_offset` | gauge | `topic`, `partition` | per partition |
 //! | `refetch_partitions_paused` | gauge | | partitions paused by backpressure |
 //! | `refetch_gone_guard_tripped` | gauge | | 1 while deletes are held back |
+//! | `refetch_actions_open` | gauge | | business actions collecting or being fetched/written |
+//! | `refetch_actions_completed_total` | counter | `by` (`count`, `timeout`) | actions whose collection ended |
+//! | `refetch_actions_incomplete_total` | counter | | actions whose members fell back to normal writes |
+//! | `refetch_action_size` | histogram | | distinct entities per completed action |
+//! | `refetch_action_completion_seconds` | histogram | | first member to completion of collection |
+//! | `refetch_action_late_members_total` | counter | | members that arrived after their action closed |
 
 use std::time::Duration;
 
@@ -106,6 +112,24 @@ pub fn gauges(pending_keys: usize, oldest_pending: Option<Duration>, paused: usi
     metrics::gauge!("refetch_oldest_pending_seconds")
         .set(oldest_pending.map_or(0.0, |d| d.as_secs_f64()));
     metrics::gauge!("refetch_partitions_paused").set(paused as f64);
+}
+
+pub(crate) fn actions_open(n: usize) {
+    metrics::gauge!("refetch_actions_open").set(n as f64);
+}
+
+pub(crate) fn action_completed(by: &'static str, size: usize, took: Duration) {
+    metrics::counter!("refetch_actions_completed_total", "by" => by).increment(1);
+    metrics::histogram!("refetch_action_size").record(size as f64);
+    metrics::histogram!("refetch_action_completion_seconds").record(took.as_secs_f64());
+}
+
+pub(crate) fn action_incomplete() {
+    metrics::counter!("refetch_actions_incomplete_total").increment(1);
+}
+
+pub(crate) fn action_late_member() {
+    metrics::counter!("refetch_action_late_members_total").increment(1);
 }
 
 /// A batch of records was consumed.

@@ -60,6 +60,19 @@ pub struct Counters {
     pub commits: u64,
     /// Commit attempts that failed (retried later).
     pub commit_failures: u64,
+    /// Business actions that completed because all announced members arrived.
+    pub actions_completed_by_count: u64,
+    /// Business actions that completed because their quiet window (or max-wait) passed.
+    pub actions_completed_by_timeout: u64,
+    /// Business actions whose members fell back to normal writes (split across instances, short
+    /// of their announced size, or split by a revoke).
+    pub actions_incomplete: u64,
+    /// Business actions written in one sink batch.
+    pub actions_written: u64,
+    /// Business actions whose members were dead-lettered because one of them failed.
+    pub actions_dead_lettered: u64,
+    /// Members that arrived after their action closed (handled as normal notifications).
+    pub action_late_members: u64,
 }
 
 /// A log-bucketed latency histogram (about 4% resolution from 1 ms to about 20 minutes).

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use refetch::{Backoff, EngineConfig, GoneGuardConfig, UnknownTypePolicy};
+use refetch::{
+    ActionConfig, ActionFailurePolicy, Backoff, EngineConfig, GoneGuardConfig, UnknownTypePolicy,
+};
 use serde::{Deserialize, Serialize};
 
 /// `[engine]`: coalescing, concurrency, retries, memory caps and deadlines.
@@ -73,6 +75,56 @@ pub struct EngineSection {
     /// finished by then is simply not committed and is redone by the next owner).
     #[serde(with = "humantime_serde")]
     pub shutdown_deadline: Duration,
+    /// Business-action grouping of notifications that carry a correlation id (see
+    /// `docs/actions.md`).
+    pub actions: ActionsSection,
+}
+
+/// `[engine.actions]`: how notifications of one business action (same correlation id) are
+/// collected and written together.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActionsSection {
+    /// An action completes once no new member arrived for this long (unless all its announced
+    /// members arrived earlier).
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// An action completes at the latest this long after its first member.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// A member that cannot be fetched: `dead_letter_all` (the whole action) or
+    /// `write_succeeded` (write the others, dead-letter the failed ones).
+    pub on_failure: ActionFailurePolicy,
+    /// Closed correlation ids remembered, so a late member is handled as a normal notification.
+    pub remember_closed: usize,
+}
+
+impl Default for ActionsSection {
+    fn default() -> Self {
+        ActionConfig::default().into()
+    }
+}
+
+impl From<ActionConfig> for ActionsSection {
+    fn from(a: ActionConfig) -> Self {
+        ActionsSection {
+            window: a.window,
+            max_wait: a.max_wait,
+            on_failure: a.on_failure,
+            remember_closed: a.remember_closed,
+        }
+    }
+}
+
+impl From<ActionsSection> for ActionConfig {
+    fn from(a: ActionsSection) -> Self {
+        ActionConfig {
+            window: a.window,
+            max_wait: a.max_wait,
+            on_failure: a.on_failure,
+            remember_closed: a.remember_closed,
+        }
+    }
 }
 
 /// Exponential backoff with full jitter.
@@ -174,6 +226,7 @@ impl From<&EngineConfig> for EngineSection {
             },
             rebalance_drain: e.rebalance_drain,
             shutdown_deadline: e.shutdown_deadline,
+            actions: e.actions.into(),
         }
     }
 }
@@ -209,6 +262,7 @@ impl EngineSection {
             },
             rebalance_drain: self.rebalance_drain,
             shutdown_deadline: self.shutdown_deadline,
+            actions: self.actions.into(),
         }
     }
 }

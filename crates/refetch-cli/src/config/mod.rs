@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use refetch::decode::{JsonDecoder, RecordKeyDecoder, Route};
+use refetch::decode::{Correlation, CorrelationSource, JsonDecoder, RecordKeyDecoder, Route};
 use refetch::{GroupProtocol, KafkaConfig, NotificationDecoder, VersionKind};
 use refetch_http::HttpFetcherConfig;
 use refetch_sinks::SinkConfig;
@@ -166,6 +166,16 @@ fn default_id_pointer() -> String {
 
 fn default_version_kind() -> VersionKind {
     VersionKind::Integer
+    /// JSON pointer to the business action's correlation id: notifications with the same id
+    /// are written together (see `docs/actions.md`). Set this or `correlation_header`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation: Option<String>,
+    /// Record header holding the correlation id. Set this or `correlation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_header: Option<String>,
+    /// JSON pointer to the action's announced size (distinct entities), if the source gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_size: Option<String>,
 }
 
 impl Default for JsonDecoderSection {
@@ -186,6 +196,9 @@ impl Default for JsonDecoderSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSection {
+            correlation: None,
+            correlation_header: None,
+            action_size: None,
     /// The child's entity type as decoded (for example `address`).
     pub from_type: String,
     /// The root's entity type (for example `customer`).
@@ -340,6 +353,17 @@ impl DecoderSection {
 }
 
 /// A problem found by [`Config::check`]: the key path (`engine.max_wait`) and what is expected.
+                let source = match (&j.correlation, &j.correlation_header) {
+                    (Some(p), _) => Some(CorrelationSource::Pointer(p.clone())),
+                    (None, Some(h)) => Some(CorrelationSource::Header(h.clone())),
+                    (None, None) => None,
+                };
+                if let Some(id) = source {
+                    d = d.with_correlation(Correlation {
+                        id,
+                        size_pointer: j.action_size.clone(),
+                    });
+                }
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalid {
     /// Dotted key path, arrays as `topics[0]`.
@@ -486,6 +510,19 @@ impl Config {
                         return Err(Invalid::new(
                             format!("topics[{i}].decoder.entity_type"),
                             "expected an entity type name",
+                    if j.correlation.is_some() && j.correlation_header.is_some() {
+                        return Err(Invalid::new(
+                            format!("{p}.correlation_header"),
+                            "set either `correlation` (a JSON pointer) or `correlation_header`, \
+                             not both",
+                        ));
+                    }
+                    if let Some(c) = &j.correlation {
+                        pointers.push((format!("{p}.correlation"), c));
+                    }
+                    if let Some(c) = &j.action_size {
+                        pointers.push((format!("{p}.action_size"), c));
+                    }
                         ));
                     }
                 }
