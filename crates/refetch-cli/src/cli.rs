@@ -17,6 +17,8 @@ Examples:
   refetch offsets --config refetch.toml --reset-to 2026-01-01T00:00:00Z --dry-run
   refetch dlq list --config refetch.toml
   refetch dlq redrive --config refetch.toml --all
+  refetch backfill --config refetch.toml         # load every listed entity (resumable)
+  refetch reconcile --config refetch.toml        # find and repair drift between source and sink
 
 Exit codes: 0 success, 1 failure, 2 invalid command line or configuration, 130 second signal.
 Configuration reference: docs/configuration.md. Operations guide: docs/operations.md.";
@@ -84,6 +86,57 @@ Examples:
   refetch offsets --config crm.toml
   refetch offsets --config crm.toml --reset-to 2h --dry-run")]
     Offsets(OffsetsArgs),
+    /// Load every entity a source lists into the sink; resumable after a crash.
+    #[command(after_help = "\
+Pages through each entity type's listing ([fetcher.sources.T.listing]). Complete listing items
+that carry a version are written directly (the sink's version guard keeps anything newer);
+other ids are refreshed through the engine's single flight. After the sink acknowledged a page
+its checkpoint is written to [backfill] state_file (default: next to the config file), so a
+crashed backfill resumes where it stopped. Safe to run while `refetch run` consumes.
+
+Examples:
+  refetch backfill --config crm.toml
+  refetch backfill --config crm.toml --type customer --restart")]
+    Backfill(BackfillArgs),
+    /// Compare the source's listing with the sink and repair what drifted.
+    #[command(after_help = "\
+Lists every entity of each type with a listing, reads the versions the sink holds (PostgreSQL
+and SQLite sinks), and refreshes through the engine every key that is missing, stale, or held
+but not listed (deleted only when a fetch of that id says gone, under the gone guard). Prints
+the drift by kind with sample keys; drift means notifications were lost upstream.
+
+Examples:
+  refetch reconcile --config crm.toml
+  refetch reconcile --config crm.toml --type customer --dry-run")]
+    Reconcile(ReconcileArgs),
+}
+
+/// `refetch backfill`.
+#[derive(Debug, Clone, Args)]
+pub struct BackfillArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Only this entity type (default: every type with a listing).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub entity_type: Option<String>,
+    /// Ignore the checkpoint and start from the first page.
+    #[arg(long)]
+    pub restart: bool,
+}
+
+/// `refetch reconcile`.
+#[derive(Debug, Clone, Args)]
+pub struct ReconcileArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Only this entity type (default: every type with a listing).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub entity_type: Option<String>,
+    /// Report the drift without repairing it.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `--config FILE`.

@@ -2,17 +2,19 @@
 //!
 //! Reads one TOML file (see `docs/configuration.md` and `examples/refetch.example.toml`) and wires
 //! the engine (`refetch`) to the HTTP fetcher (`refetch-http`) and a sink (`refetch-sinks`).
-//! Subcommands: `run`, `validate`, `demo`, `dlq list|redrive`, `fetch`, `offsets`; `refetch
+//! Subcommands: `run`, `validate`, `demo`, `dlq list|redrive`, `fetch`, `offsets`, `backfill`,
+//! `reconcile` (see `docs/backfill.md`); `refetch
 //! --help` lists them with examples. Operating it (scaling out, rebalances, dead letters,
 //! metrics, readiness, signals) is described in `docs/operations.md`.
 //!
 //! Modules: [`cli`] (flags), [`config`] (the file), [`wiring`] (configuration to parts),
-//! [`run`], [`validate`], [`dlq`], [`offsets`] (subcommands), [`ops`] (the operations endpoint),
+//! [`run`], [`validate`], [`dlq`], [`offsets`], [`backfill`], [`reconcile`] (subcommands), [`ops`] (the operations endpoint),
 //! [`observe`] (fetch latency and breakers), [`logging`], [`signals`], [`demo`] and
 //! [`demo_source`] (the embedded demo).
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -22,6 +24,7 @@ pub mod logging;
 pub mod observe;
 pub mod offsets;
 pub mod ops;
+pub mod reconcile;
 pub mod run;
 pub mod signals;
 pub mod validate;
@@ -54,6 +57,8 @@ fn main() -> ExitCode {
             Command::Dlq(c) => dlq::command(c).await,
             Command::Fetch(a) => run::fetch(a).await,
             Command::Offsets(a) => offsets::command(a).await,
+            Command::Backfill(a) => backfill::backfill(a).await,
+            Command::Reconcile(a) => reconcile::command(a).await,
         }
     });
     // Background tasks (the ops server, librdkafka callbacks) must not hold the exit up.

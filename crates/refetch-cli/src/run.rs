@@ -66,10 +66,18 @@ pub async fn run(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
         sink = cfg.sink.kind(),
         "refetch running"
     );
+    // Off unless `[reconcile] interval` is set; stops with the pipeline.
+    let reconcile = cfg
+        .reconcile
+        .interval
+        .map(|_| tokio::spawn(crate::reconcile::schedule(cfg.clone(), handle.clone())));
     let report = pipeline
         .run(signals::shutdown_signal())
         .await
         .context("the pipeline failed")?;
+    if let Some(r) = reconcile {
+        r.abort();
+    }
     let c = &report.status.counters;
     tracing::info!(
         drained = report.drained,

@@ -27,6 +27,7 @@ use std::time::Duration;
 use refetch::VersionKind;
 use serde::{Deserialize, Serialize};
 
+pub use crate::listing::{ListingConfig, Paging};
 use crate::secret::SecretString;
 
 /// The HTTP fetcher's configuration: one source per entity type.
@@ -102,6 +103,9 @@ pub struct SourceConfig {
     pub max_redirects: usize,
     /// A multi-id endpoint for batched fetches.
     pub batch: Option<BatchConfig>,
+    /// A listing endpoint that names every entity of the type, page by page, for `refetch
+    /// backfill` and `refetch reconcile` (see [`ListingConfig`]).
+    pub listing: Option<ListingConfig>,
 }
 
 impl Default for SourceConfig {
@@ -125,6 +129,7 @@ impl Default for SourceConfig {
             follow_redirects_to_other_hosts: false,
             max_redirects: 3,
             batch: None,
+            listing: None,
         }
     }
 }

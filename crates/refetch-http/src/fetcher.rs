@@ -29,6 +29,7 @@ use url::Url;
 
 use crate::breaker::Breaker;
 use crate::config::{AuthConfig, HttpFetcherConfig, MissingKey, SourceConfig};
+use crate::listing::{Listing, read_listing};
 use crate::response::{self, BodyRules, VersionAt};
 use crate::secret::{MissingVar, Secret};
 use crate::telemetry;
@@ -94,6 +95,7 @@ struct Source {
     breaker: Arc<Breaker>,
     rules: BodyRules,
     fields: Vec<String>,
+    listing: Option<Listing>,
 }
 
 /// The built-in HTTP fetcher. Build it with [`HttpFetcher::from_config`] or
@@ -208,6 +210,40 @@ impl HttpFetcher {
         self.sources
             .get(entity_type)
             .is_some_and(|s| s.breaker.is_open())
+    }
+
+    pub(crate) fn listing_of(&self, entity_type: &str) -> Option<&Listing> {
+        self.sources
+            .get(entity_type)
+            .and_then(|s| s.listing.as_ref())
+    }
+
+    /// One listing request to `entity_type`'s source, under its concurrency limit, breaker and
+    /// rate limit; `parse` gets the `Link` header and the body.
+    pub(crate) async fn list_request<T>(
+        &self,
+        entity_type: &str,
+        url: Url,
+        parse: impl FnOnce(Option<&str>, &bytes::Bytes) -> Result<T, FetchError>,
+    ) -> Result<T, FetchError> {
+        let source = self.source(entity_type)?;
+        let (link, body) = source
+            .guarded(
+                |r| match r {
+                    Ok(_) => "listing",
+                    Err(e) => e.class().label(),
+                },
+                async {
+                    let resp = source
+                        .request(url)
+                        .send()
+                        .await
+                        .map_err(|e| response::transport_error(&e, "sending the listing request"))?;
+                    read_listing(resp, source.rules.body_limit).await
+                },
+            )
+            .await?;
+        parse(link.as_deref(), &body)
     }
 
     fn source(&self, entity_type: &str) -> Result<&Arc<Source>, FetchError> {
@@ -408,6 +444,18 @@ fn compile(
         }
     }
 
+    let listing = cfg
+        .listing
+        .as_ref()
+        .map(|l| {
+            Listing::compile(
+                entity_type,
+                l,
+                cfg.version.as_ref().map(|v| (v.pointer.as_deref(), v.kind)),
+            )
+        })
+        .transpose()?;
+
     let max_redirects = cfg.max_redirects;
     let other_hosts = cfg.follow_redirects_to_other_hosts;
     let policy = reqwest::redirect::Policy::custom(move |attempt| {
@@ -467,6 +515,7 @@ fn compile(
             body_limit: cfg.body_limit,
         },
         fields: cfg.fields.clone(),
+        listing,
     })
 }
 

@@ -72,6 +72,12 @@
 //! (`missing = "retry"`, the default) or taken as gone (`missing = "gone"`); an id containing the
 //! separator is always fetched alone.
 //!
+//! ## Listings (backfill and reconcile)
+//!
+//! A source may also declare a `listing` endpoint that pages through every entity (offset/limit,
+//! page number, cursor or `Link` header); [`HttpFetcher::list_page`] loads one page under the
+//! same concurrency limit, rate limit and breaker as fetches. See [`listing`].
+//!
 //! ## Secrets
 //!
 //! Header values and auth fields may use `${VAR}`. Their values never appear in logs, `Debug`
@@ -88,6 +94,7 @@
 pub mod breaker;
 pub mod config;
 pub mod fetcher;
+pub mod listing;
 pub mod response;
 pub mod secret;
 pub mod telemetry;
@@ -98,5 +105,6 @@ pub use config::{
     SourceConfig, VersionConfig,
 };
 pub use fetcher::{ConfigError, HttpFetcher, HttpFetcherBuilder};
+pub use listing::{ListPage, ListedItem, ListingConfig, ListingInfo, PageToken, Paging};
 pub use secret::{Secret, SecretString};
 pub use template::{RenderError, TemplateError, UrlTemplate, encode_component};

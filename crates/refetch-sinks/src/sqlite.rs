@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use crate::body::{json_text, version_from_parts, version_parts};
 use crate::config::{DeleteMode, SqliteConfig};
 use crate::factory::SinkBuildError;
-use crate::stored::{StoredEntity, stored_body};
+use crate::stored::{HeldVersion, StoredEntity, stored_body};
 
 const SINK: &str = "sqlite";
 
@@ -49,6 +49,7 @@ enum Command {
     HeldVersion(EntityKey, Reply<Option<Version>>),
     Get(EntityKey, Reply<Option<StoredEntity>>),
     Snapshot(Reply<BTreeMap<EntityKey, StoredEntity>>),
+    ListVersions(Option<EntityKey>, usize, Reply<Vec<HeldVersion>>),
 }
 
 /// The statements, with the table name quoted in.
@@ -58,6 +59,8 @@ struct Statements {
     held_version: String,
     get: String,
     all: String,
+    list_first: String,
+    list_after: String,
 }
 
 fn quote_ident(name: &str) -> String {
@@ -103,6 +106,15 @@ impl Statements {
             all: format!(
                 "SELECT entity_type, entity_id, version, version_kind, content_type, body, body_raw, deleted \
                  FROM {t} ORDER BY entity_type, entity_id"
+            ),
+            list_first: format!(
+                "SELECT entity_type, entity_id, version, version_kind, deleted FROM {t} \
+                 ORDER BY entity_type, entity_id LIMIT ?1"
+            ),
+            list_after: format!(
+                "SELECT entity_type, entity_id, version, version_kind, deleted FROM {t} \
+                 WHERE (entity_type, entity_id) > (?2, ?3) \
+                 ORDER BY entity_type, entity_id LIMIT ?1"
             ),
         }
     }
@@ -177,6 +189,18 @@ impl SqliteSink {
     /// The stored row of `key`, tombstones included.
     pub async fn get(&self, key: &EntityKey) -> Result<Option<StoredEntity>, SinkError> {
         self.ask(|r| Command::Get(key.clone(), r)).await
+    }
+
+    /// Held keys and versions in key order (byte order of type, then id), `limit` at a time,
+    /// starting after `after`. Tombstones are included (flagged). For reconciliation, like
+    /// [`PostgresSink::list_versions`](crate::postgres::PostgresSink::list_versions).
+    pub async fn list_versions(
+        &self,
+        after: Option<&EntityKey>,
+        limit: usize,
+    ) -> Result<Vec<HeldVersion>, SinkError> {
+        self.ask(|r| Command::ListVersions(after.cloned(), limit, r))
+            .await
     }
 
     /// Every stored row by key, tombstones included (for convergence checks and the demo).
@@ -358,11 +382,42 @@ fn serve(mut conn: Connection, sql: Statements, rx: mpsc::Receiver<Command>) {
                     .map_err(|e| SinkError::transient(e.to_string()));
                 let _ = reply.send(r);
             }
+            Command::ListVersions(after, limit, reply) => {
+                let r = list_versions(&conn, &sql, after.as_ref(), limit)
+                    .map_err(|e| SinkError::transient(e.to_string()));
+                let _ = reply.send(r);
+            }
             Command::Snapshot(reply) => {
                 let r = snapshot(&conn, &sql).map_err(|e| SinkError::transient(e.to_string()));
                 let _ = reply.send(r);
             }
         }
+    }
+}
+
+fn list_versions(
+    conn: &Connection,
+    sql: &Statements,
+    after: Option<&EntityKey>,
+    limit: usize,
+) -> rusqlite::Result<Vec<HeldVersion>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let row = |r: &rusqlite::Row<'_>| {
+        Ok(HeldVersion {
+            key: EntityKey::new(r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+            version: version_from_parts(r.get(2)?, r.get::<_, Option<String>>(3)?.as_deref()),
+            deleted: r.get::<_, i64>(4)? != 0,
+        })
+    };
+    match after {
+        None => conn
+            .prepare_cached(&sql.list_first)?
+            .query_map(params![limit], row)?
+            .collect(),
+        Some(k) => conn
+            .prepare_cached(&sql.list_after)?
+            .query_map(params![limit, k.entity_type(), k.id()], row)?
+            .collect(),
     }
 }
 

@@ -14,6 +14,7 @@
 //! |---|---|
 //! | `GET /{type}/{id}` | `200` with the entity body, `ETag: "v{version}"`, `X-Version`, `Last-Modified`; `304` when `If-None-Match` matches (or, without it, when `If-Modified-Since` is not older than the change); `404 {"error":"not_found"}` when missing or deleted |
 //! | `GET /{type}?ids=a,b,c` | `200 {"items":[...]}` with the bodies of the ids that exist (missing ids are absent) |
+//! | `GET /{type}?offset=&limit=`, `?page=&per_page=` (pages from 1), `?cursor=&limit=` (ids after the cursor), `?limit=` (the first page) | a listing page in id (byte) order of the entities that exist: `200 {"items":[...],"total":N,"next_cursor":"id"\|null}` and, when more follow, `Link: <.../{type}?cursor=..&limit=..>; rel="next"` |
 //! | anything else | `404` with a plain-text body (`no route`), which is *not* the source's own not-found answer |
 //!
 //! Path segments and batch ids are percent-decoded by the source itself (one segment is one id; the
@@ -630,7 +631,52 @@ enum Route {
         entity_type: String,
         ids: Vec<String>,
     },
+    List {
+        entity_type: String,
+        /// Where the page starts.
+        start: ListStart,
+        limit: usize,
+    },
     Unknown,
+}
+
+/// Where a listing page starts.
+enum ListStart {
+    Offset(usize),
+    After(String),
+}
+
+fn list_route(entity_type: String, q: &str) -> Route {
+    let mut offset = None;
+    let mut limit = None;
+    let mut page = None;
+    let mut cursor = None;
+    for pair in q.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(v) = decode(v) else {
+            return Route::Unknown;
+        };
+        match k {
+            "offset" => offset = v.parse::<usize>().ok(),
+            "limit" | "per_page" => limit = v.parse::<usize>().ok(),
+            "page" => page = v.parse::<usize>().ok(),
+            "cursor" => cursor = Some(v),
+            _ => {}
+        }
+    }
+    let limit = limit.unwrap_or(100).clamp(1, 10_000);
+    let start = match (offset, page, cursor) {
+        (Some(o), None, None) => ListStart::Offset(o),
+        (None, Some(p), None) if p >= 1 => ListStart::Offset((p - 1) * limit),
+        (None, None, Some(c)) if !c.is_empty() => ListStart::After(c),
+        (None, None, _) => ListStart::Offset(0),
+        _ => return Route::Unknown,
+    };
+    Route::List {
+        entity_type,
+        start,
+        limit,
+    }
 }
 
 fn route(target: &str, separator: char) -> Route {
@@ -652,7 +698,7 @@ fn route(target: &str, separator: char) -> Route {
                 return Route::Unknown;
             };
             let Some(raw) = q.split('&').find_map(|pair| pair.strip_prefix("ids=")) else {
-                return Route::Unknown;
+                return list_route(entity_type, q);
             };
             let mut ids = Vec::new();
             for part in raw.split(separator) {
@@ -732,7 +778,7 @@ async fn handle(State(shared): State<std::sync::Weak<Shared>>, req: Request) -> 
                         .or_default() += 1;
                 }
             }
-            Route::Unknown => {}
+            Route::List { .. } | Route::Unknown => {}
         }
         if stats.log.len() >= RECORD_LIMIT {
             stats.log.pop_front();
@@ -772,7 +818,7 @@ async fn handle(State(shared): State<std::sync::Weak<Shared>>, req: Request) -> 
                 Route::Batch { entity_type, ids } => ids
                     .iter()
                     .find_map(|id| f.poisoned.get(&(entity_type.clone(), id.clone())).cloned()),
-                Route::Unknown => None,
+                Route::List { .. } | Route::Unknown => None,
             };
         }
         (f.latency, fault.or_else(|| f.standing.clone()))
@@ -940,6 +986,11 @@ fn normal_answer(
             let body = body_of(entity_type, id, record).to_string();
             (StatusCode::OK, headers, Bytes::from(body))
         }
+        Route::List {
+            entity_type,
+            start,
+            limit,
+        } => list_answer(shared, entity_type, start, *limit),
         Route::Batch { entity_type, ids } => {
             let store = lock(&shared.store);
             let items: Vec<Value> = ids
@@ -958,6 +1009,52 @@ fn normal_answer(
             )
         }
     }
+}
+
+fn list_answer(
+    shared: &Shared,
+    entity_type: &str,
+    start: &ListStart,
+    limit: usize,
+) -> (StatusCode, Vec<(HeaderName, HeaderValue)>, Bytes) {
+    let store = lock(&shared.store);
+    let existing = store
+        .range((entity_type.to_owned(), String::new())..)
+        .take_while(|((t, _), _)| t == entity_type)
+        .filter(|(_, r)| !r.deleted);
+    let total = existing.clone().count();
+    let rest: Vec<_> = match start {
+        ListStart::Offset(o) => existing.skip(*o).collect(),
+        ListStart::After(c) => existing.filter(|((_, id), _)| id > c).collect(),
+    };
+    let more = rest.len() > limit;
+    let page: Vec<_> = rest.into_iter().take(limit).collect();
+    let items: Vec<Value> = page
+        .iter()
+        .map(|((_, id), r)| body_of(entity_type, id, r))
+        .collect();
+    let next = if more {
+        page.last().map(|((_, id), _)| id.clone())
+    } else {
+        None
+    };
+    let mut headers = Vec::new();
+    if let Some(c) = &next {
+        let encode = |s: &str| {
+            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+        };
+        let link = format!(
+            "<http://{}/{}?cursor={}&limit={limit}>; rel=\"next\"",
+            shared.addr,
+            encode(entity_type),
+            encode(c)
+        );
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            headers.push((header::LINK, v));
+        }
+    }
+    let body = json!({"items": items, "total": total, "next_cursor": next});
+    (StatusCode::OK, headers, Bytes::from(body.to_string()))
 }
 
 #[cfg(test)]

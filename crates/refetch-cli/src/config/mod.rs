@@ -12,6 +12,7 @@
 //! with the same messages. `docs/configuration.md` is the reference of every key; a test keeps it
 //! complete.
 
+mod backfill;
 mod engine;
 mod load;
 
@@ -25,6 +26,7 @@ use refetch_http::HttpFetcherConfig;
 use refetch_sinks::SinkConfig;
 use serde::{Deserialize, Serialize};
 
+pub use backfill::{BackfillSection, ReconcileSection};
 pub use engine::{BackoffSection, EngineSection, GoneGuardSection};
 pub use load::{ConfigError, Loaded, load, load_str, resolve_env};
 
@@ -52,6 +54,12 @@ pub struct Config {
     /// What `refetch validate --connect` checks beyond the defaults.
     #[serde(default)]
     pub validate: ValidateSection,
+    /// `refetch backfill`: its checkpoint and retries.
+    #[serde(default)]
+    pub backfill: BackfillSection,
+    /// `refetch reconcile`, and the scheduled reconcile inside `refetch run`.
+    #[serde(default)]
+    pub reconcile: ReconcileSection,
 }
 
 /// `[kafka]`: connection, consumer group and the topics refetch owns.
@@ -158,14 +166,6 @@ pub struct JsonDecoderSection {
     /// customer).
     #[serde(default)]
     pub routes: Vec<RouteSection>,
-}
-
-fn default_id_pointer() -> String {
-    "/id".to_owned()
-}
-
-fn default_version_kind() -> VersionKind {
-    VersionKind::Integer
     /// JSON pointer to the business action's correlation id: notifications with the same id
     /// are written together (see `docs/actions.md`). Set this or `correlation_header`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,6 +178,14 @@ fn default_version_kind() -> VersionKind {
     pub action_size: Option<String>,
 }
 
+fn default_id_pointer() -> String {
+    "/id".to_owned()
+}
+
+fn default_version_kind() -> VersionKind {
+    VersionKind::Integer
+}
+
 impl Default for JsonDecoderSection {
     fn default() -> Self {
         JsonDecoderSection {
@@ -188,6 +196,9 @@ impl Default for JsonDecoderSection {
             version_kind: VersionKind::Integer,
             fields: BTreeMap::new(),
             routes: Vec::new(),
+            correlation: None,
+            correlation_header: None,
+            action_size: None,
         }
     }
 }
@@ -196,9 +207,6 @@ impl Default for JsonDecoderSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSection {
-            correlation: None,
-            correlation_header: None,
-            action_size: None,
     /// The child's entity type as decoded (for example `address`).
     pub from_type: String,
     /// The root's entity type (for example `customer`).
@@ -345,14 +353,6 @@ impl DecoderSection {
                         version_pointer: r.version.clone(),
                     });
                 }
-                Arc::new(d)
-            }
-            DecoderSection::RecordKey(r) => Arc::new(RecordKeyDecoder::new(r.entity_type.as_str())),
-        }
-    }
-}
-
-/// A problem found by [`Config::check`]: the key path (`engine.max_wait`) and what is expected.
                 let source = match (&j.correlation, &j.correlation_header) {
                     (Some(p), _) => Some(CorrelationSource::Pointer(p.clone())),
                     (None, Some(h)) => Some(CorrelationSource::Header(h.clone())),
@@ -364,6 +364,14 @@ impl DecoderSection {
                         size_pointer: j.action_size.clone(),
                     });
                 }
+                Arc::new(d)
+            }
+            DecoderSection::RecordKey(r) => Arc::new(RecordKeyDecoder::new(r.entity_type.as_str())),
+        }
+    }
+}
+
+/// A problem found by [`Config::check`]: the key path (`engine.max_wait`) and what is expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalid {
     /// Dotted key path, arrays as `topics[0]`.
@@ -432,6 +440,27 @@ impl Config {
                 "expected at least one [[topics]] table with a name and a decoder",
             ));
         }
+        let r = &self.reconcile;
+        if r.page_size == 0 || r.repair_batch == 0 {
+            return Err(Invalid::new(
+                "reconcile.page_size",
+                "page_size and repair_batch must be at least 1",
+            ));
+        }
+        if r.interval.is_some_and(|i| i.is_zero()) {
+            return Err(Invalid::new(
+                "reconcile.interval",
+                "expected a positive duration (leave it unset to turn the schedule off)",
+            ));
+        }
+        if let Some(t) = &r.topic
+            && !self.topics.iter().any(|x| &x.name == t)
+        {
+            return Err(Invalid::new(
+                "reconcile.topic",
+                format!("`{t}` is not one of the [[topics]]"),
+            ));
+        }
         let mut seen = std::collections::BTreeSet::new();
         for (i, t) in self.topics.iter().enumerate() {
             if t.name.trim().is_empty() {
@@ -481,6 +510,19 @@ impl Config {
                     for (name, ptr) in &j.fields {
                         pointers.push((format!("{p}.fields.{name}"), ptr));
                     }
+                    if j.correlation.is_some() && j.correlation_header.is_some() {
+                        return Err(Invalid::new(
+                            format!("{p}.correlation_header"),
+                            "set either `correlation` (a JSON pointer) or `correlation_header`, \
+                             not both",
+                        ));
+                    }
+                    if let Some(c) = &j.correlation {
+                        pointers.push((format!("{p}.correlation"), c));
+                    }
+                    if let Some(c) = &j.action_size {
+                        pointers.push((format!("{p}.action_size"), c));
+                    }
                     for (ri, r) in j.routes.iter().enumerate() {
                         pointers.push((format!("{p}.routes[{ri}].id"), r.id.as_str()));
                         if let Some(v) = &r.version {
@@ -510,19 +552,6 @@ impl Config {
                         return Err(Invalid::new(
                             format!("topics[{i}].decoder.entity_type"),
                             "expected an entity type name",
-                    if j.correlation.is_some() && j.correlation_header.is_some() {
-                        return Err(Invalid::new(
-                            format!("{p}.correlation_header"),
-                            "set either `correlation` (a JSON pointer) or `correlation_header`, \
-                             not both",
-                        ));
-                    }
-                    if let Some(c) = &j.correlation {
-                        pointers.push((format!("{p}.correlation"), c));
-                    }
-                    if let Some(c) = &j.action_size {
-                        pointers.push((format!("{p}.action_size"), c));
-                    }
                         ));
                     }
                 }

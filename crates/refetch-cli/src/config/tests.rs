@@ -349,6 +349,9 @@ fn full_configs() -> Vec<Config> {
     full.kafka
         .producer_properties
         .insert("linger.ms".into(), "5".into());
+    full.backfill.state_file = Some("state.json".into());
+    full.reconcile.interval = Some(Duration::from_secs(3600));
+    full.reconcile.topic = Some("a".into());
     let mut json = JsonDecoderSection {
         type_pointer: Some("/type".into()),
         version: Some("/v".into()),
@@ -395,6 +398,15 @@ fn full_configs() -> Vec<Config> {
             contains: Some("not found".into()),
         }),
         batch: Some(BatchConfig::default()),
+        listing: Some(refetch_http::ListingConfig {
+            url: "http://h/c?cursor={cursor}".into(),
+            paging: refetch_http::Paging::Cursor,
+            cursor_url: Some("http://h/c?cursor={cursor}".into()),
+            version: Some("/v".into()),
+            version_kind: Some(refetch::VersionKind::Integer),
+            total: Some("/total".into()),
+            ..refetch_http::ListingConfig::default()
+        }),
         auth: Some(AuthConfig::Basic {
             username: "u".into(),
             password: "p".into(),

@@ -1,0 +1,445 @@
+//! `refetch backfill`: load every listed entity into the sink, resumably.
+//!
+//! Notifications only carry changes; a new target first needs every entity that already exists.
+//! A backfill pages through each entity type's listing (`[fetcher.sources.T.listing]`) and, per
+//! page:
+//! - writes the items directly when the listing's items are complete states *with a version*
+//!   (the sink's version guard keeps a newer state that `refetch run` may have written
+//!   meanwhile);
+//! - hands every other id to a refresh pipeline ([`Refresher`]): the engine's single flight,
+//!   versions, validators, gone guard and dead letters, exactly like a notification;
+//! - then, once the sink acknowledged the page, writes a checkpoint (the next page to load) to a
+//!   small state file, atomically (write, `fsync`, rename).
+//!
+//! After a crash the next run resumes at the checkpoint: only the page that was in flight is
+//! loaded again. A finished type starts over on the next run. Progress (with an ETA when the
+//! listing reports a total) is drawn on standard error when it is a terminal; a summary is
+//! printed at the end.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use refetch::kafka::DeadLetterProducer;
+use refetch::{
+    Change, EntityKey, FetchError, MemoryConsumer, Pipeline, PipelineHandle, RefreshOutcome, Sink,
+};
+use refetch_http::{HttpFetcher, ListPage, PageToken};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::BackfillArgs;
+use crate::config::Config;
+use crate::observe::{FetchStats, ObservedFetcher};
+use crate::run::load_config;
+use crate::wiring::{AppFetcher, AppPipeline};
+use crate::{logging, wiring};
+
+/// The HTTP fetcher, shared by listings and pipelines so both draw on one set of per-source
+/// limits (rate, concurrency, breaker).
+pub fn http_fetcher(cfg: &Config) -> anyhow::Result<Arc<HttpFetcher>> {
+    Ok(Arc::new(
+        HttpFetcher::from_config(cfg.fetcher.clone())
+            .context("the [fetcher] configuration is invalid")?,
+    ))
+}
+
+/// The pipelines' fetcher wrapping the shared `http` (same limits as listings).
+pub fn observed(http: &Arc<HttpFetcher>) -> AppFetcher {
+    ObservedFetcher::new(http.clone(), Arc::new(FetchStats::new(Vec::new)))
+}
+
+/// A pipeline without a consumer group, fed only through [`PipelineHandle::refresh`] (like
+/// `refetch fetch`): keys go through the engine's single flight, versions, gone guard and dead
+/// letters without joining the group.
+pub struct Refresher {
+    handle: PipelineHandle,
+    run: tokio::task::JoinHandle<Result<refetch::RunReport, refetch::PipelineError>>,
+    _control: refetch::consumer::MemoryControl,
+}
+
+impl Refresher {
+    /// Build and start the refresh pipeline (checks that the dead-letter topic is writable).
+    pub async fn start(
+        cfg: &Config,
+        fetcher: AppFetcher,
+        sink: Arc<dyn Sink>,
+    ) -> anyhow::Result<Refresher> {
+        let kafka = cfg.kafka_config();
+        let dead_letters = DeadLetterProducer::new(&kafka).context("cannot create the producer")?;
+        dead_letters
+            .check(Duration::from_secs(10))
+            .await
+            .context("the dead-letter topic is not usable")?;
+        let (channels, control) = MemoryConsumer::new().start();
+        let pipeline: AppPipeline = Pipeline::builder::<AppFetcher, Arc<dyn Sink>>()
+            .fetcher(fetcher)
+            .sink(sink)
+            .consumer(channels)
+            .dead_letters(dead_letters)
+            .engine(cfg.engine.to_engine())
+            .build()
+            .context("cannot build the refresh pipeline")?;
+        let handle = pipeline.handle();
+        let run = tokio::spawn(pipeline.run(std::future::pending::<()>()));
+        Ok(Refresher {
+            handle,
+            run,
+            _control: control,
+        })
+    }
+
+    /// The handle keys are refreshed through.
+    pub fn handle(&self) -> &PipelineHandle {
+        &self.handle
+    }
+
+    /// Stop the pipeline after its work is done.
+    pub async fn close(self) -> anyhow::Result<()> {
+        self.handle.shutdown();
+        let report = self.run.await.context("the refresh pipeline panicked")??;
+        tracing::debug!(drained = report.drained, "refresh pipeline stopped");
+        Ok(())
+    }
+}
+
+/// The checkpoint of one entity type.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TypeState {
+    /// The next page to load (`None` with `done = false`: the first).
+    pub next: Option<PageToken>,
+    /// The listing was loaded to its end.
+    pub done: bool,
+    /// Pages acknowledged so far.
+    pub pages: u64,
+    /// Items acknowledged so far.
+    pub items: u64,
+}
+
+/// The checkpoint file: per entity type, where the backfill stands.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackfillState {
+    /// By entity type.
+    pub types: BTreeMap<String, TypeState>,
+}
+
+impl BackfillState {
+    /// Read the file; a missing file is an empty state.
+    pub fn load(path: &Path) -> anyhow::Result<BackfillState> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("the backfill state {} is not valid", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BackfillState::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    /// Replace the file atomically: write a temporary file, `fsync` it, rename it over the old
+    /// one, `fsync` the folder.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(self)?;
+        {
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot replace {}", path.display()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Ok(d) = std::fs::File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// Figures of one type's backfill.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TypeSummary {
+    /// Pages loaded in this run.
+    pub pages: u64,
+    /// Items listed in this run.
+    pub items: u64,
+    /// Items written directly from the listing.
+    pub written: u64,
+    /// Items refreshed through the engine.
+    pub refreshed: u64,
+    /// Items that could not be loaded (dead-lettered or refused).
+    pub failed: u64,
+}
+
+/// Load one page with retries while the source fails transiently, for at most `retry_for`.
+pub async fn list_with_retry(
+    fetcher: &HttpFetcher,
+    entity_type: &str,
+    at: Option<&PageToken>,
+    retry_for: Duration,
+) -> anyhow::Result<ListPage> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match fetcher.list_page(entity_type, at).await {
+            Ok(page) => return Ok(page),
+            Err(FetchError::Permanent { message }) => {
+                anyhow::bail!("listing {entity_type} at {at:?}: {message}")
+            }
+            Err(e) => {
+                let hint = match &e {
+                    FetchError::Transient { retry_after, .. }
+                    | FetchError::NotAttempted { retry_after, .. } => *retry_after,
+                    FetchError::Permanent { .. } => None,
+                };
+                if started.elapsed() >= retry_for {
+                    anyhow::bail!(
+                        "listing {entity_type} at {at:?} kept failing for {retry_for:?}: {e}"
+                    );
+                }
+                let wait = hint.unwrap_or(pause).min(Duration::from_secs(30));
+                tracing::warn!(entity_type, error = %e, wait_ms = wait.as_millis() as u64, "listing page failed; retrying");
+                tokio::time::sleep(wait).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Write `changes` until the sink acknowledges them; returns the indices it refused for good.
+async fn write_acknowledged(
+    sink: &dyn Sink,
+    changes: &[Change],
+    retry_for: Duration,
+) -> anyhow::Result<Vec<usize>> {
+    let mut refused = Vec::new();
+    let chunk = sink.max_batch().max(1);
+    for (n, part) in changes.chunks(chunk).enumerate() {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match sink.write(part).await {
+                Ok(report) => {
+                    refused.extend(report.failed.iter().map(|(i, _)| n * chunk + i));
+                    break;
+                }
+                Err(e) if e.class().is_transient() => {
+                    if started.elapsed() >= retry_for {
+                        anyhow::bail!("the sink kept failing for {retry_for:?}: {e}");
+                    }
+                    tracing::warn!(error = %e, "sink write failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    // The whole batch is refused: hand every record to the engine instead.
+                    tracing::warn!(error = %e, "the sink refused a listing batch");
+                    refused.extend((0..part.len()).map(|i| n * chunk + i));
+                    break;
+                }
+            }
+        }
+    }
+    Ok(refused)
+}
+
+fn progress_bar(total: Option<u64>) -> ProgressBar {
+    let bar = match total {
+        Some(t) => ProgressBar::new(t),
+        None => ProgressBar::no_length(),
+    };
+    let style = match total {
+        Some(_) => ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} items, {per_sec}, ETA {eta} {msg}",
+        ),
+        None => ProgressStyle::with_template("{prefix} {spinner} {pos} items, {per_sec} {msg}"),
+    };
+    if let Ok(style) = style {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// `refetch backfill`.
+pub async fn backfill(args: &BackfillArgs) -> anyhow::Result<ExitCode> {
+    let loaded = match load_config(&args.config) {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let cfg = loaded.config;
+    logging::init(&cfg.log.level, cfg.log.format);
+    let http = http_fetcher(&cfg)?;
+    let types: Vec<String> = match &args.entity_type {
+        Some(t) => {
+            if http.listing(t).is_none() {
+                eprintln!("error: entity type `{t}` has no [fetcher.sources.{t}.listing]");
+                return Ok(ExitCode::from(2));
+            }
+            vec![t.clone()]
+        }
+        None => {
+            let mut all: Vec<String> = http
+                .entity_types()
+                .filter(|t| http.listing(t).is_some())
+                .map(str::to_owned)
+                .collect();
+            all.sort();
+            all
+        }
+    };
+    if types.is_empty() {
+        eprintln!(
+            "error: no source has a listing; add [fetcher.sources.<type>.listing] (docs/backfill.md)"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let state_path = cfg.backfill.state_path(&args.config.config);
+    let mut state = if args.restart {
+        BackfillState::default()
+    } else {
+        BackfillState::load(&state_path)?
+    };
+    let sink = wiring::build_sink(&cfg.sink).await?;
+    let mut refresher: Option<Refresher> = None;
+    let started = Instant::now();
+    let mut summaries = BTreeMap::new();
+    let mut failed_any = false;
+    let mut error = None;
+    for t in &types {
+        let entry = state.types.entry(t.clone()).or_default();
+        if entry.done {
+            println!("{t}: the previous backfill finished; starting over");
+            *entry = TypeState::default();
+        } else if entry.pages > 0 {
+            println!(
+                "{t}: resuming after {} page(s), {} item(s)",
+                entry.pages, entry.items
+            );
+        }
+        let r = backfill_type(
+            &cfg,
+            &http,
+            &sink,
+            &mut refresher,
+            t,
+            &mut state,
+            &state_path,
+        )
+        .await;
+        match r {
+            Ok(s) => {
+                failed_any |= s.failed > 0;
+                summaries.insert(t.clone(), s);
+            }
+            Err(e) => {
+                error = Some(e.context(format!("backfill of {t} stopped (the checkpoint is kept)")));
+                break;
+            }
+        }
+    }
+    if let Some(r) = refresher {
+        r.close().await?;
+    }
+    let elapsed = started.elapsed();
+    println!("backfill summary ({:.1}s):", elapsed.as_secs_f64());
+    for (t, s) in &summaries {
+        let rate = s.items as f64 / elapsed.as_secs_f64().max(0.001);
+        println!(
+            "  {t}: {} page(s), {} item(s) ({} written from the listing, {} refreshed through the engine, {} failed), {rate:.0} items/s",
+            s.pages, s.items, s.written, s.refreshed, s.failed
+        );
+    }
+    println!("checkpoint: {}", state_path.display());
+    if let Some(e) = error {
+        return Err(e);
+    }
+    Ok(if failed_any {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn backfill_type(
+    cfg: &Config,
+    http: &Arc<HttpFetcher>,
+    sink: &Arc<dyn Sink>,
+    refresher: &mut Option<Refresher>,
+    entity_type: &str,
+    state: &mut BackfillState,
+    state_path: &PathBuf,
+) -> anyhow::Result<TypeSummary> {
+    let mut summary = TypeSummary::default();
+    let bar = progress_bar(None);
+    bar.set_prefix(entity_type.to_owned());
+    let mut length_set = false;
+    loop {
+        let at = state
+            .types
+            .get(entity_type)
+            .and_then(|s| s.next.clone());
+        let page = list_with_retry(http, entity_type, at.as_ref(), cfg.backfill.retry_for).await?;
+        if !length_set && let Some(total) = page.total {
+            let done = state.types.get(entity_type).map_or(0, |s| s.items);
+            bar.set_length(total);
+            bar.set_position(done.min(total));
+            if let Ok(style) = ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} items, {per_sec}, ETA {eta} {msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            length_set = true;
+        }
+        let mut direct = Vec::new();
+        let mut by_engine = Vec::new();
+        for item in &page.items {
+            let key = EntityKey::new(entity_type, item.id.as_str());
+            match &item.entity {
+                Some(entity) => direct.push(Change::Upsert {
+                    key,
+                    entity: entity.clone(),
+                }),
+                None => by_engine.push(key),
+            }
+        }
+        let refused = write_acknowledged(sink.as_ref(), &direct, cfg.backfill.retry_for).await?;
+        summary.written += (direct.len() - refused.len()) as u64;
+        by_engine.extend(refused.iter().map(|&i| direct[i].key().clone()));
+        if !by_engine.is_empty() {
+            if refresher.is_none() {
+                *refresher = Some(Refresher::start(cfg, observed(http), sink.clone()).await?);
+            }
+            if let Some(r) = refresher.as_ref() {
+                let n = by_engine.len() as u64;
+                let outcomes = r.handle().refresh(by_engine).await;
+                for (key, outcome) in &outcomes {
+                    if let RefreshOutcome::Failed(why) = outcome {
+                        summary.failed += 1;
+                        tracing::warn!(%key, reason = %why, "backfill could not load an entity");
+                    }
+                }
+                summary.refreshed += n;
+            }
+        }
+        summary.pages += 1;
+        summary.items += page.items.len() as u64;
+        metrics::counter!("refetch_backfill_items_total", "entity_type" => entity_type.to_owned())
+            .increment(page.items.len() as u64);
+        let entry = state.types.entry(entity_type.to_owned()).or_default();
+        entry.pages += 1;
+        entry.items += page.items.len() as u64;
+        entry.done = page.next.is_none();
+        entry.next = page.next.clone();
+        state.save(state_path)?;
+        bar.inc(page.items.len() as u64);
+        if page.next.is_none() {
+            bar.finish_and_clear();
+            return Ok(summary);
+        }
+    }
+}
