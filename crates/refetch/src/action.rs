@@ -12,8 +12,13 @@
 //!    times out short of its announced size is *incomplete*: some members are elsewhere (another
 //!    instance, a revoked partition); its members fall back to normal writes.
 //! 2. **Fetch.** Each member key is fetched under the usual single flight. A key that belongs to
-//!    several completed actions serves them in completion order; its next action starts only
-//!    after the previous one's write. Normal notifications pending for a member key ride along.
+//!    several actions serves them one after the other, in the order the actions completed (one
+//!    order for every key, so actions that share keys never wait on each other in a cycle); its
+//!    next action starts only after the previous one's write. While a key is a member of an
+//!    action that is still collecting, its ordinary notifications wait and ride along with the
+//!    action's fetch (a separate write of the key would show part of the action early). A fetch
+//!    reads the *current* state: when two actions change the same entity, the first one written
+//!    may already carry the second one's change of that entity.
 //! 3. **One write.** When every member is fetched, the changes go to the sink as one batch (the
 //!    PostgreSQL sink writes a batch in one transaction), and each member's offsets are released
 //!    with that write. Members whose source state was unchanged are released with it too.
@@ -173,8 +178,11 @@ pub(crate) struct Actions {
     pub next_id: u64,
     /// Quiet-window deadlines of collecting actions.
     pub timers: BinaryHeap<Reverse<(Tick, u64)>>,
-    /// Per key, the running actions it serves, in completion order.
+    /// Per key, the running actions it serves, in the order they completed (one order for all
+    /// keys, so actions sharing keys cannot wait on each other in a cycle).
     pub queues: HashMap<EntityKey, VecDeque<u64>>,
+    /// Per key, how many collecting actions hold it: its ordinary notifications wait for them.
+    collecting_keys: HashMap<EntityKey, u32>,
     /// Keys whose action flight waits for fetch concurrency.
     pub ready: VecDeque<EntityKey>,
     /// Recently closed correlation ids (late members are normal notifications).
@@ -192,6 +200,7 @@ impl Actions {
             next_id: 1,
             timers: BinaryHeap::new(),
             queues: HashMap::new(),
+            collecting_keys: HashMap::new(),
             ready: VecDeque::new(),
             closed: lru::LruCache::new(cap),
         }
@@ -265,14 +274,17 @@ impl Actions {
                     m.fields = fields;
                 }
             }
-            None => a.members.push(Member {
-                key,
-                pending: Some(Pending::new(now, window, note, version)),
-                fields,
-                state: MemberState::Waiting,
-                failed: false,
-                in_write: false,
-            }),
+            None => {
+                *self.collecting_keys.entry(key.clone()).or_default() += 1;
+                a.members.push(Member {
+                    key,
+                    pending: Some(Pending::new(now, window, note, version)),
+                    fields,
+                    state: MemberState::Waiting,
+                    failed: false,
+                    in_write: false,
+                });
+            }
         }
         let full = a.expected.is_some_and(|n| a.members.len() >= n as usize);
         (id, full)
@@ -298,6 +310,29 @@ impl Actions {
     /// The next deadline of a collecting action.
     pub fn next_wakeup(&self) -> Option<Tick> {
         self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Is `key` a member of an action still collecting?
+    pub fn in_collecting(&self, key: &EntityKey) -> bool {
+        self.collecting_keys.contains_key(key)
+    }
+
+    /// Action `id` stopped collecting (completed or dissolved): its keys are free of it.
+    pub fn stop_collecting(&mut self, id: u64) {
+        let Some(a) = self.open.get(&id) else {
+            return;
+        };
+        if a.running {
+            return;
+        }
+        for m in &a.members {
+            if let Some(n) = self.collecting_keys.get_mut(&m.key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.collecting_keys.remove(&m.key);
+                }
+            }
+        }
     }
 
     /// The running action `key` serves now.

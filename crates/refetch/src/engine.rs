@@ -831,7 +831,13 @@ impl Engine {
         let action = if self.acts.is_empty() {
             None
         } else {
-            self.claim_member(&key, now)
+            match self.claim_member(&key, now) {
+                Claim::Free => None,
+                Claim::Action(id) => Some(id),
+                // An action holding the key is still collecting: its notes wait for it (they
+                // ride along with the action's fetch, or are scheduled if it dissolves).
+                Claim::Blocked => return,
+            }
         };
         let cached = self.acked.get(&key).cloned();
         let Some(state) = self.keys.get_mut(&key) else {
@@ -933,10 +939,10 @@ impl Engine {
             // Every notification belonged to partitions this engine no longer owns.
             self.counters.abandoned += 1;
             state.flight = None;
-            self.after_flight(key, now);
             if let Some(a) = action {
                 self.action_member_ended(key, a, false, now);
             }
+            self.after_flight(key, now);
             return;
         }
         if let Some(a) = action {
@@ -1288,14 +1294,24 @@ impl Engine {
                 }
             }
         }
-        self.after_flight(key, now);
         if let Some(a) = action {
             self.action_member_ended(key, a, false, now);
         }
+        self.after_flight(key, now);
     }
 
     /// After a flight ended: schedule the follow-up, or forget the key.
-    fn after_flight(&mut self, key: &EntityKey, _now: Tick) {
+    fn after_flight(&mut self, key: &EntityKey, now: Tick) {
+        if !self.acts.is_empty() && self.head_wants_start(key) {
+            // The key's next action waited for this flight.
+            if let Some(state) = self.keys.get(key) {
+                if state.is_idle() {
+                    self.remove_key(key);
+                }
+            }
+            self.try_start_member(key.clone(), now);
+            return;
+        }
         let Some(state) = self.keys.get(key) else {
             return;
         };
@@ -1364,10 +1380,10 @@ impl Engine {
             }
             self.issue_dead_letter(record, notes);
         }
-        self.after_flight(key, now);
         if let Some(a) = action {
             self.action_member_ended(key, a, true, now);
         }
+        self.after_flight(key, now);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1622,6 +1638,17 @@ impl Engine {
         self.acts.open.len()
     }
 
+    /// Does the engine hold anything for `key`: pending notifications, a flight, or a
+    /// membership in an open business action?
+    pub fn holds_key(&self, key: &EntityKey) -> bool {
+        self.keys.contains_key(key)
+            || self
+                .acts
+                .open
+                .values()
+                .any(|a| a.members.iter().any(|m| &m.key == key))
+    }
+
     // ----- introspection ---------------------------------------------------------------------
 
     /// Counters since start.
@@ -1710,6 +1737,17 @@ impl Engine {
 
 // ----- business actions ------------------------------------------------------------------------
 
+/// Whether a key's next flight serves an action.
+enum Claim {
+    /// The key's next flight is an ordinary one.
+    Free,
+    /// The flight serves this running action.
+    Action(u64),
+    /// An action holding the key is still collecting: no ordinary flight now (the action's
+    /// completion starts the key).
+    Blocked,
+}
+
 impl Engine {
     /// A notification that belongs to a business action.
     fn add_action_note(
@@ -1767,10 +1805,13 @@ impl Engine {
         let size = a.members.len();
         let took = now.since(a.first_at);
         let short = a.expected.is_some_and(|n| size < n as usize);
-        if !short {
-            a.running = true;
-        }
         let keys: Vec<EntityKey> = a.members.iter().map(|m| m.key.clone()).collect();
+        self.acts.stop_collecting(id);
+        if !short {
+            if let Some(a) = self.acts.open.get_mut(&id) {
+                a.running = true;
+            }
+        }
         if self.acts.collecting.get(&corr) == Some(&id) {
             self.acts.collecting.remove(&corr);
         }
@@ -1810,25 +1851,53 @@ impl Engine {
 
     /// Before a flight of `key` starts: if the key serves a running action, move the member's
     /// notes into the key's pending entry and return the action.
-    fn claim_member(&mut self, key: &EntityKey, now: Tick) -> Option<u64> {
-        let id = self.acts.head(key)?;
-        let a = self.acts.open.get_mut(&id)?;
-        if !a.running {
-            return None;
-        }
-        let m = a.member_mut(key)?;
+    fn claim_member(&mut self, key: &EntityKey, now: Tick) -> Claim {
+        let free = if self.acts.in_collecting(key) {
+            Claim::Blocked
+        } else {
+            Claim::Free
+        };
+        let Some(id) = self.acts.head(key) else {
+            return free;
+        };
+        let Some(a) = self.acts.open.get_mut(&id) else {
+            return free;
+        };
+        let Some(m) = a.member_mut(key) else {
+            return free;
+        };
         let (pending, fields) = match m.state {
             MemberState::Waiting => {
                 m.state = MemberState::Started;
                 (m.pending.take(), m.fields.take())
             }
-            MemberState::Started => return Some(id),
-            MemberState::Fetched | MemberState::Done => return None,
+            MemberState::Started => return Claim::Action(id),
+            MemberState::Fetched | MemberState::Done => return free,
         };
         if let Some(p) = pending {
             self.pending_normal(key.clone(), p, fields, now, false);
         }
-        Some(id)
+        Claim::Action(id)
+    }
+
+    /// Does the key's current action still need a flight of this key?
+    fn head_wants_start(&self, key: &EntityKey) -> bool {
+        self.acts
+            .head(key)
+            .and_then(|id| self.acts.open.get(&id))
+            .filter(|a| a.running)
+            .and_then(|a| a.members.iter().find(|m| &m.key == key))
+            .is_some_and(|m| matches!(m.state, MemberState::Waiting | MemberState::Started))
+    }
+
+    /// `key` left an action's queue: start its next action if that one runs, or schedule its
+    /// ordinary pending notes.
+    fn after_pop(&mut self, key: EntityKey, now: Tick) {
+        if self.head_wants_start(&key) {
+            self.try_start_member(key, now);
+        } else if let Some(at) = self.keys.get(&key).and_then(KeyState::due) {
+            self.timers.push(Reverse((at, key)));
+        }
     }
 
     /// Put notes into `key`'s ordinary pending entry, due now.
@@ -2015,7 +2084,7 @@ impl Engine {
             }
             write_pending = !a.write_issued;
         }
-        let next = self.acts.pop(key, id);
+        self.acts.pop(key, id);
         if fail_all {
             self.counters.actions_dead_lettered += 1;
             self.fail_action(id, now);
@@ -2025,9 +2094,7 @@ impl Engine {
             self.maybe_issue_group(id, now);
         }
         self.close_if_done(id);
-        if next.is_some() {
-            self.try_start_member(key.clone(), now);
-        }
+        self.after_pop(key.clone(), now);
     }
 
     /// The failure policy dead-letters the whole action: every member not yet finished.
@@ -2051,7 +2118,7 @@ impl Engine {
         }
         let message = format!("another member of business action {corr} failed");
         for (key, pending) in waiting {
-            let next = self.acts.pop(&key, id);
+            self.acts.pop(&key, id);
             if let Some(p) = pending.filter(|p| !p.notes.is_empty()) {
                 let mut record = self.key_dead_letter(
                     &key,
@@ -2068,9 +2135,7 @@ impl Engine {
                     .push((CORRELATION_HEADER.to_owned(), corr.to_string()));
                 self.issue_dead_letter(record, p.notes);
             }
-            if next.is_some() {
-                self.try_start_member(key, now);
-            }
+            self.after_pop(key, now);
         }
         for key in others {
             let flight = self
@@ -2127,8 +2192,8 @@ impl Engine {
                             self.issue_dead_letter(record, notes);
                         }
                     }
-                    self.after_flight(&key, now);
                     self.action_member_ended(&key, id, true, now);
+                    self.after_flight(&key, now);
                 }
             }
         }
@@ -2164,6 +2229,7 @@ impl Engine {
     /// An action was split (by a revoke, or it timed out short of its announced size): its
     /// members fall back to normal writes and it counts as incomplete.
     fn dissolve_action(&mut self, id: u64, now: Tick) {
+        self.acts.stop_collecting(id);
         let Some(a) = self.acts.open.remove(&id) else {
             return;
         };
@@ -2175,7 +2241,7 @@ impl Engine {
         crate::metrics::action_incomplete();
         crate::metrics::actions_open(self.acts.open.len());
         for m in a.members {
-            let next = self.acts.pop(&m.key, id);
+            self.acts.pop(&m.key, id);
             match m.state {
                 MemberState::Waiting => {
                     if let Some(p) = m.pending {
@@ -2213,9 +2279,7 @@ impl Engine {
                 }
                 MemberState::Done => {}
             }
-            if next.is_some() {
-                self.try_start_member(m.key, now);
-            }
+            self.after_pop(m.key, now);
         }
     }
 }
