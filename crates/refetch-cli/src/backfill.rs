@@ -17,7 +17,7 @@
 //! printed at the end.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -336,7 +336,8 @@ pub async fn backfill(args: &BackfillArgs) -> anyhow::Result<ExitCode> {
                 summaries.insert(t.clone(), s);
             }
             Err(e) => {
-                error = Some(e.context(format!("backfill of {t} stopped (the checkpoint is kept)")));
+                error =
+                    Some(e.context(format!("backfill of {t} stopped (the checkpoint is kept)")));
                 break;
             }
         }
@@ -372,17 +373,14 @@ async fn backfill_type(
     refresher: &mut Option<Refresher>,
     entity_type: &str,
     state: &mut BackfillState,
-    state_path: &PathBuf,
+    state_path: &Path,
 ) -> anyhow::Result<TypeSummary> {
     let mut summary = TypeSummary::default();
     let bar = progress_bar(None);
     bar.set_prefix(entity_type.to_owned());
     let mut length_set = false;
     loop {
-        let at = state
-            .types
-            .get(entity_type)
-            .and_then(|s| s.next.clone());
+        let at = state.types.get(entity_type).and_then(|s| s.next.clone());
         let page = list_with_retry(http, entity_type, at.as_ref(), cfg.backfill.retry_for).await?;
         if !length_set && let Some(total) = page.total {
             let done = state.types.get(entity_type).map_or(0, |s| s.items);

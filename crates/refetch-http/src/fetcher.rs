@@ -234,11 +234,9 @@ impl HttpFetcher {
                     Err(e) => e.class().label(),
                 },
                 async {
-                    let resp = source
-                        .request(url)
-                        .send()
-                        .await
-                        .map_err(|e| response::transport_error(&e, "sending the listing request"))?;
+                    let resp = source.request(url).send().await.map_err(|e| {
+                        response::transport_error(&e, "sending the listing request")
+                    })?;
                     read_listing(resp, source.rules.body_limit).await
                 },
             )

@@ -220,9 +220,13 @@ impl Listing {
         }
         let cursor_url = match (cfg.paging, &cfg.cursor_url) {
             (Paging::Cursor, Some(c)) => {
-                let t = UrlTemplate::parse(c, &["type", "limit", "cursor"]).map_err(template_err)?;
+                let t =
+                    UrlTemplate::parse(c, &["type", "limit", "cursor"]).map_err(template_err)?;
                 if !t.uses("cursor") {
-                    return Err(invalid(entity_type, "listing.cursor_url must contain {cursor}"));
+                    return Err(invalid(
+                        entity_type,
+                        "listing.cursor_url must contain {cursor}",
+                    ));
                 }
                 Some(t)
             }
@@ -513,7 +517,10 @@ mod tests {
             next_link(r#"<http://h/c?page=1>; rel="prev", <http://h/c?page=3>; rel="next""#),
             Some("http://h/c?page=3".to_owned())
         );
-        assert_eq!(next_link(r#"</c?cursor=9>; rel=next"#), Some("/c?cursor=9".into()));
+        assert_eq!(
+            next_link(r#"</c?cursor=9>; rel=next"#),
+            Some("/c?cursor=9".into())
+        );
         assert_eq!(next_link(r#"<http://h/c?page=1>; rel="prev""#), None);
         assert_eq!(next_link("garbage"), None);
     }
@@ -525,14 +532,26 @@ mod tests {
             (r#"url = "http://h/c?limit={limit}""#, "{offset}"),
             (r#"url = "http://h/c?p={page}""#, "{page}"),
             (r#"url = "http://h/c""#, "{offset}"),
-            (r#"url = "http://h/c"
-paging = "cursor""#, "cursor_url"),
-            (r#"url = "http://h/c?offset={offset}"
-page_size = 0"#, "page_size"),
-            (r#"url = "http://h/c?offset={offset}"
-items = "items""#, "JSON pointer"),
+            (
+                r#"url = "http://h/c"
+paging = "cursor""#,
+                "cursor_url",
+            ),
+            (
+                r#"url = "http://h/c?offset={offset}"
+page_size = 0"#,
+                "page_size",
+            ),
+            (
+                r#"url = "http://h/c?offset={offset}"
+items = "items""#,
+                "JSON pointer",
+            ),
         ] {
-            let e = compile(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            let e = compile(bad)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(e.contains(why), "{bad}: {e}");
         }
     }
@@ -570,7 +589,10 @@ complete = true"#,
         assert_eq!(p.next, None, "a short page is the last");
         assert!(p.items[0].entity.is_some());
         assert_eq!(
-            short.page_url("c", Some(&PageToken::Page(3))).unwrap().as_str(),
+            short
+                .page_url("c", Some(&PageToken::Page(3)))
+                .unwrap()
+                .as_str(),
             "http://h/c?page=3"
         );
 

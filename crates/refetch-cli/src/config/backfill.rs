@@ -69,6 +69,11 @@ pub struct ReconcileSection {
     pub repair_batch: usize,
     /// How many keys of each drift kind the report names.
     pub sample: usize,
+    /// How long a reconcile waits for the suspected orphans of one batch to settle. Their deletes
+    /// go through the gone guard, which holds them while gone outcomes are abnormally frequent;
+    /// those still held after this are reported (and the reconcile fails) instead of awaited.
+    #[serde(with = "humantime_serde")]
+    pub orphan_wait: Duration,
 }
 
 impl Default for ReconcileSection {
@@ -79,6 +84,7 @@ impl Default for ReconcileSection {
             page_size: 1000,
             repair_batch: 256,
             sample: 10,
+            orphan_wait: Duration::from_secs(60),
         }
     }
 }

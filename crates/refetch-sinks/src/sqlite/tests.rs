@@ -278,7 +278,9 @@ async fn list_versions_pages_in_key_order_with_tombstones() {
         entity: Entity::json("{}", None),
     });
     sink.write(&batch).await.unwrap();
-    sink.write(&[Change::Delete { key: key("c") }]).await.unwrap();
+    sink.write(&[Change::Delete { key: key("c") }])
+        .await
+        .unwrap();
     let mut all = Vec::new();
     let mut after = None;
     loop {
