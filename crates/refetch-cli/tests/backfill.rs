@@ -560,3 +560,185 @@ async fn reconcile_beside_a_running_pipeline_converges() {
         .await
         .unwrap();
 }
+
+fn ops_addr(log: &str) -> Option<String> {
+    log.lines().find_map(|l| {
+        let rest = &l
+            [l.find("operations endpoint on http://")? + "operations endpoint on http://".len()..];
+        rest.split('/').next().map(str::to_owned)
+    })
+}
+
+async fn owned_partitions(addr: &str) -> Option<usize> {
+    let body = reqwest::get(format!("http://{addr}/status.json"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let doc: Value = serde_json::from_str(&body).ok()?;
+    Some(doc["status"]["engine"]["partitions"].as_array()?.len())
+}
+
+async fn drift_metric(addr: &str, kind: &str) -> u64 {
+    let Ok(resp) = reqwest::get(format!("http://{addr}/metrics")).await else {
+        return 0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    let prefix = format!("refetch_reconcile_drift_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real broker: run scripts/test"]
+async fn scheduled_reconcile_covers_each_key_once_across_instances() {
+    let brokers = kafka::brokers().unwrap();
+    let topic = unique("sched_reconcile");
+    let group = unique("sched_reconcile_group");
+    kafka::create_topic(&brokers, &topic, 3).await.unwrap();
+    kafka::create_topic(&brokers, &format!("{group}.dlq"), 1)
+        .await
+        .unwrap();
+    let source = HttpSource::start(HttpSourceOptions::default())
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..90).map(|i| format!("c{i:03}")).collect();
+    for id in &ids {
+        source.put("customer", id, json!({"n": id}));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sink.db");
+    // The sink starts in sync.
+    let sink = SqliteSink::open(&SqliteConfig {
+        path: db.clone(),
+        deletes: DeleteMode::Delete,
+        ..SqliteConfig::default()
+    })
+    .await
+    .unwrap();
+    let in_sync: Vec<Change> = source_state(&source)
+        .into_iter()
+        .map(|(id, (v, body))| Change::Upsert {
+            key: EntityKey::new("customer", id.as_str()),
+            entity: Entity::json(body.to_string(), Some(Version::Int(v))),
+        })
+        .collect();
+    sink.write(&in_sync).await.unwrap();
+    let config = write_config(
+        dir.path(),
+        &brokers,
+        &group,
+        &topic,
+        &source.base_url(),
+        &listing("cursor", &source.base_url(), 25, false),
+        &sqlite_sink(&db),
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[reconcile]\ninterval = \"1s\"\n");
+    std::fs::write(&config, text).unwrap();
+    let cfg = config.to_str().unwrap();
+    let mut instances = Vec::new();
+    let mut addrs = Vec::new();
+    for name in ["a", "b"] {
+        let child = spawn(
+            env!("CARGO_BIN_EXE_refetch"),
+            ["run", "--config", cfg],
+            [("RUST_LOG", "info,rdkafka=warn")],
+            dir.path().join(format!("{name}.log")),
+        )
+        .unwrap();
+        let addr = wait_for_value("the ops address", Duration::from_secs(30), || {
+            let log = child.log();
+            async move { ops_addr(&log) }
+        })
+        .await
+        .unwrap();
+        instances.push(child);
+        addrs.push(addr);
+    }
+    wait_for(
+        "both instances to own partitions",
+        Duration::from_secs(60),
+        || {
+            let addrs = addrs.clone();
+            async move {
+                let a = owned_partitions(&addrs[0]).await.unwrap_or(0);
+                let b = owned_partitions(&addrs[1]).await.unwrap_or(0);
+                a > 0 && b > 0 && a + b == 3
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", instances[0].log(), instances[1].log()));
+
+    // Drift behind the pipeline's back: rows lost in the sink, changes never announced.
+    source.reset_counters();
+    let missing: Vec<&String> = ids.iter().step_by(3).collect();
+    let stale: Vec<&String> = ids.iter().skip(1).step_by(6).collect();
+    let deletes: Vec<Change> = missing
+        .iter()
+        .map(|id| Change::Delete {
+            key: EntityKey::new("customer", id.as_str()),
+        })
+        .collect();
+    sink.write(&deletes).await.unwrap();
+    for id in &stale {
+        source.put("customer", id, json!({"n": id, "changed": true}));
+    }
+    let (n_missing, n_stale) = (missing.len() as u64, stale.len() as u64);
+    let drift_seen = || {
+        let addrs = addrs.clone();
+        async move {
+            let mut m = 0;
+            let mut s = 0;
+            for a in &addrs {
+                m += drift_metric(a, "missing").await;
+                s += drift_metric(a, "stale").await;
+            }
+            (m, s)
+        }
+    };
+    wait_for(
+        "the scheduled reconciles to repair the drift",
+        Duration::from_secs(60),
+        || {
+            let db = db.clone();
+            let want = source_state(&source);
+            async move {
+                let held = sqlite_held(&db).await;
+                want.iter().all(|(id, (v, _))| {
+                    held.get(id)
+                        .is_some_and(|(hv, _)| *hv == Some(Version::Int(*v)))
+                }) && held.len() == want.len()
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", instances[0].log(), instances[1].log()));
+    assert_equal(&sqlite_held(&db).await, &source);
+    if let Err(e) = wait_for("the drift metrics", Duration::from_secs(10), || {
+        let f = drift_seen();
+        async move { f.await == (n_missing, n_stale) }
+    })
+    .await
+    {
+        panic!(
+            "{e}: (missing, stale) = {:?}, expected {:?}",
+            drift_seen().await,
+            (n_missing, n_stale)
+        );
+    }
+    // Each drifted key was fetched by exactly one instance, once.
+    for id in missing.iter().chain(stale.iter()) {
+        assert_eq!(source.requests_for("customer", id), 1, "{id}");
+    }
+    for mut child in instances {
+        let status = refetch_testkit::process::terminate(&mut child, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{}", child.log());
+    }
+}
