@@ -17,7 +17,7 @@ use refetch::{Change, Entity, EntityKey, Sink, Version};
 use refetch_sinks::sqlite::SqliteSink;
 use refetch_sinks::stored::StoredBody;
 use refetch_sinks::{DeleteMode, PostgresConfig, SqliteConfig};
-use refetch_testkit::http_source::{HttpSource, HttpSourceOptions};
+use refetch_testkit::http_source::{Fault, HttpSource, HttpSourceOptions};
 use refetch_testkit::kafka;
 use refetch_testkit::names::unique;
 use refetch_testkit::process::{kill9, spawn, wait_for, wait_for_value};
@@ -284,6 +284,8 @@ async fn backfill_pages_in_each_style() {
             &listing(style, &source.base_url(), 8, true),
             &sqlite_sink(&db),
         );
+        // The source fails transiently at first: the page is retried.
+        source.fail_next(2, Fault::Status(503));
         let (code, out) = refetch(&["backfill", "--config", config.to_str().unwrap()]).await;
         assert_eq!(code, 0, "{style}: {out}");
         assert!(
@@ -741,4 +743,165 @@ async fn scheduled_reconcile_covers_each_key_once_across_instances() {
             .unwrap();
         assert_eq!(status.code(), Some(0), "{}", child.log());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real broker: run scripts/test"]
+async fn reconcile_reports_orphans_whose_deletes_the_gone_guard_holds() {
+    let brokers = kafka::brokers().unwrap();
+    let group = unique("reconcile_guard");
+    kafka::create_topic(&brokers, &format!("{group}.dlq"), 1)
+        .await
+        .unwrap();
+    let source = HttpSource::start(HttpSourceOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sink.db");
+    let sink = SqliteSink::open(&SqliteConfig {
+        path: db.clone(),
+        deletes: DeleteMode::Delete,
+        ..SqliteConfig::default()
+    })
+    .await
+    .unwrap();
+    // A listing that names a third of what the sink holds (think: a filter in the listing URL):
+    // most held rows look orphaned, and their fetches all say gone.
+    let mut rows = Vec::new();
+    for i in 0..30 {
+        let id = format!("c{i:03}");
+        if i % 3 == 0 {
+            source.put("customer", &id, json!({"n": i}));
+        }
+        rows.push(Change::Upsert {
+            key: EntityKey::new("customer", id.as_str()),
+            entity: Entity::json(
+                json!({"id": id, "type": "customer", "version": 1, "data": {"n": i}}).to_string(),
+                Some(Version::Int(1)),
+            ),
+        });
+    }
+    sink.write(&rows).await.unwrap();
+    let config = write_config(
+        dir.path(),
+        &brokers,
+        &group,
+        "unused",
+        &source.base_url(),
+        &listing("cursor", &source.base_url(), 50, false),
+        &sqlite_sink(&db),
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[reconcile]\norphan_wait = \"2s\"\n");
+    std::fs::write(&config, text).unwrap();
+    let started = std::time::Instant::now();
+    let (code, out) = refetch(&["reconcile", "--config", config.to_str().unwrap()]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("orphaned  20"), "{out}");
+    assert!(out.contains("suspected orphan(s) not deleted"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "bounded by orphan_wait"
+    );
+    let held = sqlite_held(&db).await;
+    assert!(
+        held.len() > 10,
+        "the guard kept most suspected orphans: {} rows left",
+        held.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real broker: run scripts/test"]
+async fn backfill_through_the_engine_beside_a_running_pipeline_converges() {
+    let brokers = kafka::brokers().unwrap();
+    let topic = unique("backfill_run");
+    let group = unique("backfill_run_group");
+    kafka::create_topic(&brokers, &topic, 3).await.unwrap();
+    kafka::create_topic(&brokers, &format!("{group}.dlq"), 1)
+        .await
+        .unwrap();
+    let source = HttpSource::start(HttpSourceOptions::default())
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..200).map(|i| format!("c{i:03}")).collect();
+    for id in &ids {
+        source.put("customer", id, json!({"n": id}));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sink.db");
+    let config = write_config(
+        dir.path(),
+        &brokers,
+        &group,
+        &topic,
+        &source.base_url(),
+        &listing("offset", &source.base_url(), 20, false),
+        &sqlite_sink(&db),
+    );
+    let cfg = config.to_str().unwrap();
+    let mut run = spawn(
+        env!("CARGO_BIN_EXE_refetch"),
+        ["run", "--config", cfg],
+        [("RUST_LOG", "info,rdkafka=warn")],
+        dir.path().join("run.log"),
+    )
+    .unwrap();
+    // Every change is announced; the backfill loads the same entities meanwhile.
+    let mut mutator = source.spawn_mutator(&["customer"], &ids, 200.0);
+    let path = config.clone();
+    let backfill =
+        tokio::spawn(
+            async move { refetch(&["backfill", "--config", path.to_str().unwrap()]).await },
+        );
+    let mut records = Vec::new();
+    let stop_at = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < stop_at {
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), mutator.next()).await
+        {
+            records.push((
+                Some(m.id.clone().into_bytes()),
+                json!({"id": m.id}).to_string().into_bytes(),
+            ));
+        }
+        if records.len() >= 20 {
+            kafka::produce(&brokers, &topic, records.drain(..))
+                .await
+                .unwrap();
+        }
+    }
+    for m in mutator.stop().await {
+        records.push((
+            Some(m.id.clone().into_bytes()),
+            json!({"id": m.id}).to_string().into_bytes(),
+        ));
+    }
+    kafka::produce(&brokers, &topic, records.drain(..))
+        .await
+        .unwrap();
+    let (code, out) = backfill.await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("refreshed through the engine"), "{out}");
+    let ends = kafka::end_offsets(&brokers, &topic).await.unwrap();
+    wait_for(
+        "the run to commit every notification",
+        Duration::from_secs(60),
+        || {
+            let (b, g, t, ends) = (brokers.clone(), group.clone(), topic.clone(), ends.clone());
+            async move {
+                let committed = kafka::committed_offsets(&b, &g, &t)
+                    .await
+                    .unwrap_or_default();
+                ends.iter()
+                    .all(|(p, e)| *e == 0 || committed.get(p) == Some(e))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", run.log()));
+    // The version guard kept the newer state wherever the two processes raced.
+    assert_equal(&sqlite_held(&db).await, &source);
+    refetch_testkit::process::terminate(&mut run, Duration::from_secs(30))
+        .await
+        .unwrap();
 }
