@@ -99,11 +99,11 @@ impl Drop for Services {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_converges_and_dead_letters_only_poison() {
-    let notifications_target: usize = env_or("REFETCH_CHAOS_NOTIFICATIONS", 60_000);
-    let seconds: u64 = env_or("REFETCH_CHAOS_SECONDS", 75);
+    let notifications_target: usize = env_or("REFETCH_CHAOS_NOTIFICATIONS", 100_000);
+    let seconds: u64 = env_or("REFETCH_CHAOS_SECONDS", 100);
     let seed: u64 = env_or("REFETCH_CHAOS_SEED", 7);
     let entities: usize = env_or("REFETCH_CHAOS_ENTITIES", 4_000);
-    let cap = Duration::from_secs(seconds * 2 + 240);
+    let cap = Duration::from_secs(seconds + 420);
     tokio::time::timeout(
         cap,
         chaos(
@@ -143,7 +143,6 @@ async fn chaos(target: usize, duration: Duration, seed: u64, entities: usize) {
     let mut next_fault = Instant::now() + Duration::from_secs(3);
     let spacing = duration.as_secs_f64() / (plan.len() as f64 + 2.0);
     let tick = Duration::from_millis(250);
-    let per_tick = (target as f64 / (duration.as_secs_f64() / tick.as_secs_f64())).ceil() as usize;
     let load_start = Instant::now();
     let mut heal_at: Option<Instant> = None;
     let mut planned = plan.into_iter();
@@ -151,12 +150,17 @@ async fn chaos(target: usize, duration: Duration, seed: u64, entities: usize) {
     while s.notifications < target || load_start.elapsed() < duration {
         // Load: change random entities, several notifications each.
         if s.notifications < target {
+            // Spread what is left over the time that is left.
+            let left = duration.saturating_sub(load_start.elapsed());
+            let ticks_left = (left.as_secs_f64() / tick.as_secs_f64()).max(1.0);
+            let per_tick = ((target - s.notifications) as f64 / ticks_left).ceil() as usize;
             let dupes = rng.random_range(0..6usize);
             let n = (per_tick / (dupes + 1)).max(1);
             let ids: Vec<usize> = (0..n).map(|_| rng.random_range(0..entities)).collect();
             s.change(&ids, dupes).await.unwrap();
         }
         if heal_at.is_some_and(|t| Instant::now() >= t) {
+            s.source.set_fault(None);
             s.source.set_latency(Duration::ZERO);
             s.source.set_down(false).await.unwrap();
             heal_at = None;
@@ -168,29 +172,35 @@ async fn chaos(target: usize, duration: Duration, seed: u64, entities: usize) {
             assert_eq!(status.code(), Some(0), "{}", child.log());
             b = None;
         }
-        if Instant::now() >= next_fault && heal_at.is_none() {
+        if Instant::now() >= next_fault && heal_at.is_none() && load_start.elapsed() < duration {
             let kind = planned
                 .next()
                 .unwrap_or_else(|| ALL[rng.random_range(0..ALL.len())]);
             *faults.entry(kind).or_default() += 1;
-            eprintln!("[chaos {:>5.1}s] {kind:?}", started.elapsed().as_secs_f64());
+            eprintln!(
+                "[chaos {:>5.1}s] {} notifications so far; {kind:?}",
+                started.elapsed().as_secs_f64(),
+                s.notifications
+            );
             match kind {
+                // Bursts are bounded in time, not in count: a queued count of faults would be
+                // eaten one per breaker probe and outlast the run.
                 FaultKind::Source5xx => {
-                    s.source
-                        .fail_next(rng.random_range(20..80), Fault::Status(503));
+                    s.source.set_fault(Some(Fault::Status(503)));
+                    heal_at =
+                        Some(Instant::now() + Duration::from_millis(rng.random_range(500..3_000)));
                 }
                 FaultKind::SourceTimeouts => {
                     s.source.set_latency(Duration::from_millis(1_500));
                     heal_at = Some(Instant::now() + Duration::from_secs(3));
                 }
                 FaultKind::RateLimited429 => {
-                    s.source.fail_next(
-                        rng.random_range(10..40),
-                        Fault::RetryAfter {
-                            status: 429,
-                            value: "1".into(),
-                        },
-                    );
+                    s.source.set_fault(Some(Fault::RetryAfter {
+                        status: 429,
+                        value: "1".into(),
+                    }));
+                    heal_at =
+                        Some(Instant::now() + Duration::from_millis(rng.random_range(500..3_000)));
                 }
                 FaultKind::SourceDown => {
                     s.source.set_down(true).await.unwrap();
@@ -224,6 +234,7 @@ async fn chaos(target: usize, duration: Duration, seed: u64, entities: usize) {
         tokio::time::sleep(tick).await;
     }
     // Heal everything and let it catch up.
+    s.source.set_fault(None);
     s.source.set_latency(Duration::ZERO);
     s.source.set_down(false).await.unwrap();
     if let Some((mut child, _)) = b.take() {
@@ -235,9 +246,17 @@ async fn chaos(target: usize, duration: Duration, seed: u64, entities: usize) {
     // Every poisoned key got at least one notification.
     let ids: Vec<usize> = poisoned.iter().map(|p| p.parse().unwrap()).collect();
     s.change(&ids, 0).await.unwrap();
-    s.until_committed(Duration::from_secs(180), &[&a])
-        .await
-        .unwrap();
+    let catching_up = Instant::now();
+    if let Err(e) = s.until_committed(Duration::from_secs(180), &[&a]).await {
+        let status = match s.ops_addr(&a).await {
+            Ok(addr) => pg_scenario::http_get(&addr, "/status.json")
+                .await
+                .unwrap_or_default(),
+            Err(e) => e.to_string(),
+        };
+        panic!("{e:#}\nstatus: {status}");
+    }
+    let catch_up = catching_up.elapsed();
     let status = terminate(&mut a, Duration::from_secs(60)).await.unwrap();
     assert_eq!(status.code(), Some(0), "{}", a.log());
 
@@ -255,7 +274,7 @@ async fn chaos(target: usize, duration: Duration, seed: u64, entities: usize) {
     let (checked, diff) = s.differences(&poisoned).await.unwrap();
     let fetches = s.source.total_requests();
     let figures = format!(
-        "chaos: {} notifications, faults {:?}, {} SIGKILL restarts, {} fetches, {} dead letters ({} keys), {} entities checked, {} entities wrong, {:.1}s",
+        "chaos: {} notifications, faults {:?}, {} SIGKILL restarts, {} fetches, {} dead letters ({} keys), {} entities checked, {} entities wrong, caught up in {:.1}s after the load, {:.1}s in all",
         s.notifications,
         faults,
         restarts,
@@ -264,6 +283,7 @@ async fn chaos(target: usize, duration: Duration, seed: u64, entities: usize) {
         dead_ids.len(),
         checked,
         diff.len(),
+        catch_up.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
     println!("{figures}");

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use refetch::{EntityKey, Version};
 use refetch_integration_tests::refetch_binary;
 use refetch_sinks::postgres::PostgresSink;
@@ -37,6 +38,7 @@ pub struct PgScenario {
     /// The `[sink] url` as written to the config (may hold `${VAR}`).
     pub sink_url: String,
     pub log_level: String,
+    producer: FutureProducer,
 }
 
 impl PgScenario {
@@ -51,9 +53,24 @@ impl PgScenario {
         kafka::create_topic(&brokers, &topic, partitions).await?;
         kafka::create_topic(&brokers, &format!("{group}.dlq"), 1).await?;
         let source = HttpSource::start(HttpSourceOptions::default()).await?;
-        let dir = tempfile::tempdir()?;
+        // REFETCH_KEEP=1 keeps the scenario's folder (config and process logs) for inspection.
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("refetch-{name}-"))
+            .disable_cleanup(std::env::var_os("REFETCH_KEEP").is_some())
+            .tempdir()?;
+        if std::env::var_os("REFETCH_KEEP").is_some() {
+            eprintln!("scenario folder kept: {}", dir.path().display());
+        }
         let config = dir.path().join("refetch.toml");
+        let producer: FutureProducer = kafka::client_config(&brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "180000")
+            .create()
+            .context("creating the Kafka producer")?;
         let s = PgScenario {
+            producer,
             brokers,
             sink_url: pg_url.clone(),
             pg_url,
@@ -195,16 +212,25 @@ level = "{level}"
             }
         }
         let n = records.len();
-        let mut tries = 0;
-        loop {
-            match kafka::produce(&self.brokers, &self.topic, records.clone()).await {
-                Ok(_) => break,
-                Err(e) if tries < 10 => {
-                    tries += 1;
-                    eprintln!("produce failed (retrying): {e:#}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(e) => return Err(e),
+        // Enqueue everything, then await every delivery: the idempotent producer retries through
+        // a broker restart within its message timeout.
+        let mut deliveries = Vec::with_capacity(n);
+        for (key, payload) in &records {
+            let mut record =
+                FutureRecord::<[u8], [u8]>::to(&self.topic).payload(payload.as_slice());
+            if let Some(k) = key {
+                record = record.key(k.as_slice());
+            }
+            match self.producer.send_result(record) {
+                Ok(d) => deliveries.push(d),
+                Err((e, _)) => bail!("enqueueing a notification: {e}"),
+            }
+        }
+        for d in deliveries {
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => bail!("delivering a notification: {e}"),
+                Err(_) => bail!("the producer dropped a delivery"),
             }
         }
         self.notifications += n;
