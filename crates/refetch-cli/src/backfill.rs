@@ -4,8 +4,8 @@
 //! A backfill pages through each entity type's listing (`[fetcher.sources.T.listing]`) and, per
 //! page:
 //! - writes the items directly when the listing's items are complete states *with a version*
-//!   (the sink's version guard keeps a newer state that `refetch run` may have written
-//!   meanwhile);
+//!   and the sink guards on versions (PostgreSQL, SQLite): the guard keeps a newer state that
+//!   `refetch run` may have written meanwhile;
 //! - hands every other id to a refresh pipeline ([`Refresher`]): the engine's single flight,
 //!   versions, validators, gone guard and dead letters, exactly like a notification;
 //! - then, once the sink acknowledged the page, writes a checkpoint (the next page to load) to a
@@ -395,9 +395,12 @@ async fn backfill_type(
         }
         let mut direct = Vec::new();
         let mut by_engine = Vec::new();
+        // Direct writes are safe beside a running pipeline only where the sink's version guard
+        // keeps the newer state (PostgreSQL, SQLite); other sinks get every id through the engine.
+        let guarded = sink.tracks_versions();
         for item in &page.items {
             let key = EntityKey::new(entity_type, item.id.as_str());
-            match &item.entity {
+            match item.entity.as_ref().filter(|_| guarded) {
                 Some(entity) => direct.push(Change::Upsert {
                     key,
                     entity: entity.clone(),

@@ -905,3 +905,45 @@ async fn backfill_through_the_engine_beside_a_running_pipeline_converges() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real broker: run scripts/test"]
+async fn sinks_without_a_version_guard_get_every_id_through_the_engine() {
+    let brokers = kafka::brokers().unwrap();
+    let group = unique("backfill_jsonl");
+    kafka::create_topic(&brokers, &format!("{group}.dlq"), 1)
+        .await
+        .unwrap();
+    let source = HttpSource::start(HttpSourceOptions::default())
+        .await
+        .unwrap();
+    for i in 0..12 {
+        source.put("customer", &format!("c{i:02}"), json!({"n": i}));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("out.jsonl");
+    let config = write_config(
+        dir.path(),
+        &brokers,
+        &group,
+        "unused",
+        &source.base_url(),
+        &listing("link", &source.base_url(), 5, true),
+        &format!("kind = \"jsonl\"\npath = \"{}\"", out_file.display()),
+    );
+    let cfg = config.to_str().unwrap();
+    let (code, out) = refetch(&["backfill", "--config", cfg]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("12 item(s) (0 written from the listing, 12 refreshed through the engine"),
+        "{out}"
+    );
+    let held = refetch_sinks::jsonl::read_latest(&out_file).unwrap();
+    assert_eq!(held.len(), 12);
+    for i in 0..12 {
+        assert!(held.contains_key(&EntityKey::new("customer", format!("c{i:02}").as_str())));
+    }
+    let (code, out) = refetch(&["reconcile", "--config", cfg]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not supported for the jsonl sink"), "{out}");
+}
