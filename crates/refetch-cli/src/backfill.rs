@@ -97,6 +97,11 @@ impl Refresher {
         &self.handle
     }
 
+    /// Whether the pipeline stopped on its own (its refreshes then fail without a fetch).
+    pub fn stopped(&self) -> bool {
+        self.run.is_finished()
+    }
+
     /// Stop the pipeline after its work is done.
     pub async fn close(self) -> anyhow::Result<()> {
         self.handle.shutdown();
@@ -418,6 +423,11 @@ async fn backfill_type(
             if let Some(r) = refresher.as_ref() {
                 let n = by_engine.len() as u64;
                 let outcomes = r.handle().refresh(by_engine).await;
+                // Never checkpoint past ids the engine did not get to.
+                anyhow::ensure!(
+                    !r.stopped(),
+                    "the refresh pipeline stopped; the page is not checkpointed"
+                );
                 for (key, outcome) in &outcomes {
                     if let RefreshOutcome::Failed(why) = outcome {
                         summary.failed += 1;
