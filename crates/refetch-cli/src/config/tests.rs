@@ -480,3 +480,35 @@ fn every_full_configuration_round_trips_through_toml() {
         assert_eq!(back.config, c);
     }
 }
+
+#[test]
+fn backfill_and_reconcile_sections_have_defaults_and_are_checked() {
+    let c = load_text(MINIMAL).expect("loads").config;
+    assert_eq!(
+        c.reconcile.interval, None,
+        "scheduled reconcile is off by default"
+    );
+    assert_eq!(
+        c.backfill.state_path(Path::new("/etc/refetch/crm.toml")),
+        Path::new("/etc/refetch/crm.toml.backfill.json")
+    );
+    let text = format!(
+        "{MINIMAL}\n[reconcile]\ninterval = \"6h\"\norphan_wait = \"5s\"\n[backfill]\nstate_file = \"/var/lib/refetch/state.json\"\n"
+    );
+    let c = load_text(&text).expect("loads").config;
+    assert_eq!(c.reconcile.interval, Some(Duration::from_secs(6 * 3600)));
+    assert_eq!(c.reconcile.orphan_wait, Duration::from_secs(5));
+    assert_eq!(
+        c.backfill.state_path(Path::new("x.toml")),
+        Path::new("/var/lib/refetch/state.json")
+    );
+    for (extra, key) in [
+        ("\n[reconcile]\npage_size = 0\n", "reconcile.page_size"),
+        ("\n[reconcile]\ninterval = \"0s\"\n", "reconcile.interval"),
+        ("\n[reconcile]\ntopic = \"elsewhere\"\n", "reconcile.topic"),
+        ("\n[reconcile]\nintervall = \"1h\"\n", "intervall"),
+    ] {
+        let (_, shown) = error_of(extra);
+        assert!(shown.contains(key), "{extra}: {shown}");
+    }
+}
