@@ -439,8 +439,6 @@ async fn backfill_type(
         }
         summary.pages += 1;
         summary.items += page.items.len() as u64;
-        metrics::counter!("refetch_backfill_items_total", "entity_type" => entity_type.to_owned())
-            .increment(page.items.len() as u64);
         let entry = state.types.entry(entity_type.to_owned()).or_default();
         entry.pages += 1;
         entry.items += page.items.len() as u64;
