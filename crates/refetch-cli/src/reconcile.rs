@@ -572,4 +572,51 @@ mod tests {
         let p = kafka_partition(b"foobar", 3);
         assert_eq!(p, ((-790_332_482_i32) as u32 & 0x7fff_ffff) % 3);
     }
+
+    /// The partition reconcile computes is where a murmur2-partitioning producer (the Java
+    /// client's default; librdkafka with `partitioner=murmur2_random`) puts a keyed record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs a real broker: run scripts/test"]
+    async fn partitions_match_a_murmur2_producer_on_a_real_broker() {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        use refetch_testkit::kafka;
+        let brokers = kafka::brokers().unwrap();
+        let topic = refetch_testkit::names::unique("reconcile_partitioner");
+        kafka::create_topic(&brokers, &topic, 7).await.unwrap();
+        let producer: FutureProducer = kafka::client_config(&brokers)
+            .set("partitioner", "murmur2_random")
+            .create()
+            .unwrap();
+        let ids: Vec<String> = (0..200)
+            .map(|i| format!("customer-{i}"))
+            .chain(["", "ü", "a/b", "12345678901234567890"].map(String::from))
+            .filter(|id| !id.is_empty())
+            .collect();
+        for id in &ids {
+            producer
+                .send(
+                    FutureRecord::<str, str>::to(&topic).key(id).payload("{}"),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        let records = kafka::read_all(&brokers, &topic, false, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(records.len(), ids.len());
+        let mut used = HashSet::new();
+        for r in records {
+            let key = r.key.unwrap();
+            used.insert(r.partition);
+            assert_eq!(
+                kafka_partition(&key, 7) as i32,
+                r.partition,
+                "{}",
+                String::from_utf8_lossy(&key)
+            );
+        }
+        assert!(used.len() > 3, "keys spread over the partitions: {used:?}");
+    }
 }
