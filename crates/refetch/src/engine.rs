@@ -781,7 +781,8 @@ impl Engine {
     /// writes whose backoff passed. Produces actions.
     pub fn poll(&mut self, now: Tick) {
         self.last_tick = self.last_tick.max(now);
-        if !self.acts.is_empty() {
+        if !self.acts.is_empty() || self.acts.next_wakeup().is_some() {
+            // (Timers of closed actions are stale entries: `poll_actions` drops them.)
             self.poll_actions(now);
         }
         while let Some(Reverse((at, _, _))) = self.write_retries.peek() {

@@ -773,6 +773,14 @@ impl World {
             self.engine.status(Tick(self.now)),
             self.engine.open_actions()
         );
+        // An idle engine asks for no wake-up in the past (the runtime would spin on it).
+        self.engine.poll(Tick(self.now));
+        assert!(
+            self.engine.next_wakeup().is_none_or(|t| t > Tick(self.now)),
+            "idle engine wants a wake-up at {:?} (now {})",
+            self.engine.next_wakeup(),
+            self.now
+        );
         for p in 0..PARTITIONS {
             let end = self
                 .log
