@@ -141,7 +141,8 @@ async fn chaos(target: usize, duration: Duration, seed: u64, entities: usize) {
     let mut faults: BTreeMap<FaultKind, usize> = BTreeMap::new();
     let mut restarts = 0usize;
     let mut next_fault = Instant::now() + Duration::from_secs(3);
-    let spacing = duration.as_secs_f64() / (plan.len() as f64 + 2.0);
+    // Every kind once in the bounded run; a fault every 8-20 s in a long one.
+    let spacing = (duration.as_secs_f64() / (plan.len() as f64 + 2.0)).min(14.0);
     let tick = Duration::from_millis(250);
     let load_start = Instant::now();
     let mut heal_at: Option<Instant> = None;

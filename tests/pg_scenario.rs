@@ -38,6 +38,10 @@ pub struct PgScenario {
     /// The `[sink] url` as written to the config (may hold `${VAR}`).
     pub sink_url: String,
     pub log_level: String,
+    /// The brokers `refetch run` connects to (default: `brokers`, which the test itself uses).
+    pub run_brokers: String,
+    /// Extra TOML lines for the `[kafka]` table (for example `properties = { ... }`).
+    pub kafka_extra: String,
     producer: FutureProducer,
 }
 
@@ -71,6 +75,8 @@ impl PgScenario {
             .context("creating the Kafka producer")?;
         let s = PgScenario {
             producer,
+            run_brokers: brokers.clone(),
+            kafka_extra: String::new(),
             brokers,
             sink_url: pg_url.clone(),
             pg_url,
@@ -101,6 +107,7 @@ brokers = "{brokers}"
 group_id = "{group}"
 group_protocol = "classic"
 consumer_properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }}
+{kafka_extra}
 
 [[topics]]
 name = "{topic}"
@@ -134,7 +141,8 @@ listen = "127.0.0.1:0"
 [log]
 level = "{level}"
 "#,
-            brokers = self.brokers,
+            brokers = self.run_brokers,
+            kafka_extra = self.kafka_extra,
             group = self.group,
             topic = self.topic,
             source = self.source.base_url(),
