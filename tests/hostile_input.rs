@@ -748,7 +748,9 @@ async fn hostile_records_reach_the_dead_letter_topic_of_a_real_broker() {
         .unwrap();
     let big = format!("OVERSIZED {}", "q".repeat(3 * 1024 * 1024));
     let long_id = json!({ "id": "x".repeat(100 * 1024) }).to_string();
-    let records: Vec<(Option<&[u8]>, Option<&[u8]>, &str)> = vec![
+    /// (record key, payload, expected `refetch.reason`; empty: accepted).
+    type Case<'a> = (Option<&'a [u8]>, Option<&'a [u8]>, &'a str);
+    let records: Vec<Case> = vec![
         (Some(b"k1"), Some(b"MALFORMED {"), "decode"),
         (Some(b"\xff\xfe"), Some(b"\xc3\x28\xff"), "decode"),
         (Some(b"k3"), None, "decode"),
