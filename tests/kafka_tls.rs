@@ -46,7 +46,9 @@ async fn sasl_scram_over_tls_to_a_private_broker() {
             ("REFETCH_KAFKA_SASL_PASSWORD", PASSWORD.to_string()),
         ],
     };
-    let out = run_script("kafka", &["up", "--fresh"], &broker.env).await.unwrap();
+    let out = run_script("kafka", &["up", "--fresh"], &broker.env)
+        .await
+        .unwrap();
     let ca = out
         .split_whitespace()
         .find_map(|w| w.strip_prefix("REFETCH_TEST_KAFKA_CA="))
