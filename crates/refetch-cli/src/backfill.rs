@@ -303,11 +303,13 @@ pub async fn backfill(args: &BackfillArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     let state_path = cfg.backfill.state_path(&args.config.config);
-    let mut state = if args.restart {
-        BackfillState::default()
-    } else {
-        BackfillState::load(&state_path)?
-    };
+    let mut state = BackfillState::load(&state_path)?;
+    if args.restart {
+        // Only the types of this run start over; other types keep their checkpoints.
+        for t in &types {
+            state.types.remove(t);
+        }
+    }
     let sink = wiring::build_sink(&cfg.sink).await?;
     let mut refresher: Option<Refresher> = None;
     let started = Instant::now();

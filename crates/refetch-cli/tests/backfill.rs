@@ -293,6 +293,33 @@ async fn backfill_pages_in_each_style() {
             "{style}: {out}"
         );
         assert_equal(&sqlite_held(&db).await, &source);
+        if style == "link" {
+            let (code, out) = refetch(&[
+                "backfill",
+                "--config",
+                config.to_str().unwrap(),
+                "--type",
+                "customer",
+                "--restart",
+            ])
+            .await;
+            assert_eq!(code, 0, "{out}");
+            assert!(!out.contains("starting over"), "{out}");
+            assert!(out.contains("customer: 8 page(s), 57 item(s)"), "{out}");
+            let (code, out) = refetch(&[
+                "backfill",
+                "--config",
+                config.to_str().unwrap(),
+                "--type",
+                "order",
+            ])
+            .await;
+            assert_eq!(code, 2, "{out}");
+            assert!(
+                out.contains("has no [fetcher.sources.order.listing]"),
+                "{out}"
+            );
+        }
     }
 }
 
