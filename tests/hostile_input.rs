@@ -248,10 +248,14 @@ async fn hostile_notification_payloads_are_dead_lettered_with_reasons() {
     );
     let by_id = run.dead_by_id();
     for id in [".", ".."] {
-        let (reason, _, error) = by_id
+        let (reason, class, error) = by_id
             .get(id)
             .unwrap_or_else(|| panic!("{id} dead-lettered"));
-        assert!(!reason.is_empty() && !error.is_empty());
+        assert_eq!(
+            (reason.as_str(), class.as_str()),
+            ("fetch", "permanent"),
+            "{error}"
+        );
         assert_eq!(source.requests_for("customer", id), 0);
     }
     assert_eq!(dead.len(), expected_decode + 1 + 2, "{reasons:?}");
