@@ -272,6 +272,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn business_action_settings_and_decoder_keys() {
+        let e: EngineSection = toml::from_str(
+            "[actions]\nwindow = \"250ms\"\nmax_wait = \"3s\"\non_failure = \"write_succeeded\"\n",
+        )
+        .expect("parses");
+        let a = e.to_engine().actions;
+        assert_eq!(a.window, Duration::from_millis(250));
+        assert_eq!(a.max_wait, Duration::from_secs(3));
+        assert_eq!(a.on_failure, ActionFailurePolicy::WriteSucceeded);
+        assert!(toml::from_str::<EngineSection>("[actions]\nsize = 3\n").is_err());
+
+        let d: crate::config::DecoderSection = toml::from_str(
+            "kind = \"json\"\nfixed_type = \"customer\"\ncorrelation = \"/tx\"\naction_size = \"/of\"\n",
+        )
+        .expect("parses");
+        let payload = br#"{"id":"1","tx":"t-1","of":2}"#;
+        let record = refetch::RecordView {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: Some(payload),
+            headers: &[],
+        };
+        match d.build().decode(&record) {
+            Ok(refetch::Decoded::Notification(n)) => {
+                let tag = n.action.expect("a member of an action");
+                assert_eq!((&*tag.id, tag.size), ("t-1", Some(2)));
+            }
+            other => panic!("expected a notification, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn round_trips_the_engine_defaults() {
         let e = EngineConfig::default();
         assert_eq!(EngineSection::from(&e).to_engine(), e);
