@@ -101,6 +101,9 @@ pub struct SourceConfig {
     pub follow_redirects_to_other_hosts: bool,
     /// Most redirects followed for one request.
     pub max_redirects: usize,
+    /// A PEM file of CA certificates trusted for this source's HTTPS in addition to the
+    /// system's (for example a company CA). Read when the fetcher is built.
+    pub ca_file: Option<std::path::PathBuf>,
     /// A multi-id endpoint for batched fetches.
     pub batch: Option<BatchConfig>,
     /// A listing endpoint that names every entity of the type, page by page, for `refetch
@@ -128,6 +131,7 @@ impl Default for SourceConfig {
             not_found: None,
             follow_redirects_to_other_hosts: false,
             max_redirects: 3,
+            ca_file: None,
             batch: None,
             listing: None,
         }

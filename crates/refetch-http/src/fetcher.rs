@@ -470,11 +470,33 @@ fn compile(
             attempt.stop()
         }
     });
-    let client = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .user_agent(user_agent)
         .connect_timeout(cfg.connect_timeout)
         .redirect(policy)
-        .no_proxy()
+        .no_proxy();
+    if let Some(path) = &cfg.ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            invalid(
+                entity_type,
+                format!("reading ca_file {}: {e}", path.display()),
+            )
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            invalid(
+                entity_type,
+                format!("ca_file {} holds no usable PEM certificate: {e}", path.display()),
+            )
+        })?;
+        if certs.is_empty() {
+            return Err(invalid(
+                entity_type,
+                format!("ca_file {} holds no certificate", path.display()),
+            ));
+        }
+        builder = builder.tls_certs_merge(certs);
+    }
+    let client = builder
         .build()
         .map_err(|e| invalid(entity_type, format!("building the HTTP client: {e}")))?;
 
