@@ -485,7 +485,10 @@ fn compile(
         let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
             invalid(
                 entity_type,
-                format!("ca_file {} holds no usable PEM certificate: {e}", path.display()),
+                format!(
+                    "ca_file {} holds no usable PEM certificate: {e}",
+                    path.display()
+                ),
             )
         })?;
         if certs.is_empty() {
