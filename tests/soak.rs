@@ -6,7 +6,8 @@
 //!
 //! Not part of the default run (`test = false` in Cargo.toml). Run on demand:
 //! `REFETCH_SOAK_SECONDS=600 cargo test -p refetch-integration-tests --test soak -- --nocapture`
-//! (defaults: 600 s, 400 changes per second over 20,000 entities, a sample every 5 s; the CSV goes
+//! (defaults: 600 s, 400 notifications per second (200 changes, each announced twice) over 20,000
+//! entities, a sample every 5 s; the CSV goes
 //! to `$REFETCH_SOAK_CSV`, default `target/soak.csv`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -128,7 +129,7 @@ async fn soak_stays_flat() {
     let fds = (peak(first, |x| x.fds as f64), peak(last, |x| x.fds as f64));
     let pending = (peak(first, |x| x.pending), peak(last, |x| x.pending));
     let summary = format!(
-        "soak: {seconds}s at {rate} changes/s ({} notifications, {entities} entities), {} samples; \
+        "soak: {seconds}s at {rate} notifications/s ({} notifications, {entities} entities), {} samples; \
          peak RSS first/last third {:.1}/{:.1} MiB, fds {}/{}, pending keys {}/{}; csv {path}",
         s.notifications,
         samples.len(),
