@@ -416,3 +416,90 @@ pub(crate) fn dispatch_dead_letter(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::WriteGroup;
+    use crate::key::EntityKey;
+
+    fn job(flight: u64, group: Option<(u64, usize)>) -> WriteJob {
+        WriteJob {
+            flight,
+            change: Change::Delete {
+                key: EntityKey::new("c", flight.to_string()),
+            },
+            group: group.map(|(action, size)| WriteGroup { action, size }),
+        }
+    }
+
+    #[test]
+    fn an_action_group_is_one_unit_and_other_writes_stand_alone() {
+        let batch = vec![
+            job(1, None),
+            job(2, Some((7, 3))),
+            job(3, Some((7, 3))),
+            job(4, Some((7, 3))),
+            job(5, Some((8, 1))),
+            job(6, None),
+        ];
+        let sizes: Vec<usize> = units(&batch).iter().map(|u| u.len()).collect();
+        assert_eq!(sizes, vec![1, 3, 1, 1]);
+        assert_eq!(
+            group_rest(&batch[1]),
+            2,
+            "two more writes of the group follow"
+        );
+        assert_eq!(group_rest(&batch[0]), 0);
+    }
+
+    /// A sink that refuses any batch holding `bad` permanently (as a constraint violation in a
+    /// transaction would), and records the batches it accepted.
+    #[derive(Default)]
+    struct Refusing {
+        accepted: std::sync::Mutex<Vec<Vec<u64>>>,
+    }
+
+    #[async_trait]
+    impl Sink for Refusing {
+        async fn write(&self, batch: &[Change]) -> Result<crate::sink::WriteReport, SinkError> {
+            let ids: Vec<u64> = batch
+                .iter()
+                .filter_map(|c| c.key().id().parse().ok())
+                .collect();
+            if ids.contains(&6) {
+                return Err(SinkError::permanent("constraint violated"));
+            }
+            if let Ok(mut a) = self.accepted.lock() {
+                a.push(ids);
+            }
+            Ok(crate::sink::WriteReport::default())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_retried_by_units_keeping_the_action_together() {
+        let sink = Refusing::default();
+        let batch = vec![
+            job(1, None),
+            job(2, Some((7, 3))),
+            job(3, Some((7, 3))),
+            job(4, Some((7, 3))),
+            job(6, None),
+        ];
+        let backoff = crate::config::Backoff {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(1),
+            multiplier: 1.0,
+        };
+        let results = write_with_retry(&sink, &batch, backoff).await;
+        assert!(matches!(results[4], WriteResult::Failed(_)));
+        assert!(
+            results[..4]
+                .iter()
+                .all(|r| matches!(r, WriteResult::Durable))
+        );
+        let accepted = sink.accepted.lock().map(|a| a.clone()).unwrap_or_default();
+        assert_eq!(accepted, vec![vec![1], vec![2, 3, 4]]);
+    }
+}

@@ -278,6 +278,8 @@ pub struct EngineStatus {
     pub latency_p50_ms: Option<f64>,
     /// Notification-to-durable latency p99, milliseconds.
     pub latency_p99_ms: Option<f64>,
+    /// Business actions collecting or being fetched and written.
+    pub open_actions: usize,
 }
 
 /// Approximate bytes a key costs besides its id (map entry, state, one note).
@@ -1732,6 +1734,7 @@ impl Engine {
                 .latency
                 .quantile(0.99)
                 .map(|d| d.as_secs_f64() * 1000.0),
+            open_actions: self.acts.open.len(),
         }
     }
 }
