@@ -136,6 +136,8 @@ pub(crate) struct OpenAction {
     pub write_issued: bool,
     /// Members of the group write not yet durable (or dead-lettered).
     pub writes_outstanding: usize,
+    /// Its keys no longer count as held by a collecting action.
+    pub released: bool,
 }
 
 impl OpenAction {
@@ -252,6 +254,7 @@ impl Actions {
                         failed: false,
                         write_issued: false,
                         writes_outstanding: 0,
+                        released: false,
                     },
                 );
                 id
@@ -319,12 +322,13 @@ impl Actions {
 
     /// Action `id` stopped collecting (completed or dissolved): its keys are free of it.
     pub fn stop_collecting(&mut self, id: u64) {
-        let Some(a) = self.open.get(&id) else {
+        let Some(a) = self.open.get_mut(&id) else {
             return;
         };
-        if a.running {
+        if a.released {
             return;
         }
+        a.released = true;
         for m in &a.members {
             if let Some(n) = self.collecting_keys.get_mut(&m.key) {
                 *n -= 1;
@@ -386,6 +390,17 @@ mod tests {
         let members = &a.open[&id].members;
         assert_eq!(members.len(), 2);
         assert_eq!(members[0].pending.as_ref().map(|p| p.notes.len()), Some(2));
+    }
+
+    #[test]
+    fn keys_are_released_from_collection_once() {
+        let mut a = Actions::new(ActionConfig::default());
+        let k = EntityKey::new("c", "1");
+        let (first, _) = a.add(&tag("a", None), k.clone(), None, None, note(0), Tick(0));
+        a.add(&tag("b", None), k.clone(), None, None, note(1), Tick(0));
+        a.stop_collecting(first);
+        a.stop_collecting(first);
+        assert!(a.in_collecting(&k), "still held by the second action");
     }
 
     #[test]
