@@ -375,11 +375,10 @@ async fn unknown_entity_types_are_ignored_or_dead_lettered_by_policy() {
 }
 
 /// The dead-letter module promises `refetch.entity.type` / `refetch.entity.id` "where known";
-/// for an unknown type both were decoded, yet the record carries neither, so an operator cannot
-/// list or redrive these by entity.
+/// for an unknown type both were decoded, so the record names them (an operator can list and
+/// redrive these by entity).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "engine bug: unknown_type dead letters lack refetch.entity.type/refetch.entity.id headers"]
-async fn known_bug_unknown_type_dead_letters_name_their_entity() {
+async fn unknown_type_dead_letters_name_their_entity() {
     let (dead, _, _) = unknown_types_run(UnknownTypePolicy::DeadLetter).await;
     for d in dead
         .records()

@@ -615,7 +615,12 @@ impl Engine {
                     n.key.id().len(),
                     self.cfg.max_id_len
                 );
-                let dl = self.record_dead_letter(record, reason::ID_TOO_LONG, &msg);
+                let mut dl = self.record_dead_letter(record, reason::ID_TOO_LONG, &msg);
+                // The type is known; the over-long id stays in the original payload only.
+                dl.headers.push((
+                    header::ENTITY_TYPE.to_owned(),
+                    n.key.entity_type().to_owned(),
+                ));
                 self.issue_dead_letter(dl, std::iter::once(note).collect());
             }
             return;
@@ -631,7 +636,14 @@ impl Engine {
                     if self.track(slot, record.offset, false) {
                         let msg =
                             format!("no fetcher serves entity type {:?}", n.key.entity_type());
-                        let dl = self.record_dead_letter(record, reason::UNKNOWN_TYPE, &msg);
+                        let mut dl = self.record_dead_letter(record, reason::UNKNOWN_TYPE, &msg);
+                        // Decoded fine: name the entity so it can be listed and redriven.
+                        dl.headers.push((
+                            header::ENTITY_TYPE.to_owned(),
+                            n.key.entity_type().to_owned(),
+                        ));
+                        dl.headers
+                            .push((header::ENTITY_ID.to_owned(), n.key.id().to_owned()));
                         self.issue_dead_letter(dl, std::iter::once(note).collect());
                     }
                 }
