@@ -8,8 +8,8 @@
 //!
 //! - `raw`: a librdkafka `BaseConsumer` that reads every record and does nothing else, then commits
 //!   once (the upper bound);
-//! - `hand-rolled`: what teams write by hand: for each record, `GET` the entity, write it, commit;
-//!   one record at a time;
+//! - `hand-rolled`: what teams write by hand: for each record, `GET` the entity, write it, store
+//!   its offset (the client commits stored offsets every second); one record at a time;
 //! - `refetch-default` / `refetch-tuned`: the `refetch` library's `Pipeline` in this process with
 //!   `refetch_http::HttpFetcher`, defaults or a tuned configuration (see [`tuned_engine`]).
 
@@ -42,7 +42,7 @@ use crate::workload::{ENTITY_TYPE, parse_payload};
 pub enum ContenderKind {
     /// The raw consumer: read, do nothing, commit at the end.
     Raw,
-    /// Fetch per notification, write, commit; one at a time.
+    /// Fetch per notification, write, store the offset (committed every second); one at a time.
     HandRolled,
     /// refetch with its defaults.
     RefetchDefault,
@@ -112,6 +112,9 @@ pub struct ContenderArgs {
     /// Where to write the durable version of every entity (JSON), for the convergence check.
     #[arg(long)]
     pub versions_out: PathBuf,
+    /// Measure no latency (keeps the probe's per-notification memory out of peak RSS).
+    #[arg(long)]
+    pub no_latency: bool,
 }
 
 /// What a contender reports.
@@ -318,20 +321,49 @@ pub async fn run(args: ContenderArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Commit `positions` and wait (bounded) until the broker shows them. An asynchronous commit and a
+/// read-back, because a synchronous commit can block without end when the group coordinator stops
+/// answering; a commit that does not show up in time is logged and the report says what is
+/// committed.
 fn commit_positions(
     consumer: &impl Consumer,
     topic: &str,
     positions: &BTreeMap<i32, i64>,
-) -> anyhow::Result<()> {
+) -> BTreeMap<i32, i64> {
     if positions.is_empty() {
-        return Ok(());
+        return BTreeMap::new();
     }
     let mut tpl = TopicPartitionList::new();
     for (p, o) in positions {
-        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+        if let Err(e) = tpl.add_partition_offset(topic, *p, Offset::Offset(*o)) {
+            tracing::warn!(error = %e, "building the commit");
+        }
     }
-    consumer.commit(&tpl, CommitMode::Sync)?;
-    Ok(())
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::warn!(error = %e, "final commit");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = BTreeMap::new();
+    while Instant::now() < deadline {
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(2)) {
+            Ok(c) => {
+                seen = c
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some((e.partition(), o)),
+                        _ => None,
+                    })
+                    .collect();
+                if reached(&seen, positions) {
+                    break;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading committed offsets"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    seen
 }
 
 const JOIN_TIMEOUT: Duration = Duration::from_secs(90);
@@ -369,12 +401,12 @@ fn run_raw(args: &ContenderArgs, end: &EndOffsets) -> anyhow::Result<ContenderRe
             _ => {}
         }
     }
-    commit_positions(&consumer, &args.topic, &positions)?;
+    let committed = commit_positions(&consumer, &args.topic, &positions);
     let done = Instant::now();
     std::fs::write(&args.versions_out, b"{}")?;
     Ok(ContenderReport {
         consumed,
-        committed: positions.values().map(|&o| o as u64).sum(),
+        committed: committed.values().map(|&o| o as u64).sum(),
         elapsed_s: first.map_or(0.0, |f| done.duration_since(f).as_secs_f64()),
         capped,
         probe: ProbeSummary::default(),
@@ -408,8 +440,14 @@ async fn run_hand_rolled(
     args: &ContenderArgs,
     end: &EndOffsets,
 ) -> anyhow::Result<ContenderReport> {
+    // The usual at-least-once loop: offsets are stored after the write and the client commits the
+    // stored offsets every second (committing every record instead floods the group coordinator
+    // at thousands of records per second).
     let consumer: StreamConsumer = kafka_config(args)
         .consumer_client_config()
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
         .create()
         .context("creating the consumer")?;
     consumer.subscribe(&[&args.topic])?;
@@ -471,15 +509,16 @@ async fn run_hand_rolled(
                 }
             }
         }
-        consumer.commit_message(&m, CommitMode::Async)?;
+        consumer.store_offset_from_message(&m)?;
         positions.insert(m.partition(), m.offset() + 1);
     }
-    commit_positions(&consumer, &args.topic, &positions)?;
+    let committed =
+        tokio::task::block_in_place(|| commit_positions(&consumer, &args.topic, &positions));
     let done = Instant::now();
     write_versions(args, &probe)?;
     Ok(ContenderReport {
         consumed,
-        committed: positions.values().map(|&o| o as u64).sum(),
+        committed: committed.values().map(|&o| o as u64).sum(),
         elapsed_s: first.map_or(0.0, |f| done.duration_since(f).as_secs_f64()),
         capped,
         probe: probe.summary(),
@@ -495,7 +534,11 @@ async fn run_refetch(args: &ContenderArgs, end: &EndOffsets) -> anyhow::Result<C
     } else {
         EngineConfig::default()
     };
-    let probe = Arc::new(Probe::default());
+    let probe = Arc::new(if args.no_latency {
+        Probe::without_latency()
+    } else {
+        Probe::default()
+    });
     let sink = ProbeSink {
         inner: BenchSink::open(args.jsonl.as_ref(), engine.sink_batch_max).await?,
         probe: probe.clone(),

@@ -52,6 +52,7 @@ pub fn preset(name: &str, scale: f64) -> Option<(WorkloadSpec, Vec<ContenderKind
         source_latency_ms: 5,
         sink: "jsonl".to_owned(),
         seed: 42,
+        no_latency: false,
     };
     let throughput = WorkloadSpec {
         notifications: n(1_000_000),
@@ -72,9 +73,14 @@ pub fn preset(name: &str, scale: f64) -> Option<(WorkloadSpec, Vec<ContenderKind
                 ContenderKind::RefetchTuned,
             ],
         ),
-        "rss-small" => (
+        "rss-small" | "rss-large" => (
             WorkloadSpec {
-                notifications: n(100_000),
+                notifications: n(if name == "rss-small" {
+                    100_000
+                } else {
+                    1_000_000
+                }),
+                no_latency: true,
                 ..throughput
             },
             vec![ContenderKind::Raw, ContenderKind::RefetchDefault],

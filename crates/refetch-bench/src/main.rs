@@ -27,11 +27,11 @@ enum Cmd {
         /// Bootstrap servers.
         #[arg(long, env = "REFETCH_TEST_KAFKA")]
         brokers: String,
-        /// Workloads: dup-heavy, throughput, rss-small.
+        /// Workloads: dup-heavy, throughput, rss-small, rss-large.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "dup-heavy,throughput,rss-small"
+            default_value = "dup-heavy,throughput,rss-small,rss-large"
         )]
         workloads: Vec<String>,
         /// Run only these contenders (default: each workload's list).
@@ -55,6 +55,38 @@ enum Cmd {
     },
     /// Run one contender (started by `run`; speaks a line protocol on stdin/stdout).
     Contender(ContenderArgs),
+    /// Render `<out>/<workload>.md` and `.png` again from `<out>/<workload>.json`.
+    Render {
+        /// Workloads to render.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "dup-heavy,throughput,rss-small,rss-large"
+        )]
+        workloads: Vec<String>,
+        /// Results folder.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+}
+
+#[derive(serde::Deserialize)]
+struct Saved {
+    workload: refetch_bench::workload::WorkloadSpec,
+    rows: Vec<Row>,
+}
+
+fn publish(
+    out: &std::path::Path,
+    name: &str,
+    spec: &refetch_bench::workload::WorkloadSpec,
+    rows: &[Row],
+) -> anyhow::Result<()> {
+    let table = report::table(spec, rows);
+    println!("{table}");
+    std::fs::write(out.join(format!("{name}.md")), &table)?;
+    chart::write_png(&out.join(format!("{name}.png")), &spec.name, rows)?;
+    Ok(())
 }
 
 #[tokio::main]
@@ -68,6 +100,16 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Cmd::Contender(args) => contender::run(args).await,
+        Cmd::Render { workloads, out } => {
+            for name in workloads {
+                let path = out.join(format!("{name}.json"));
+                let saved: Saved = serde_json::from_slice(
+                    &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+                )?;
+                publish(&out, &name, &saved.workload, &saved.rows)?;
+            }
+            Ok(())
+        }
         Cmd::Run {
             brokers,
             workloads,
@@ -96,7 +138,9 @@ async fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(&out)?;
             for name in workloads {
                 let Some((spec, default_contenders)) = preset(&name, scale) else {
-                    bail!("unknown workload {name:?} (dup-heavy, throughput, rss-small)");
+                    bail!(
+                        "unknown workload {name:?} (dup-heavy, throughput, rss-small, rss-large)"
+                    );
                 };
                 let kinds = if contenders.is_empty() {
                     default_contenders
@@ -111,16 +155,13 @@ async fn main() -> anyhow::Result<()> {
                     rows.push(row);
                 }
                 run.shutdown().await;
-                let table = report::table(&spec, &rows);
-                println!("{table}");
-                std::fs::write(out.join(format!("{name}.md")), &table)?;
+                publish(&out, &name, &spec, &rows)?;
                 std::fs::write(
                     out.join(format!("{name}.json")),
                     serde_json::to_vec_pretty(
                         &serde_json::json!({"workload": spec, "rows": rows}),
                     )?,
                 )?;
-                chart::write_png(&out.join(format!("{name}.png")), &spec.name, &rows)?;
             }
             Ok(())
         }

@@ -80,6 +80,9 @@ struct State {
 #[derive(Debug, Default)]
 pub struct Probe {
     state: Mutex<State>,
+    /// Keep no per-notification state (no latency): for peak-RSS runs, where the probe's own
+    /// memory (one entry per notification awaiting its write) would be counted as the contender's.
+    no_latency: bool,
 }
 
 /// What a probe measured.
@@ -98,6 +101,14 @@ pub struct ProbeSummary {
 }
 
 impl Probe {
+    /// A probe that only counts receipts and records durable versions (no latency figures).
+    pub fn without_latency() -> Self {
+        Probe {
+            no_latency: true,
+            ..Probe::default()
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -108,6 +119,9 @@ impl Probe {
         let mut s = self.lock();
         s.received += 1;
         s.first_receive.get_or_insert(now);
+        if self.no_latency {
+            return;
+        }
         if s.durable.get(id).is_some_and(|&d| d >= version) {
             s.latency.record(0);
             return;
@@ -124,6 +138,9 @@ impl Probe {
         let mut s = self.lock();
         let d = s.durable.entry(id.to_owned()).or_insert(version);
         *d = (*d).max(version);
+        if self.no_latency {
+            return;
+        }
         let State {
             waiting, latency, ..
         } = &mut *s;
@@ -195,5 +212,18 @@ mod tests {
         let s = p.summary();
         assert_eq!((s.satisfied, s.waiting), (3, 0));
         assert_eq!(p.durable_versions().get("a"), Some(&3));
+    }
+
+    #[test]
+    fn without_latency_keeps_versions_only() {
+        let p = Probe::without_latency();
+        p.received("a", 1);
+        p.durable("a", 1);
+        let s = p.summary();
+        assert_eq!(
+            (s.received, s.satisfied, s.waiting, s.p50_ms),
+            (1, 0, 0, None)
+        );
+        assert_eq!(p.durable_versions().get("a"), Some(&1));
     }
 }

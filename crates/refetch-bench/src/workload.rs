@@ -82,6 +82,9 @@ pub struct WorkloadSpec {
     pub sink: String,
     /// Random seed.
     pub seed: u64,
+    /// Measure peak RSS without the latency probe (the table then shows no latency).
+    #[serde(default)]
+    pub no_latency: bool,
 }
 
 /// A generated backlog.
@@ -225,6 +228,7 @@ mod tests {
             source_latency_ms: 0,
             sink: "null".into(),
             seed: 7,
+            no_latency: false,
         }
     }
 

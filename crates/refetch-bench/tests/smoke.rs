@@ -30,6 +30,7 @@ async fn raw_hand_rolled_and_refetch_on_a_tiny_duplicate_heavy_workload() {
         source_latency_ms: 1,
         sink: "jsonl".into(),
         seed: 3,
+        no_latency: false,
     };
     let opts = DriverOptions {
         brokers,

@@ -49,18 +49,23 @@ public final class Harness {
         versionsOut = Path.of(a.get("versions-out"));
     }
 
+    /** A humantime-style duration: "90000ms", "90s", "1m 30s". */
     static Duration parseDuration(String s) {
-        Matcher m = Pattern.compile("(\\d+)(ms|s|m)?").matcher(s.trim());
-        if (!m.matches()) {
-            return Duration.ofSeconds(120);
+        Matcher m = Pattern.compile("(\\d+)\\s*(ms|min|s|m|h)?").matcher(s.trim());
+        Duration d = Duration.ZERO;
+        boolean any = false;
+        while (m.find()) {
+            any = true;
+            long n = Long.parseLong(m.group(1));
+            String unit = m.group(2) == null ? "s" : m.group(2);
+            d = d.plus(switch (unit) {
+                case "ms" -> Duration.ofMillis(n);
+                case "m", "min" -> Duration.ofMinutes(n);
+                case "h" -> Duration.ofHours(n);
+                default -> Duration.ofSeconds(n);
+            });
         }
-        long n = Long.parseLong(m.group(1));
-        String unit = m.group(2) == null ? "s" : m.group(2);
-        return switch (unit) {
-            case "ms" -> Duration.ofMillis(n);
-            case "m" -> Duration.ofMinutes(n);
-            default -> Duration.ofSeconds(n);
-        };
+        return any ? d : Duration.ofSeconds(120);
     }
 
     /** Parse --key value arguments and start reading stdin. */
