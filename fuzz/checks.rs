@@ -63,9 +63,10 @@ pub fn decode_json(data: &[u8]) {
 
 const HOST: &str = "source.example";
 
-/// The fetcher the URL checks use (built once per test process).
-pub fn fetcher_for_tests() -> HttpFetcher {
-    fetcher()
+/// The fetcher the URL checks use, built once per process.
+pub fn shared_fetcher() -> &'static HttpFetcher {
+    static FETCHER: std::sync::LazyLock<HttpFetcher> = std::sync::LazyLock::new(fetcher);
+    &FETCHER
 }
 
 fn fetcher() -> HttpFetcher {
@@ -87,7 +88,7 @@ fn fetcher() -> HttpFetcher {
 /// refused before any request.
 pub fn url_template(data: &[u8]) {
     let id = String::from_utf8_lossy(data);
-    check_id(&fetcher(), &id);
+    check_id(shared_fetcher(), &id);
 }
 
 /// [`url_template`] for one id string.

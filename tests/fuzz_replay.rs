@@ -96,7 +96,7 @@ proptest! {
         Just(".%2E".to_owned()),
         Just("%2e%2e".to_owned()),
     ]) {
-        checks::check_id(&FETCHER, &id);
+        checks::check_id(checks::shared_fetcher(), &id);
     }
 
     #[test]
@@ -104,6 +104,3 @@ proptest! {
         checks::config_toml(text.as_bytes());
     }
 }
-
-static FETCHER: std::sync::LazyLock<refetch_http::HttpFetcher> =
-    std::sync::LazyLock::new(checks::fetcher_for_tests);

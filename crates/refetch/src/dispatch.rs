@@ -20,9 +20,9 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::EngineConfig;
 use crate::dlq::DeadLetter;
+use crate::dlq::DeadLetterFailure;
 use crate::engine::{DeadLetterJob, FetchJob, FetchResult, TopicPartition, WriteJob, WriteResult};
 use crate::fetch::{FetchRequest, Fetcher};
-use crate::kafka::{DeadLetterFailure, DeadLetterProducer};
 use crate::key::EntityKey;
 use crate::sink::{Change, Sink, SinkError};
 
@@ -50,13 +50,6 @@ pub(crate) enum Completion {
 pub trait DeadLetterWriter: Send + Sync + 'static {
     /// Write one dead letter durably.
     async fn send(&self, record: &DeadLetter) -> Result<(), DeadLetterFailure>;
-}
-
-#[async_trait]
-impl DeadLetterWriter for DeadLetterProducer {
-    async fn send(&self, record: &DeadLetter) -> Result<(), DeadLetterFailure> {
-        DeadLetterProducer::send(self, record).await
-    }
 }
 
 /// Dead letters kept in memory (for tests and embedded use without a dead-letter topic).

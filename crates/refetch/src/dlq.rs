@@ -95,6 +95,17 @@ impl DeadLetter {
     }
 }
 
+/// How a dead-letter write failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterFailure {
+    /// Worth retrying (broker down, timeouts).
+    Transient(String),
+    /// The record is too large for the broker.
+    TooLarge(String),
+    /// The topic is missing or not writable.
+    Permanent(String),
+}
+
 /// Renders a wall-clock time as RFC 3339.
 pub fn rfc3339(t: SystemTime) -> String {
     match jiff::Timestamp::try_from(t) {

@@ -445,16 +445,7 @@ fn to_tpl_plain(tps: &[TopicPartition]) -> TopicPartitionList {
     tpl
 }
 
-/// How a dead-letter write failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeadLetterFailure {
-    /// Worth retrying (broker down, timeouts).
-    Transient(String),
-    /// The record is too large for the broker.
-    TooLarge(String),
-    /// The topic is missing or not writable.
-    Permanent(String),
-}
+pub use crate::dlq::DeadLetterFailure;
 
 /// The dead-letter producer: idempotent, `acks=all`; the delivery report is the acknowledgement.
 #[derive(Clone)]
@@ -551,5 +542,12 @@ pub fn classify_produce_error(e: &KafkaError) -> DeadLetterFailure {
             | C::InvalidTopic,
         ) => DeadLetterFailure::Permanent(e.to_string()),
         _ => DeadLetterFailure::Transient(e.to_string()),
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::dispatch::DeadLetterWriter for DeadLetterProducer {
+    async fn send(&self, record: &DeadLetter) -> Result<(), DeadLetterFailure> {
+        DeadLetterProducer::send(self, record).await
     }
 }

@@ -94,6 +94,7 @@ pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod health;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod key;
 pub mod metrics;
@@ -112,6 +113,7 @@ pub use engine::RefreshOutcome;
 pub use engine::TopicPartition;
 pub use error::ErrorClass;
 pub use fetch::{Entity, FetchError, FetchOutcome, FetchRequest, Fetcher, Validators};
+#[cfg(feature = "kafka")]
 pub use kafka::{GroupProtocol, KafkaConfig};
 pub use key::{EntityKey, Version, VersionKind};
 pub use pipeline::{Pipeline, PipelineBuilder, PipelineError, PipelineHandle, RunReport, Status};

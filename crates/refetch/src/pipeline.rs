@@ -22,6 +22,7 @@ use crate::dispatch::{
 };
 use crate::engine::{Action, Decoders, Engine, EngineStatus, RefreshOutcome, TopicPartition};
 use crate::fetch::Fetcher;
+#[cfg(feature = "kafka")]
 use crate::kafka::{DeadLetterProducer, KafkaConfig, KafkaSetupError, start_consumer};
 use crate::key::EntityKey;
 use crate::sink::Sink;
@@ -36,6 +37,7 @@ pub enum PipelineError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// Kafka could not be set up.
+    #[cfg(feature = "kafka")]
     #[error(transparent)]
     Kafka(#[from] KafkaSetupError),
     /// The consumer failed for good.
@@ -45,6 +47,7 @@ pub enum PipelineError {
 
 /// Where records come from.
 enum Source {
+    #[cfg(feature = "kafka")]
     Kafka(KafkaConfig),
     Channels(ConsumerChannels),
 }
@@ -99,6 +102,7 @@ impl<F: Fetcher, S: Sink> PipelineBuilder<F, S> {
     }
 
     /// Consume from Kafka.
+    #[cfg(feature = "kafka")]
     pub fn kafka(mut self, cfg: KafkaConfig) -> Self {
         self.source = Some(Source::Kafka(cfg));
         self
@@ -147,6 +151,7 @@ impl<F: Fetcher, S: Sink> PipelineBuilder<F, S> {
             .source
             .ok_or(PipelineError::Missing("a source (kafka or consumer)"))?;
         let max_poll = match &source {
+            #[cfg(feature = "kafka")]
             Source::Kafka(k) => {
                 k.validate()?;
                 Some(k.max_poll_interval())
@@ -290,6 +295,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             mut control_rx,
         } = self;
         let (channels, dead_letters): (ConsumerChannels, Arc<dyn DeadLetterWriter>) = match source {
+            #[cfg(feature = "kafka")]
             Source::Kafka(k) => {
                 let writer: Arc<dyn DeadLetterWriter> = match dead_letters {
                     Some(w) => w,
