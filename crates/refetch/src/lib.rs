@@ -26,8 +26,9 @@
 //!   undecodable records and over-long ids go to a dead-letter topic. A sink that is down is
 //!   retried without end while nothing is committed.
 //!
-//! What is *not* promised: order across different entities, and exactly-once writes (a crash
-//! re-delivers notifications after the last commit; sinks should upsert and guard on version).
+//! What is *not* promised: order across different entities (except inside a business action,
+//! see [`action`]), and exactly-once writes (a crash re-delivers notifications after the last
+//! commit; sinks should upsert and guard on version).
 //!
 //! ## Embedding
 //! Implement [`Fetcher`] and [`Sink`] (or use the built-in HTTP fetcher and sinks from the
@@ -71,12 +72,13 @@
 //! | [`fetch`] / [`sink`] | the pluggable traits and their outcomes |
 //! | [`error`] | the retry classification every error carries |
 //! | [`coalesce`](crate::engine) | pending notifications per key, single flight, follow-ups (inside the engine) |
+//! | [`action`] | business actions: members of one correlation id fetched and written in one batch |
 //! | [`offsets`] | per-partition tracking of received offsets and the safe commit point |
 //! | [`health`] | source health for retry budgets, and the gone-rate guard |
 //! | [`dlq`] | dead-letter record layout and reasons |
 //! | [`engine`] | the I/O-free state machine that ties these together |
 //! | [`dispatch`] | running fetch, write and dead-letter jobs; sink batching and retries |
-//! | [`consumer`] / [`kafka`] | the consumer interface; librdkafka driver, rebalances, dead-letter producer |
+//! | [`consumer`] / `kafka` | the consumer interface; librdkafka driver, rebalances, dead-letter producer (feature `kafka`, on by default) |
 //! | [`pipeline`] | builder, handle and the async runtime (shutdown, revokes, commits, backpressure) |
 //! | [`config`] | engine settings and their validation |
 //! | [`metrics`] / [`stats`] | metrics through the `metrics` facade; in-process counters |
