@@ -214,9 +214,23 @@ fn open_connection(cfg: &SqliteConfig) -> Result<Connection, SinkBuildError> {
         SinkBuildError::unavailable(SINK, format!("{what} {}: {e}", cfg.path.display()))
     };
     let conn = Connection::open(&cfg.path).map_err(|e| fail("cannot open", e))?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(|e| fail("cannot set WAL mode on", e))?;
+    // The busy timeout first: switching to WAL needs a lock another process opening the same
+    // file may hold for a moment (two `refetch` processes starting together).
+    conn.busy_timeout(cfg.busy_timeout)
+        .map_err(|e| fail("cannot set busy_timeout on", e))?;
+    let deadline = std::time::Instant::now() + cfg.busy_timeout;
+    let mode: String = loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Ok(mode) => break mode,
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(fail("cannot set WAL mode on", e)),
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(SinkBuildError::unavailable(
             SINK,
@@ -228,8 +242,6 @@ fn open_connection(cfg: &SqliteConfig) -> Result<Connection, SinkBuildError> {
     }
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(|e| fail("cannot set synchronous=FULL on", e))?;
-    conn.busy_timeout(cfg.busy_timeout)
-        .map_err(|e| fail("cannot set busy_timeout on", e))?;
     let t = quote_ident(&cfg.table);
     if cfg.create_table {
         conn.execute_batch(&format!(

@@ -312,3 +312,24 @@ async fn list_versions_pages_in_key_order_with_tombstones() {
         .unwrap();
     assert_eq!(from_customer.len(), 5);
 }
+
+/// Two processes starting at the same moment both switch the same new file to WAL: the second
+/// waits for the first's lock (up to `busy_timeout`) instead of failing with "database is locked".
+#[test]
+fn concurrent_opens_of_a_new_file_both_succeed() {
+    for round in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(&dir, DeleteMode::Delete);
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || open_connection(&c).map(|_| ()))
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+}
