@@ -13,7 +13,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use refetch::decode::JsonDecoder;
 use refetch::{
-    Change, Entity, EngineConfig, EntityKey, FetchError, FetchOutcome, FetchRequest, Fetcher,
+    Change, EngineConfig, Entity, EntityKey, FetchError, FetchOutcome, FetchRequest, Fetcher,
     KafkaConfig, Pipeline, Sink, SinkError, Version, VersionKind, WriteReport, async_trait,
 };
 
@@ -24,7 +24,10 @@ struct Crm(Arc<Mutex<BTreeMap<String, i64>>>);
 #[async_trait]
 impl Fetcher for Crm {
     async fn fetch(&self, req: &FetchRequest) -> Result<FetchOutcome, FetchError> {
-        let crm = self.0.lock().map_err(|_| FetchError::permanent("crm poisoned"))?;
+        let crm = self
+            .0
+            .lock()
+            .map_err(|_| FetchError::permanent("crm poisoned"))?;
         Ok(match crm.get(req.key.id()) {
             Some(rev) => FetchOutcome::Found(Entity::json(
                 format!(r#"{{"id":{:?},"rev":{rev}}}"#, req.key.id()),
@@ -42,7 +45,10 @@ struct Target(Arc<Mutex<BTreeMap<EntityKey, i64>>>, Arc<Mutex<u64>>);
 #[async_trait]
 impl Sink for Target {
     async fn write(&self, batch: &[Change]) -> Result<WriteReport, SinkError> {
-        let mut db = self.0.lock().map_err(|_| SinkError::permanent("db poisoned"))?;
+        let mut db = self
+            .0
+            .lock()
+            .map_err(|_| SinkError::permanent("db poisoned"))?;
         for change in batch {
             match change {
                 Change::Upsert { key, entity } => {
@@ -103,7 +109,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     kafka.dead_letter_topic = "example.dlq".into();
     let pipeline = Pipeline::builder::<Crm, Target>()
         .kafka(kafka)
-        .decoder(JsonDecoder::fixed_type("customer", "/id").with_version("/rev", VersionKind::Integer))
+        .decoder(
+            JsonDecoder::fixed_type("customer", "/id").with_version("/rev", VersionKind::Integer),
+        )
         .fetcher(crm.clone())
         .sink(target.clone())
         .engine(EngineConfig {
@@ -120,8 +128,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let Some(status) = handle.status().await else { break };
-        let committed: i64 = status.engine.partitions.iter().filter_map(|p| p.committed).sum();
+        let Some(status) = handle.status().await else {
+            break;
+        };
+        let committed: i64 = status
+            .engine
+            .partitions
+            .iter()
+            .filter_map(|p| p.committed)
+            .sum();
         if committed >= notifications as i64 || tokio::time::Instant::now() > deadline {
             break;
         }
