@@ -222,26 +222,7 @@ level = "info"
         within: Duration,
         logs: &[&ChildProcess],
     ) -> anyhow::Result<()> {
-        let ends = kafka::end_offsets(&self.brokers, &self.topic).await?;
-        let r = wait_for("committed offsets to reach the end", within, || {
-            let ends = ends.clone();
-            async move { self.committed().await.is_ok_and(|c| c == ends) }
-        })
-        .await;
-        if let Err(e) = r {
-            let mut msg = format!(
-                "{e}\nends {ends:?}\ncommitted {:?}",
-                self.committed().await.ok()
-            );
-            for (i, l) in logs.iter().enumerate() {
-                msg.push_str(&format!(
-                    "\n--- process {i} ---\n{}",
-                    refetch_testkit::process::tail(&l.log(), 60)
-                ));
-            }
-            bail!(msg);
-        }
-        Ok(())
+        until_committed(&self.brokers, &self.group, &self.topic, within, logs).await
     }
 
     /// Entities whose sink row differs from the source.
@@ -303,6 +284,35 @@ level = "info"
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+}
+
+/// Waits until `group`'s committed offsets on `topic` equal the end offsets; on timeout the error
+/// carries both and the end of each process log.
+pub async fn until_committed(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    within: Duration,
+    logs: &[&ChildProcess],
+) -> anyhow::Result<()> {
+    let ends = kafka::end_offsets(brokers, topic).await?;
+    let committed = || kafka::committed_offsets(brokers, group, topic);
+    let r = wait_for("committed offsets to reach the end", within, || {
+        let ends = ends.clone();
+        async move { committed().await.is_ok_and(|c| c == ends) }
+    })
+    .await;
+    if let Err(e) = r {
+        let mut msg = format!("{e}\nends {ends:?}\ncommitted {:?}", committed().await.ok());
+        for (i, l) in logs.iter().enumerate() {
+            msg.push_str(&format!(
+                "\n--- process {i} ---\n{}",
+                refetch_testkit::process::tail(&l.log(), 60)
+            ));
+        }
+        bail!(msg);
+    }
+    Ok(())
 }
 
 /// Sums the fetch requests the source served.

@@ -255,26 +255,14 @@ level = "{level}"
         within: Duration,
         logs: &[&ChildProcess],
     ) -> anyhow::Result<()> {
-        let ends = kafka::end_offsets(&self.brokers, &self.topic).await?;
-        let r = wait_for("committed offsets to reach the end", within, || {
-            let ends = ends.clone();
-            async move { self.committed().await.is_ok_and(|c| c == ends) }
-        })
-        .await;
-        if let Err(e) = r {
-            let mut msg = format!(
-                "{e}\nends {ends:?}\ncommitted {:?}",
-                self.committed().await.ok()
-            );
-            for (i, l) in logs.iter().enumerate() {
-                msg.push_str(&format!(
-                    "\n--- process {i} ---\n{}",
-                    refetch_testkit::process::tail(&l.log(), 60)
-                ));
-            }
-            bail!(msg);
-        }
-        Ok(())
+        refetch_integration_tests::until_committed(
+            &self.brokers,
+            &self.group,
+            &self.topic,
+            within,
+            logs,
+        )
+        .await
     }
 
     /// (entities checked, differences) between the source and the table, ids in `skip` left out.
