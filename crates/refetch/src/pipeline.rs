@@ -553,7 +553,11 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             let _ = r.reply.send(offsets);
         }
         let offsets = engine.commits();
-        if !offsets.is_empty() {
+        if offsets.is_empty() {
+            tracing::info!(
+                "final commit: nothing left to commit (every consumed offset is committed)"
+            );
+        } else {
             let (tx, rx) = oneshot::channel();
             let plain: Offsets = offsets.iter().map(|(tp, _, o)| (tp.clone(), *o)).collect();
             if commands
