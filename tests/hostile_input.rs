@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use refetch::decode::{JsonDecoder, NotificationDecoder, RecordKeyDecoder};
 use refetch::{
-    Change, EngineConfig, EntityKey, Fetcher, MemoryConsumer, MemoryDeadLetters, Pipeline,
-    PipelineHandle, RunReport, Sink, SinkError, UnknownTypePolicy, WriteReport, async_trait,
+    Change, EngineConfig, EntityKey, Fetcher, MemoryDeadLetters, Sink, SinkError,
+    UnknownTypePolicy, WriteReport, async_trait,
 };
 use refetch_http::{HttpFetcher, SourceConfig};
+use refetch_integration_tests::{MemoryRun, start_in_memory};
 use refetch_testkit::http_source::{Fault, HttpSource, HttpSourceOptions};
 use refetch_testkit::memory::RecordingSink;
 use refetch_testkit::process::wait_for;
@@ -26,13 +27,7 @@ use serde_json::json;
 
 const TOPIC: &str = "crm.customers";
 
-struct Run<S> {
-    topics: MemoryConsumer,
-    sink: S,
-    dead: MemoryDeadLetters,
-    handle: PipelineHandle,
-    task: tokio::task::JoinHandle<Result<RunReport, refetch::PipelineError>>,
-}
+type Run<S> = MemoryRun<S>;
 
 fn cfg() -> EngineConfig {
     let mut c = EngineConfig {
@@ -75,54 +70,23 @@ fn start<F: Fetcher, S: Sink + Clone>(
     decoder: impl NotificationDecoder + 'static,
     engine: EngineConfig,
 ) -> Run<S> {
-    let topics = MemoryConsumer::new();
-    topics.create_topic(TOPIC, 1);
-    let dead = MemoryDeadLetters::new();
-    let (channels, _control) = topics.start();
-    let pipeline = Pipeline::builder::<F, S>()
-        .fetcher(fetcher)
-        .sink(sink.clone())
-        .consumer(channels)
-        .decoder(decoder)
-        .engine(engine)
-        .dead_letters(dead.clone())
-        .build()
-        .unwrap();
-    let handle = pipeline.handle();
-    let task = tokio::spawn(pipeline.run(std::future::pending()));
-    Run {
-        topics,
-        sink,
-        dead,
-        handle,
-        task,
-    }
+    start_in_memory(TOPIC, 1, fetcher, sink, decoder, engine)
 }
 
-impl<S> Run<S> {
+/// What these tests add to the shared in-memory harness.
+trait RunExt {
+    fn produce(&self, key: Option<&[u8]>, payload: &[u8]);
+    fn notify(&self, id: &str);
+    fn dead_by_id(&self) -> BTreeMap<String, (String, String, String)>;
+}
+
+impl<S> RunExt for Run<S> {
     fn produce(&self, key: Option<&[u8]>, payload: &[u8]) {
         self.topics.produce(TOPIC, 0, key, payload, 0);
     }
 
     fn notify(&self, id: &str) {
         self.produce(None, json!({ "id": id }).to_string().as_bytes());
-    }
-
-    /// Waits until every offset is committed; a skipped or stuck offset fails here.
-    async fn committed_to_end(&self, within: Duration) {
-        let end = self.topics.end_offsets();
-        wait_for("commits to reach the end", within, || {
-            let (end, committed) = (end.clone(), self.topics.committed());
-            async move { end == committed }
-        })
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}: end {end:?}, committed {:?}, dead letters {:?}",
-                self.topics.committed(),
-                self.dead.records()
-            )
-        });
     }
 
     /// Dead letters by entity id (or by payload prefix when the id is unknown):
@@ -147,16 +111,6 @@ impl<S> Run<S> {
                 (id, (reason, class, error))
             })
             .collect()
-    }
-
-    async fn stop(self) -> S {
-        self.handle.shutdown();
-        let r = tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("the pipeline stops")
-            .expect("the pipeline task does not panic");
-        r.expect("the pipeline ends without an error");
-        self.sink
     }
 }
 

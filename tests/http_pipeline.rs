@@ -7,11 +7,9 @@
 use std::time::Duration;
 
 use refetch::decode::JsonDecoder;
-use refetch::{
-    EngineConfig, GoneGuardConfig, MemoryConsumer, MemoryDeadLetters, Pipeline, PipelineHandle,
-    RunReport,
-};
+use refetch::{EngineConfig, GoneGuardConfig};
 use refetch_http::{HttpFetcher, SourceConfig};
+use refetch_integration_tests::{MemoryRun, start_in_memory};
 use refetch_testkit::http_source::{Fault, HttpSource, HttpSourceOptions};
 use refetch_testkit::memory::RecordingSink;
 use refetch_testkit::process::wait_for;
@@ -19,19 +17,9 @@ use serde_json::json;
 
 const TOPIC: &str = "crm.customers";
 
-struct Run {
-    topics: MemoryConsumer,
-    sink: RecordingSink,
-    dead: MemoryDeadLetters,
-    handle: PipelineHandle,
-    task: tokio::task::JoinHandle<Result<RunReport, refetch::PipelineError>>,
-}
+type Run = MemoryRun<RecordingSink>;
 
 fn start(source: &HttpSource, path: &str, cfg: EngineConfig) -> Run {
-    let topics = MemoryConsumer::new();
-    topics.create_topic(TOPIC, 2);
-    let sink = RecordingSink::new();
-    let dead = MemoryDeadLetters::new();
     let fetcher = HttpFetcher::builder()
         .source(
             "customer",
@@ -43,25 +31,14 @@ fn start(source: &HttpSource, path: &str, cfg: EngineConfig) -> Run {
         )
         .build()
         .unwrap();
-    let (channels, _control) = topics.start();
-    let pipeline = Pipeline::builder::<HttpFetcher, RecordingSink>()
-        .fetcher(fetcher)
-        .sink(sink.clone())
-        .consumer(channels)
-        .decoder(JsonDecoder::fixed_type("customer", "/id"))
-        .engine(cfg)
-        .dead_letters(dead.clone())
-        .build()
-        .unwrap();
-    let handle = pipeline.handle();
-    let task = tokio::spawn(pipeline.run(std::future::pending()));
-    Run {
-        topics,
-        sink,
-        dead,
-        handle,
-        task,
-    }
+    start_in_memory(
+        TOPIC,
+        2,
+        fetcher,
+        RecordingSink::new(),
+        JsonDecoder::fixed_type("customer", "/id"),
+        cfg,
+    )
 }
 
 fn cfg() -> EngineConfig {
@@ -83,23 +60,6 @@ fn notify(run: &Run, ids: impl IntoIterator<Item = usize>) {
             json!({"id": i.to_string()}).to_string().as_bytes(),
             0,
         );
-    }
-}
-
-async fn committed_to_end(run: &Run, within: Duration) {
-    wait_for("commits to reach the end", within, || {
-        let end = run.topics.end_offsets();
-        let committed = run.topics.committed();
-        async move { end == committed }
-    })
-    .await
-    .unwrap();
-}
-
-impl Run {
-    async fn stop(self) {
-        self.handle.shutdown();
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
     }
 }
 
@@ -174,7 +134,7 @@ async fn a_source_outage_and_429s_dead_letter_nothing_and_converge() {
             value: "1".into(),
         },
     );
-    committed_to_end(&run, Duration::from_secs(60)).await;
+    run.committed_to_end(Duration::from_secs(60)).await;
     assert!(run.dead.records().is_empty());
     assert_eq!(run.sink.held().len(), 60);
     run.stop().await;
@@ -210,7 +170,7 @@ async fn hostile_source_answers_have_defined_outcomes() {
     .await
     .unwrap();
     source.clear_faults();
-    committed_to_end(&run, Duration::from_secs(60)).await;
+    run.committed_to_end(Duration::from_secs(60)).await;
     let dead = run.dead.records();
     let ids: Vec<_> = dead
         .iter()

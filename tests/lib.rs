@@ -20,6 +20,80 @@ use refetch_testkit::names::unique;
 use refetch_testkit::process::{ChildProcess, repo_root, spawn, wait_for};
 use serde_json::json;
 
+/// A pipeline on the in-memory consumer (no broker): its topics, sink, dead letters, handle and
+/// task. Used by the tests that exercise the engine with real fetchers and sinks quickly.
+pub struct MemoryRun<S> {
+    pub topics: refetch::MemoryConsumer,
+    pub sink: S,
+    pub dead: refetch::MemoryDeadLetters,
+    pub handle: refetch::PipelineHandle,
+    pub task: tokio::task::JoinHandle<Result<refetch::RunReport, refetch::PipelineError>>,
+}
+
+impl<S> MemoryRun<S> {
+    /// Waits until every offset is committed; a skipped or stuck offset fails here.
+    pub async fn committed_to_end(&self, within: Duration) {
+        let end = self.topics.end_offsets();
+        refetch_testkit::process::wait_for("commits to reach the end", within, || {
+            let (end, committed) = (end.clone(), self.topics.committed());
+            async move { end == committed }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: end {end:?}, committed {:?}, dead letters {:?}",
+                self.topics.committed(),
+                self.dead.records()
+            )
+        });
+    }
+
+    /// Stops the pipeline gracefully; it must end without an error. Returns the sink.
+    pub async fn stop(self) -> S {
+        self.handle.shutdown();
+        let r = tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the pipeline stops")
+            .expect("the pipeline task does not panic");
+        r.expect("the pipeline ends without an error");
+        self.sink
+    }
+}
+
+/// Starts `fetcher` -> `sink` on one in-memory topic with `partitions` partitions, dead letters
+/// kept in memory, running until its handle asks it to stop.
+pub fn start_in_memory<F: refetch::Fetcher, S: refetch::Sink + Clone>(
+    topic: &str,
+    partitions: i32,
+    fetcher: F,
+    sink: S,
+    decoder: impl refetch::NotificationDecoder + 'static,
+    engine: refetch::EngineConfig,
+) -> MemoryRun<S> {
+    let topics = refetch::MemoryConsumer::new();
+    topics.create_topic(topic, partitions);
+    let dead = refetch::MemoryDeadLetters::new();
+    let (channels, _control) = topics.start();
+    let pipeline = refetch::Pipeline::builder::<F, S>()
+        .fetcher(fetcher)
+        .sink(sink.clone())
+        .consumer(channels)
+        .decoder(decoder)
+        .engine(engine)
+        .dead_letters(dead.clone())
+        .build()
+        .expect("valid pipeline");
+    let handle = pipeline.handle();
+    let task = tokio::spawn(pipeline.run(std::future::pending()));
+    MemoryRun {
+        topics,
+        sink,
+        dead,
+        handle,
+        task,
+    }
+}
+
 /// The `refetch` binary, built once if the workspace build did not build it yet.
 pub fn refetch_binary() -> anyhow::Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();

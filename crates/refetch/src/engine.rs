@@ -1152,14 +1152,13 @@ impl Engine {
     }
 
     fn begin_write(&mut self, key: &EntityKey, change: Change, validators: Option<Validators>) {
-        let slots = self.hold_slots_of_flight(key);
+        self.hold_slots_of_flight(key);
         let Some(f) = self.keys.get_mut(key).and_then(|s| s.flight.as_mut()) else {
             return;
         };
         f.phase = Phase::Writing;
         f.change = Some(change.clone());
         f.validators = validators;
-        let _ = slots;
         self.actions.push(Action::Write(WriteJob {
             flight: f.id,
             change,
@@ -1523,7 +1522,7 @@ impl Engine {
         }
     }
 
-    /// A dead letter previously reported broken may be retried: returns its record again.
+    /// Dead letters issued and not yet acknowledged.
     pub fn dead_letter_pending(&self) -> usize {
         self.dead_letters.len()
     }
