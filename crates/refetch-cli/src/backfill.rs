@@ -192,7 +192,7 @@ pub async fn list_with_retry(
     loop {
         match fetcher.list_page(entity_type, at).await {
             Ok(page) => return Ok(page),
-            Err(FetchError::Permanent { message }) => {
+            Err(FetchError::Permanent { message, .. }) => {
                 anyhow::bail!("listing {entity_type} at {at:?}: {message}")
             }
             Err(e) => {

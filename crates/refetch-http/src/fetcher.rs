@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures::future::join_all;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use refetch::{FetchError, FetchOutcome, FetchRequest, Fetcher};
+use refetch::{FailureCause, FetchError, FetchOutcome, FetchRequest, Fetcher};
 use reqwest::header::{
     ACCEPT, HeaderMap, HeaderName, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LOCATION,
 };
@@ -692,10 +692,13 @@ impl Source {
         let status = resp.status();
         let code = status.as_u16();
         match code {
-            408 | 429 | 500..=599 => FetchError::Transient {
-                message: format!("HTTP {code}"),
-                retry_after: response::retry_after(resp.headers()),
-            },
+            408 | 429 | 500..=599 => FetchError::transient(format!("HTTP {code}"))
+                .with_retry_after(response::retry_after(resp.headers()))
+                .with_cause(match code {
+                    429 => FailureCause::Throttled,
+                    408 => FailureCause::Timeout,
+                    _ => FailureCause::Server,
+                }),
             300..=399 => {
                 let location = resp
                     .headers()
@@ -818,7 +821,7 @@ impl Source {
         let mut items = match answer {
             Ok(items) => items,
             // The whole batch was refused: find out per key.
-            Err(FetchError::Permanent { message }) => {
+            Err(FetchError::Permanent { message, .. }) => {
                 tracing::debug!(source = %self.name, %message, "batch refused; fetching keys alone");
                 return (Vec::new(), chunk.to_vec());
             }

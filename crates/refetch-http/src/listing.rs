@@ -484,10 +484,8 @@ pub(crate) async fn read_listing(
     let code = resp.status().as_u16();
     if !(200..=299).contains(&code) {
         return Err(match code {
-            408 | 429 | 500..=599 => FetchError::Transient {
-                message: format!("listing answered HTTP {code}"),
-                retry_after: response::retry_after(resp.headers()),
-            },
+            408 | 429 | 500..=599 => FetchError::transient(format!("listing answered HTTP {code}"))
+                .with_retry_after(response::retry_after(resp.headers())),
             _ => FetchError::permanent(format!("listing answered HTTP {code}")),
         });
     }

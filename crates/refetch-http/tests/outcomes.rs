@@ -24,6 +24,7 @@ fn transient(outcome: Result<FetchOutcome, FetchError>) -> (String, Option<Durat
         Err(FetchError::Transient {
             message,
             retry_after,
+            ..
         }) => (message, retry_after),
         other => panic!("expected a transient error, got {other:?}"),
     }
@@ -31,7 +32,7 @@ fn transient(outcome: Result<FetchOutcome, FetchError>) -> (String, Option<Durat
 
 fn permanent(outcome: Result<FetchOutcome, FetchError>) -> String {
     match outcome {
-        Err(FetchError::Permanent { message }) => message,
+        Err(FetchError::Permanent { message, .. }) => message,
         other => panic!("expected a permanent error, got {other:?}"),
     }
 }

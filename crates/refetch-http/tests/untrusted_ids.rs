@@ -63,7 +63,7 @@ async fn dot_and_empty_ids_are_refused_before_any_request() {
     for id in ["", ".", "..", ".%2E", "%2e%2e", "%2E", "%252E%252e"] {
         let outcome = f.fetch(&req(id)).await;
         assert!(
-            matches!(&outcome, Err(FetchError::Permanent { message }) if message.contains("cannot be placed")),
+            matches!(&outcome, Err(FetchError::Permanent { message, .. }) if message.contains("cannot be placed")),
             "{id:?}: {outcome:?}"
         );
     }

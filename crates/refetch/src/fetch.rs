@@ -110,6 +110,54 @@ impl FetchRequest {
     }
 }
 
+/// What kind of failure a fetch met, as far as the fetcher can tell.
+///
+/// The engine judges source health by these: when most recent outcomes of one source fail with
+/// the same cause (every key answers 401, every key gets an HTML maintenance page), the source is
+/// in outage, however "permanent" each single answer looks, and none of its keys is dead-lettered.
+/// A cause that only one key meets while the others succeed is evidence about that key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum FailureCause {
+    /// The source refused the credentials (HTTP 401/403, an expired token).
+    Auth,
+    /// The answer had the wrong content type (a login or maintenance page in HTML).
+    ContentType,
+    /// The body could not be decoded (not JSON, no id or version where one is configured).
+    Decode,
+    /// The source failed (HTTP 5xx).
+    Server,
+    /// The request timed out.
+    Timeout,
+    /// The source could not be reached (connection refused, DNS, TLS).
+    Connect,
+    /// The source asked to slow down (HTTP 429). Throttling, not failure: a breaker must not
+    /// count it as a failed call.
+    Throttled,
+    /// The fetched state is older than the notified version (a replica or cache behind).
+    Stale,
+    /// Anything else (a 4xx for this key, an id that cannot be placed in a URL, ...).
+    #[default]
+    Other,
+}
+
+impl FailureCause {
+    /// A stable label for metrics, logs and dead-letter headers.
+    pub fn label(&self) -> &'static str {
+        match self {
+            FailureCause::Auth => "auth",
+            FailureCause::ContentType => "content_type",
+            FailureCause::Decode => "decode",
+            FailureCause::Server => "server",
+            FailureCause::Timeout => "timeout",
+            FailureCause::Connect => "connect",
+            FailureCause::Throttled => "throttled",
+            FailureCause::Stale => "stale",
+            FailureCause::Other => "other",
+        }
+    }
+}
+
 /// Why a fetch failed, classified for the engine.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FetchError {
@@ -120,6 +168,8 @@ pub enum FetchError {
         message: String,
         /// The source's retry hint, if any.
         retry_after: Option<Duration>,
+        /// What kind of failure it was.
+        cause: FailureCause,
     },
     /// The source will keep refusing this key (a 4xx other than 404/410/429, an unparsable body,
     /// an id that cannot be placed in a URL).
@@ -127,6 +177,8 @@ pub enum FetchError {
     Permanent {
         /// What happened.
         message: String,
+        /// What kind of failure it was.
+        cause: FailureCause,
     },
     /// No request was made: a circuit breaker is open or the fetcher is shutting down. It does
     /// not count against the key's retry budget.
@@ -145,6 +197,7 @@ impl FetchError {
         FetchError::Transient {
             message: message.into(),
             retry_after: None,
+            cause: FailureCause::Other,
         }
     }
 
@@ -152,6 +205,47 @@ impl FetchError {
     pub fn permanent(message: impl Into<String>) -> Self {
         FetchError::Permanent {
             message: message.into(),
+            cause: FailureCause::Other,
+        }
+    }
+
+    /// A request that was not made (breaker open, shutting down), to be tried again after
+    /// `retry_after` when given.
+    pub fn not_attempted(message: impl Into<String>, retry_after: Option<Duration>) -> Self {
+        FetchError::NotAttempted {
+            message: message.into(),
+            retry_after,
+        }
+    }
+
+    /// The same error with `cause` (no effect on [`FetchError::NotAttempted`]).
+    pub fn with_cause(mut self, new: FailureCause) -> Self {
+        match &mut self {
+            FetchError::Transient { cause, .. } | FetchError::Permanent { cause, .. } => {
+                *cause = new
+            }
+            FetchError::NotAttempted { .. } => {}
+        }
+        self
+    }
+
+    /// The same error with a retry hint (no effect on a permanent error).
+    pub fn with_retry_after(mut self, after: Option<Duration>) -> Self {
+        match &mut self {
+            FetchError::Transient { retry_after, .. }
+            | FetchError::NotAttempted { retry_after, .. } => *retry_after = after,
+            FetchError::Permanent { .. } => {}
+        }
+        self
+    }
+
+    /// What kind of failure it was; `None` when no request was made.
+    pub fn cause(&self) -> Option<FailureCause> {
+        match self {
+            FetchError::Transient { cause, .. } | FetchError::Permanent { cause, .. } => {
+                Some(*cause)
+            }
+            FetchError::NotAttempted { .. } => None,
         }
     }
 
@@ -175,8 +269,29 @@ impl FetchError {
     pub fn message(&self) -> &str {
         match self {
             FetchError::Transient { message, .. }
-            | FetchError::Permanent { message }
+            | FetchError::Permanent { message, .. }
             | FetchError::NotAttempted { message, .. } => message,
+        }
+    }
+}
+
+/// How much of the consumer group's work this instance owns: partitions of the subscribed topics
+/// it is assigned, out of all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OwnershipShare {
+    /// Partitions assigned to this instance.
+    pub owned: usize,
+    /// Partitions of the subscribed topics in all (0 when unknown).
+    pub total: usize,
+}
+
+impl OwnershipShare {
+    /// The owned share in `[0, 1]`; 1 when the total is unknown.
+    pub fn ratio(&self) -> f64 {
+        if self.total == 0 {
+            1.0
+        } else {
+            (self.owned as f64 / self.total as f64).clamp(0.0, 1.0)
         }
     }
 }
@@ -221,6 +336,20 @@ pub trait Fetcher: Send + Sync + 'static {
         1
     }
 
+    /// The source that serves `entity_type`: the unit of source health (outage detection, the
+    /// gone guard) in the engine. Types served by one source share its health. The default is
+    /// the entity type itself.
+    fn source_name(&self, entity_type: &str) -> Arc<str> {
+        Arc::from(entity_type)
+    }
+
+    /// The share of the subscribed topics' partitions that this instance owns changed (called
+    /// after every assignment and revoke). A fetcher with a group-wide budget takes this share
+    /// of it. The default ignores it.
+    fn ownership_changed(&self, share: OwnershipShare) {
+        let _ = share;
+    }
+
     /// Fetch several keys of one type at once. Returns one result per request, in order. The
     /// default fetches them one after another.
     async fn fetch_batch(
@@ -246,6 +375,12 @@ impl<F: Fetcher + ?Sized> Fetcher for Arc<F> {
     fn batch_limit(&self, entity_type: &str) -> usize {
         (**self).batch_limit(entity_type)
     }
+    fn source_name(&self, entity_type: &str) -> Arc<str> {
+        (**self).source_name(entity_type)
+    }
+    fn ownership_changed(&self, share: OwnershipShare) {
+        (**self).ownership_changed(share)
+    }
     async fn fetch_batch(
         &self,
         requests: &[FetchRequest],
@@ -264,6 +399,12 @@ impl<F: Fetcher + ?Sized> Fetcher for Box<F> {
     }
     fn batch_limit(&self, entity_type: &str) -> usize {
         (**self).batch_limit(entity_type)
+    }
+    fn source_name(&self, entity_type: &str) -> Arc<str> {
+        (**self).source_name(entity_type)
+    }
+    fn ownership_changed(&self, share: OwnershipShare) {
+        (**self).ownership_changed(share)
     }
     async fn fetch_batch(
         &self,

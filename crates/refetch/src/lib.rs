@@ -114,7 +114,10 @@ pub use dispatch::{DeadLetterWriter, MemoryDeadLetters};
 pub use engine::RefreshOutcome;
 pub use engine::TopicPartition;
 pub use error::ErrorClass;
-pub use fetch::{Entity, FetchError, FetchOutcome, FetchRequest, Fetcher, Validators};
+pub use fetch::{
+    Entity, FailureCause, FetchError, FetchOutcome, FetchRequest, Fetcher, OwnershipShare,
+    Validators,
+};
 #[cfg(feature = "kafka")]
 pub use kafka::{GroupProtocol, KafkaConfig};
 pub use key::{EntityKey, Version, VersionKind};
