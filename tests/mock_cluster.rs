@@ -234,8 +234,18 @@ async fn a_second_consumer_joining_mid_run_loses_nothing() {
         Duration::from_secs(90),
     )
     .await;
-    let sa = a.handle.status().await.expect("a runs");
-    let sb = b.handle.status().await.expect("b runs");
+    // The cooperative protocol moves partitions in two rebalances; on the mock cluster the
+    // second one can come some seconds after the data has converged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (sa, sb) = loop {
+        let sa = a.handle.status().await.expect("a runs");
+        let sb = b.handle.status().await.expect("b runs");
+        let both = !sa.engine.partitions.is_empty() && !sb.engine.partitions.is_empty();
+        if both || std::time::Instant::now() >= deadline {
+            break (sa, sb);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(
         !sa.engine.partitions.is_empty() && !sb.engine.partitions.is_empty(),
         "both members own partitions after the rebalance: a {:?} b {:?}",

@@ -187,18 +187,31 @@ struct SinkState {
     batches: u64,
 }
 
-/// A sink that records every write, with a version guard and injected failures.
+/// A sink that records every write, with injected failures. By default it guards on version
+/// (an older state never overwrites a newer one, as the PostgreSQL sink does for versioned
+/// entities); [`RecordingSink::last_write_wins`] makes one that does not, as a Kafka topic, an
+/// HTTP endpoint or a JSON Lines file does, so that a write landing out of order shows.
 #[derive(Debug, Clone, Default)]
 pub struct RecordingSink {
     state: Arc<Mutex<SinkState>>,
     down: Arc<AtomicBool>,
     delay: Arc<AtomicU64>,
+    last_write_wins: bool,
 }
 
 impl RecordingSink {
-    /// An empty sink.
+    /// An empty sink that guards on version.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty sink without a version guard: the last write of a key wins, whatever its
+    /// version. It does not report held versions either (it could not know which is newest).
+    pub fn last_write_wins() -> Self {
+        RecordingSink {
+            last_write_wins: true,
+            ..Self::default()
+        }
     }
 
     /// Fail every batch transiently until set back.
@@ -282,8 +295,9 @@ impl Sink for RecordingSink {
                 Change::Upsert { key, entity } => {
                     let v = entity.version.map_or(0, |v| v.value());
                     let current = s.held.get(key).copied();
-                    // Version guard: an older state never overwrites a newer one.
-                    if current.is_none_or(|c| c <= v) {
+                    // Version guard: an older state never overwrites a newer one (unless this
+                    // sink is last-write-wins).
+                    if self.last_write_wins || current.is_none_or(|c| c <= v) {
                         s.held.insert(key.clone(), v);
                     }
                     s.log.push(RecordedWrite {
@@ -306,6 +320,9 @@ impl Sink for RecordingSink {
     }
 
     async fn held_version(&self, key: &EntityKey) -> Result<Option<Version>, SinkError> {
+        if self.last_write_wins {
+            return Ok(None);
+        }
         Ok(self
             .state
             .lock()
@@ -316,6 +333,6 @@ impl Sink for RecordingSink {
     }
 
     fn tracks_versions(&self) -> bool {
-        true
+        !self.last_write_wins
     }
 }

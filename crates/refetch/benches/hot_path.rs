@@ -18,7 +18,7 @@ use criterion::{BatchSize, Criterion, Throughput};
 use refetch::clock::Tick;
 use refetch::decode::{JsonDecoder, NotificationDecoder, RecordView};
 use refetch::engine::{Decoders, Engine, TopicPartition};
-use refetch::{EngineConfig, VersionKind};
+use refetch::{Assignment, EngineConfig, Epoch, VersionKind};
 
 struct Counting;
 
@@ -77,7 +77,7 @@ fn engine() -> Engine {
         Box::new(|_| true),
         false,
     );
-    e.assign(&[TopicPartition::new("notes", 0)]);
+    e.assign(&[Assignment::new(TopicPartition::new("notes", 0), Epoch(1))]);
     e
 }
 
@@ -109,7 +109,7 @@ fn memory_per_pending_key() -> f64 {
         Box::new(|_| true),
         false,
     );
-    e.assign(&[TopicPartition::new("notes", 0)]);
+    e.assign(&[Assignment::new(TopicPartition::new("notes", 0), Epoch(1))]);
     let before = LIVE.load(Ordering::SeqCst);
     for (o, p) in ids.iter().enumerate() {
         e.on_record(&view(p, o as i64), Tick(0));

@@ -11,21 +11,28 @@
 //! flight's write is acknowledged with a version that covers every pending notification, the
 //! follow-up is satisfied without a fetch (rule (b)).
 
+use std::time::SystemTime;
+
 use crate::clock::Tick;
 use crate::decode::Fields;
 use crate::fetch::Validators;
 use crate::key::Version;
-use crate::sink::Change;
+use crate::partitions::PartRef;
 
-/// Slot number used for notes that stand for an on-demand refresh rather than a Kafka offset.
-pub(crate) const REFRESH_SLOT: u32 = u32::MAX;
-
-/// One notification's coordinates, compact: partition slot, the slot's assignment epoch, offset.
+/// One notification's coordinates, compact: the partition's assignment and the offset. For an
+/// on-demand refresh the reference is [`PartRef::REFRESH`] and the offset holds the waiter id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct NoteRef {
-    pub slot: u32,
-    pub epoch: u32,
+    pub part: PartRef,
     pub offset: i64,
+}
+
+impl NoteRef {
+    /// Does this note stand for an on-demand refresh?
+    #[inline]
+    pub fn is_refresh(&self) -> bool {
+        self.part.is_refresh()
+    }
 }
 
 /// Notes of one key; most keys hold one or two.
@@ -101,13 +108,22 @@ pub(crate) struct Flight {
     /// The notifications this flight satisfies (all received before it started).
     pub batch: Pending,
     /// The change being written (kept for single-record retries).
-    pub change: Option<Change>,
+    pub change: Option<crate::sink::Change>,
+    /// Bytes of the change's body, counted against the memory cap while it waits for the sink.
+    pub change_bytes: usize,
     /// Validators to remember once the change is durable.
     pub validators: Option<Validators>,
     /// Write attempts that failed for this record alone.
     pub write_failures: u32,
     /// The business action this flight serves (see [`crate::action`]).
     pub action: Option<u64>,
+    /// When the fetch started, on the wall clock: sinks that cannot guard on a version guard on
+    /// this instead (an older read never overwrites a newer one).
+    pub fetched_at: SystemTime,
+    /// Every notification of the flight belonged to assignments that ended while its write was
+    /// issued: the write is being dropped by the dispatcher, and the flight only waits for its
+    /// completion so that a newer flight of the key cannot overtake it.
+    pub abandoned: bool,
 }
 
 /// Retry state of a key whose fetches fail.
@@ -231,8 +247,10 @@ mod tests {
 
     fn note(o: i64) -> NoteRef {
         NoteRef {
-            slot: 0,
-            epoch: 1,
+            part: PartRef {
+                slot: 0,
+                generation: 1,
+            },
             offset: o,
         }
     }

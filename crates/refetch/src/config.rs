@@ -118,6 +118,10 @@ pub struct EngineConfig {
     /// How long a revoke waits for writes already issued before it commits and lets go. Must stay
     /// below the consumer's `max.poll.interval.ms`.
     pub rebalance_drain: Duration,
+    /// How long a commit may take where something waits for it: the commit on revoke (before
+    /// the partitions are let go) and the final commit at shutdown. With `rebalance_drain`, it
+    /// bounds how long a revoke can hold the consumer's poll thread.
+    pub commit_timeout: Duration,
     /// How long shutdown waits for in-flight work before it commits what is satisfied.
     pub shutdown_deadline: Duration,
     /// Business-action grouping of notifications that carry a correlation id.
@@ -157,6 +161,7 @@ impl Default for EngineConfig {
             version_cache_capacity: 100_000,
             gone_guard: GoneGuardConfig::default(),
             rebalance_drain: Duration::from_secs(10),
+            commit_timeout: Duration::from_secs(5),
             shutdown_deadline: Duration::from_secs(15),
             actions: ActionConfig::default(),
         }
@@ -222,19 +227,38 @@ impl EngineConfig {
                 ),
             );
         }
+        if self.commit_timeout.is_zero() {
+            return err("commit_timeout", "must be above zero".into());
+        }
         if let Some(max_poll) = max_poll_interval {
-            if self.rebalance_drain >= max_poll {
+            // The worst a revoke holds the poll thread: the drain, a margin for the engine's
+            // answer to arrive, the commit, and a second of slack for the poll itself.
+            let worst = self.revoke_worst_case();
+            if worst >= max_poll {
                 return err(
                     "rebalance_drain",
                     format!(
-                        "{:?} must stay below max.poll.interval.ms ({:?}): the consumer is not \
-                         polled while a revoke drains",
-                        self.rebalance_drain, max_poll
+                        "a revoke can hold the consumer for {worst:?} (rebalance_drain {:?} + \
+                         commit_timeout {:?} + 1.25 s), which must stay below \
+                         max.poll.interval.ms ({max_poll:?}): the consumer is not polled while a \
+                         revoke drains",
+                        self.rebalance_drain, self.commit_timeout
                     ),
                 );
             }
         }
         Ok(())
+    }
+}
+
+impl EngineConfig {
+    /// The longest a revoke can hold the consumer's poll thread: the drain deadline, 250 ms for
+    /// the engine's answer to arrive, the commit timeout, and a second of slack for the poll.
+    pub fn revoke_worst_case(&self) -> Duration {
+        self.rebalance_drain
+            + Duration::from_millis(250)
+            + self.commit_timeout
+            + Duration::from_secs(1)
     }
 }
 
@@ -265,6 +289,11 @@ mod tests {
         assert!(c.validate(Some(Duration::from_secs(300))).is_ok());
         let e = c.validate(Some(Duration::from_secs(5))).unwrap_err();
         assert_eq!(e.key, "rebalance_drain");
+        // The drain alone fits, but not with the commit after it.
+        let e = c.validate(Some(Duration::from_secs(12))).unwrap_err();
+        assert_eq!(e.key, "rebalance_drain");
+        assert!(e.reason.contains("commit_timeout"), "{e}");
+        assert!(c.validate(Some(Duration::from_millis(16_251))).is_ok());
         let c = EngineConfig {
             max_wait: Duration::from_millis(1),
             ..EngineConfig::default()

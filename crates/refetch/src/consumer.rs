@@ -1,19 +1,27 @@
 //! The consumer interface: how records, rebalances and commits reach the engine.
 //!
 //! The engine does not talk to a Kafka client directly. A consumer driver is a pair of channels:
-//! it sends [`ConsumerEvent`]s (records, assignments, revokes, losses) and obeys
+//! it sends [`ConsumerEvent`]s (records, assignments, revokes, losses, positions) and obeys
 //! [`ConsumerCommand`]s (commit, pause, resume, close). [`crate::kafka`] implements it on
 //! librdkafka (the consumer polled on its own thread, so rebalance callbacks can block it without
 //! blocking the engine); [`MemoryConsumer`] implements it in memory so tests can drive the whole
 //! runtime, rebalances included, under a paused clock.
+//!
+//! Every assignment a driver makes gets a fresh [`Epoch`]; revokes, losses, positions and commits
+//! name the [`Assignment`] (partition + epoch) they belong to. A driver must drop a commit whose
+//! assignment is no longer current (revoked, lost or replaced) instead of sending it to the
+//! broker: the broker accepts commits from a member for partitions it does not own, so a commit
+//! queued before a revoke could otherwise move the new owner's committed offset backwards.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::assignment::{Assignment, Epoch, EpochCounter, TopicPartition};
 use crate::decode::RecordView;
-use crate::engine::TopicPartition;
 
 /// A record owned by the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,29 +52,57 @@ impl OwnedRecord {
             headers: &self.headers,
         }
     }
+
+    /// Bytes the record holds in memory (counted against the engine's byte cap while queued).
+    pub fn size(&self) -> usize {
+        64 + self.key.as_ref().map_or(0, Vec::len)
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
+    }
 }
 
-/// Offsets to commit, one per partition (the next offset to consume).
-pub type Offsets = Vec<(TopicPartition, i64)>;
+/// Offsets to commit (the next offset to consume), each for the assignment it belongs to.
+pub type Offsets = Vec<(Assignment, i64)>;
+
+/// How a commit ended: the offsets that reached the broker (entries whose assignment was no
+/// longer current were dropped), or why it failed.
+pub type CommitResult = Result<Offsets, String>;
 
 /// What a consumer driver tells the engine.
 #[derive(Debug)]
 pub enum ConsumerEvent {
-    /// Records, in partition order.
+    /// Records, in partition order. Their bytes were added to [`ConsumerChannels::queued`].
     Records(Vec<OwnedRecord>),
-    /// Partitions were assigned (incrementally or in full). Sent even when the list is empty, so
-    /// the engine knows it joined the group.
-    Assigned(Vec<TopicPartition>),
-    /// Partitions are being revoked. The engine drains writes already issued (within its
-    /// deadline) and answers with the offsets to commit synchronously before letting go.
+    /// Partitions were assigned (incrementally or in full), each in a new epoch. Sent even when
+    /// the list is empty, so the engine knows it joined the group.
+    Assigned(Vec<Assignment>),
+    /// Assignments are being revoked. The engine drains writes already issued and answers by
+    /// `deadline` with the offsets to commit before letting go; the driver waits for the answer
+    /// until shortly after `deadline`, then lets go without committing.
     Revoke {
-        /// The partitions.
-        partitions: Vec<TopicPartition>,
+        /// The assignments.
+        assignments: Vec<Assignment>,
         /// Where the engine answers.
         reply: std::sync::mpsc::SyncSender<Offsets>,
+        /// When the driver stops waiting (set by the driver, so both sides use one clock).
+        deadline: tokio::time::Instant,
     },
-    /// Partitions were lost (session expired, fenced): no drain, no commit.
-    Lost(Vec<TopicPartition>),
+    /// Assignments were lost (session expired, fenced): no drain, no commit.
+    Lost(Vec<Assignment>),
+    /// The consumer's position (next offset it will deliver) of assignments, sent after records:
+    /// past transaction markers it is ahead of the last record delivered.
+    Positions(Vec<(Assignment, i64)>),
+    /// Whether the brokers can be reached changed.
+    Broker {
+        /// At least one broker answers.
+        reachable: bool,
+        /// What the client said.
+        reason: String,
+    },
     /// A client error worth reporting.
     Error {
         /// What happened.
@@ -79,12 +115,13 @@ pub enum ConsumerEvent {
 /// What the engine tells a consumer driver.
 #[derive(Debug)]
 pub enum ConsumerCommand {
-    /// Commit these offsets synchronously and report the result.
+    /// Commit these offsets and report which reached the broker. Entries whose assignment is no
+    /// longer current are dropped by the driver.
     Commit {
         /// The offsets.
         offsets: Offsets,
         /// The result.
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<CommitResult>,
     },
     /// Pause fetching these partitions.
     Pause(Vec<TopicPartition>),
@@ -97,6 +134,39 @@ pub enum ConsumerCommand {
     },
 }
 
+/// Bytes of records a driver sent that the engine has not taken yet. The driver adds a batch's
+/// bytes before sending it; the engine subtracts them when it takes the batch.
+#[derive(Debug, Clone, Default)]
+pub struct QueuedBytes(Arc<AtomicUsize>);
+
+impl QueuedBytes {
+    /// A new gauge at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Count the bytes of `records` as queued.
+    pub fn add(&self, records: &[OwnedRecord]) {
+        let n: usize = records.iter().map(OwnedRecord::size).sum();
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The records were taken by the engine.
+    pub fn sub(&self, records: &[OwnedRecord]) {
+        let n: usize = records.iter().map(OwnedRecord::size).sum();
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+    }
+
+    /// Bytes queued now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// The engine's end of a consumer driver.
 #[derive(Debug)]
 pub struct ConsumerChannels {
@@ -104,12 +174,23 @@ pub struct ConsumerChannels {
     pub events: mpsc::UnboundedReceiver<ConsumerEvent>,
     /// Commands to the consumer.
     pub commands: mpsc::UnboundedSender<ConsumerCommand>,
+    /// Bytes of records sent and not yet taken (counted by the engine's byte cap).
+    pub queued: QueuedBytes,
 }
 
-/// Shared state of an in-memory topic set.
+// ----- in memory ---------------------------------------------------------------------------------
+
+/// One partition's log: records, and the offset the next record gets (past markers).
+#[derive(Debug, Default)]
+struct Log {
+    records: Vec<OwnedRecord>,
+    end: i64,
+}
+
+/// Shared state of an in-memory topic set: the broker side.
 #[derive(Debug, Default)]
 struct MemoryState {
-    partitions: BTreeMap<TopicPartition, Vec<OwnedRecord>>,
+    partitions: BTreeMap<TopicPartition, Log>,
     committed: BTreeMap<TopicPartition, i64>,
     commit_log: Vec<(TopicPartition, i64)>,
 }
@@ -119,9 +200,25 @@ struct MemoryState {
 /// Produce records with [`MemoryConsumer::produce`]; the consumer task assigns every partition
 /// at start and delivers records from the last committed offset. Tests can revoke, lose and
 /// re-assign partitions through [`MemoryControl`].
-#[derive(Debug, Clone, Default)]
+///
+/// It is as strict as the real thing where that matters: the broker side accepts any commit it
+/// is sent, for partitions owned or not, backwards or not (as a broker does for a member of the
+/// current generation), so only the driver's epoch check keeps stale commits out; a revoke waits
+/// for the engine's answer only until its deadline and then lets go uncommitted, as the
+/// librdkafka driver does.
+#[derive(Debug, Clone)]
 pub struct MemoryConsumer {
     state: Arc<Mutex<MemoryState>>,
+    revoke_timeout: Duration,
+}
+
+impl Default for MemoryConsumer {
+    fn default() -> Self {
+        MemoryConsumer {
+            state: Arc::default(),
+            revoke_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Rebalance controls of a running in-memory consumer.
@@ -132,16 +229,70 @@ pub struct MemoryControl {
 
 #[derive(Debug)]
 enum ControlMsg {
-    Revoke(Vec<TopicPartition>, oneshot::Sender<Offsets>),
+    /// Revoke: the deadline told to the engine, how long the handler waits for the answer
+    /// (normally the same deadline plus a moment), and where to report what was committed.
+    Revoke(
+        Vec<TopicPartition>,
+        Option<Duration>,
+        Option<Duration>,
+        oneshot::Sender<Vec<(TopicPartition, i64)>>,
+    ),
+    Paused(oneshot::Sender<Vec<TopicPartition>>),
     Lose(Vec<TopicPartition>),
     Assign(Vec<TopicPartition>),
+    /// Commit these offsets at the broker as another member would (no epoch check).
+    CommitAsOther(Vec<(TopicPartition, i64)>),
 }
 
 impl MemoryControl {
-    /// Revoke partitions (the engine drains and answers with offsets, which are committed).
-    pub async fn revoke(&self, tps: Vec<TopicPartition>) -> Offsets {
+    /// Revoke partitions: the engine drains and answers with offsets, which are committed.
+    /// Returns what was committed (nothing when the engine did not answer before the revoke's
+    /// deadline).
+    pub async fn revoke(&self, tps: Vec<TopicPartition>) -> Vec<(TopicPartition, i64)> {
+        self.revoke_within(tps, None).await
+    }
+
+    /// Revoke partitions with a deadline of its own (instead of the consumer's revoke timeout).
+    pub async fn revoke_within(
+        &self,
+        tps: Vec<TopicPartition>,
+        timeout: Option<Duration>,
+    ) -> Vec<(TopicPartition, i64)> {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(ControlMsg::Revoke(tps, tx)).is_err() {
+        if self
+            .tx
+            .send(ControlMsg::Revoke(tps, timeout, None, tx))
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// A revoke whose handler gives up after `gives_up` although it told the engine it would
+    /// wait `told` (a handler whose deadline and the engine's started at different times). The
+    /// partitions are let go uncommitted when it gives up.
+    pub async fn revoke_impatient(
+        &self,
+        tps: Vec<TopicPartition>,
+        told: Duration,
+        gives_up: Duration,
+    ) -> Vec<(TopicPartition, i64)> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(ControlMsg::Revoke(tps, Some(told), Some(gives_up), tx))
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// The partitions the consumer has paused now.
+    pub async fn paused(&self) -> Vec<TopicPartition> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(ControlMsg::Paused(tx)).is_err() {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
@@ -152,9 +303,15 @@ impl MemoryControl {
         let _ = self.tx.send(ControlMsg::Lose(tps));
     }
 
-    /// Assign partitions again (delivery restarts from their committed offsets).
+    /// Assign partitions again, each in a new epoch (delivery restarts from their committed
+    /// offsets).
     pub fn assign(&self, tps: Vec<TopicPartition>) {
         let _ = self.tx.send(ControlMsg::Assign(tps));
+    }
+
+    /// Commit offsets as another member of the group would (the new owner after a rebalance).
+    pub fn commit_as_other_member(&self, offsets: Vec<(TopicPartition, i64)>) {
+        let _ = self.tx.send(ControlMsg::CommitAsOther(offsets));
     }
 }
 
@@ -162,6 +319,13 @@ impl MemoryConsumer {
     /// Empty topics.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How long a revoke waits for the engine's answer before letting go uncommitted (default
+    /// 10 s).
+    pub fn with_revoke_timeout(mut self, timeout: Duration) -> Self {
+        self.revoke_timeout = timeout;
+        self
     }
 
     /// Create a topic with `partitions` partitions.
@@ -192,8 +356,9 @@ impl MemoryConsumer {
             .partitions
             .entry(TopicPartition::new(topic, partition))
             .or_default();
-        let offset = log.last().map_or(0, |r| r.offset + 1) + gap;
-        log.push(OwnedRecord {
+        let offset = log.end + gap.max(0);
+        log.end = offset + 1;
+        log.records.push(OwnedRecord {
             topic: topic.into(),
             partition,
             offset,
@@ -204,14 +369,29 @@ impl MemoryConsumer {
         offset
     }
 
-    /// The next offset after the last record of each partition.
+    /// Append a transaction marker: it takes an offset but is never delivered.
+    pub fn produce_marker(&self, topic: &str, partition: i32) -> i64 {
+        let Ok(mut s) = self.state.lock() else {
+            return -1;
+        };
+        let log = s
+            .partitions
+            .entry(TopicPartition::new(topic, partition))
+            .or_default();
+        let offset = log.end;
+        log.end += 1;
+        offset
+    }
+
+    /// The next offset after the last record (or marker) of each partition.
     pub fn end_offsets(&self) -> BTreeMap<TopicPartition, i64> {
         let Ok(s) = self.state.lock() else {
             return BTreeMap::new();
         };
         s.partitions
             .iter()
-            .filter_map(|(tp, log)| Some((tp.clone(), log.last()?.offset + 1)))
+            .filter(|(_, log)| log.end > 0)
+            .map(|(tp, log)| (tp.clone(), log.end))
             .collect()
     }
 
@@ -223,7 +403,7 @@ impl MemoryConsumer {
             .unwrap_or_default()
     }
 
-    /// Every commit in order.
+    /// Every commit that reached the broker side, in order.
     pub fn commit_log(&self) -> Vec<(TopicPartition, i64)> {
         self.state
             .lock()
@@ -237,121 +417,269 @@ impl MemoryConsumer {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let state = self.state.clone();
-        tokio::spawn(memory_consumer_task(state, ev_tx, cmd_rx, ctl_rx));
+        let queued = QueuedBytes::new();
+        let driver = MemoryDriver {
+            state: self.state.clone(),
+            events: ev_tx,
+            queued: queued.clone(),
+            owned: BTreeMap::new(),
+            paused: BTreeSet::new(),
+            epochs: EpochCounter::new(),
+            revoke_timeout: self.revoke_timeout,
+            reported: BTreeMap::new(),
+        };
+        tokio::spawn(driver.run(cmd_rx, ctl_rx));
         (
             ConsumerChannels {
                 events: ev_rx,
                 commands: cmd_tx,
+                queued,
             },
             MemoryControl { tx: ctl_tx },
         )
     }
 }
 
-async fn memory_consumer_task(
+/// The in-memory driver: the member's side (assignments, epochs, positions, the epoch check on
+/// commits) over the shared broker state.
+struct MemoryDriver {
     state: Arc<Mutex<MemoryState>>,
     events: mpsc::UnboundedSender<ConsumerEvent>,
-    mut commands: mpsc::UnboundedReceiver<ConsumerCommand>,
-    mut control: mpsc::UnboundedReceiver<ControlMsg>,
-) {
-    // Position per owned partition (next offset to deliver).
-    let mut owned: BTreeMap<TopicPartition, i64> = BTreeMap::new();
-    let mut paused: BTreeSet<TopicPartition> = BTreeSet::new();
-    let all: Vec<TopicPartition> = state
-        .lock()
-        .map(|s| s.partitions.keys().cloned().collect())
-        .unwrap_or_default();
-    assign(&state, &events, &mut owned, all);
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(5));
-    let mut control_open = true;
-    loop {
-        tokio::select! {
-            cmd = commands.recv() => match cmd {
-                None => return,
-                Some(ConsumerCommand::Commit { offsets, reply }) => {
-                    let r = commit(&state, &owned, &offsets);
-                    let _ = reply.send(r);
-                }
-                Some(ConsumerCommand::Pause(tps)) => paused.extend(tps),
-                Some(ConsumerCommand::Resume(tps)) => {
-                    for tp in tps { paused.remove(&tp); }
-                }
-                Some(ConsumerCommand::Close { reply }) => {
-                    let _ = reply.send(());
-                    return;
-                }
-            },
-            ctl = control.recv(), if control_open => match ctl {
-                None => control_open = false,
-                Some(ControlMsg::Revoke(tps, done)) => {
-                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                    if events.send(ConsumerEvent::Revoke { partitions: tps.clone(), reply: tx }).is_err() {
+    queued: QueuedBytes,
+    /// Owned partitions: the assignment's epoch and the position (next offset to deliver).
+    owned: BTreeMap<TopicPartition, (Epoch, i64)>,
+    paused: BTreeSet<TopicPartition>,
+    epochs: EpochCounter,
+    revoke_timeout: Duration,
+    /// Positions last reported.
+    reported: BTreeMap<TopicPartition, i64>,
+}
+
+impl MemoryDriver {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<ConsumerCommand>,
+        mut control: mpsc::UnboundedReceiver<ControlMsg>,
+    ) {
+        let all: Vec<TopicPartition> = self
+            .state
+            .lock()
+            .map(|s| s.partitions.keys().cloned().collect())
+            .unwrap_or_default();
+        self.assign(all);
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        let mut control_open = true;
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(ConsumerCommand::Commit { offsets, reply }) => {
+                        let r = self.commit(&offsets);
+                        let _ = reply.send(r);
+                    }
+                    Some(ConsumerCommand::Pause(tps)) => self.paused.extend(tps),
+                    Some(ConsumerCommand::Resume(tps)) => {
+                        for tp in tps { self.paused.remove(&tp); }
+                    }
+                    Some(ConsumerCommand::Close { reply }) => {
+                        let _ = reply.send(());
                         return;
                     }
-                    // The engine answers from its own task; wait without blocking the runtime.
-                    let offsets = tokio::task::spawn_blocking(move || rx.recv().unwrap_or_default())
-                        .await
-                        .unwrap_or_default();
-                    let owned_before = owned.clone();
-                    let _ = commit(&state, &owned_before, &offsets);
-                    for tp in &tps { owned.remove(tp); paused.remove(tp); }
-                    let _ = done.send(offsets);
-                }
-                Some(ControlMsg::Lose(tps)) => {
-                    for tp in &tps { owned.remove(tp); paused.remove(tp); }
-                    let _ = events.send(ConsumerEvent::Lost(tps));
-                }
-                Some(ControlMsg::Assign(tps)) => assign(&state, &events, &mut owned, tps),
-            },
-            _ = tick.tick() => {
-                let mut batch = Vec::new();
-                if let Ok(s) = state.lock() {
-                    for (tp, pos) in owned.iter_mut() {
-                        if paused.contains(tp) { continue; }
-                        if let Some(log) = s.partitions.get(tp) {
-                            let start = log.partition_point(|r| r.offset < *pos);
-                            for r in log.iter().skip(start).take(500) {
-                                batch.push(r.clone());
-                                *pos = r.offset + 1;
+                },
+                ctl = control.recv(), if control_open => match ctl {
+                    None => control_open = false,
+                    Some(ControlMsg::Revoke(tps, told, gives_up, done)) => {
+                        let told = told.unwrap_or(self.revoke_timeout);
+                        let gives_up = gives_up.unwrap_or(told + Duration::from_millis(250));
+                        let committed = self.revoke(tps, told, gives_up, &mut commands).await;
+                        let _ = done.send(committed);
+                    }
+                    Some(ControlMsg::Paused(reply)) => {
+                        let _ = reply.send(self.paused.iter().cloned().collect());
+                    }
+                    Some(ControlMsg::Lose(tps)) => {
+                        let lost: Vec<Assignment> = tps.iter().filter_map(|tp| self.release(tp)).collect();
+                        let _ = self.events.send(ConsumerEvent::Lost(lost));
+                    }
+                    Some(ControlMsg::Assign(tps)) => self.assign(tps),
+                    Some(ControlMsg::CommitAsOther(offsets)) => {
+                        if let Ok(mut s) = self.state.lock() {
+                            for (tp, o) in offsets {
+                                s.committed.insert(tp.clone(), o);
+                                s.commit_log.push((tp, o));
                             }
                         }
                     }
-                }
-                if !batch.is_empty() && events.send(ConsumerEvent::Records(batch)).is_err() {
-                    return;
+                },
+                _ = tick.tick() => {
+                    if !self.deliver() {
+                        return;
+                    }
                 }
             }
         }
     }
-}
 
-fn assign(
-    state: &Arc<Mutex<MemoryState>>,
-    events: &mpsc::UnboundedSender<ConsumerEvent>,
-    owned: &mut BTreeMap<TopicPartition, i64>,
-    tps: Vec<TopicPartition>,
-) {
-    if let Ok(s) = state.lock() {
+    fn assignment(&self, tp: &TopicPartition) -> Option<Assignment> {
+        self.owned
+            .get(tp)
+            .map(|(e, _)| Assignment::new(tp.clone(), *e))
+    }
+
+    fn release(&mut self, tp: &TopicPartition) -> Option<Assignment> {
+        let a = self.assignment(tp);
+        self.owned.remove(tp);
+        self.paused.remove(tp);
+        self.reported.remove(tp);
+        a
+    }
+
+    fn assign(&mut self, tps: Vec<TopicPartition>) {
+        let mut out = Vec::new();
+        if let Ok(s) = self.state.lock() {
+            for tp in tps {
+                let epoch = self.epochs.next_epoch();
+                let from = s.committed.get(&tp).copied().unwrap_or(0);
+                self.owned.insert(tp.clone(), (epoch, from));
+                // A new assignment starts unpaused, as a real consumer's does: the engine
+                // re-applies its pause state.
+                self.paused.remove(&tp);
+                out.push(Assignment::new(tp, epoch));
+            }
+        }
+        let _ = self.events.send(ConsumerEvent::Assigned(out));
+    }
+
+    /// The member's commit: entries whose assignment is not current are dropped (the epoch
+    /// check); the broker side accepts the rest, whatever they are.
+    fn commit(&self, offsets: &Offsets) -> CommitResult {
+        let current: Offsets = offsets
+            .iter()
+            .filter(|(a, _)| self.owned.get(&a.tp).is_some_and(|(e, _)| *e == a.epoch))
+            .cloned()
+            .collect();
+        let mut s = self.state.lock().map_err(|_| "state poisoned".to_owned())?;
+        for (a, o) in &current {
+            s.committed.insert(a.tp.clone(), *o);
+            s.commit_log.push((a.tp.clone(), *o));
+        }
+        Ok(current)
+    }
+
+    async fn revoke(
+        &mut self,
+        tps: Vec<TopicPartition>,
+        told: Duration,
+        gives_up: Duration,
+        commands: &mut mpsc::UnboundedReceiver<ConsumerCommand>,
+    ) -> Vec<(TopicPartition, i64)> {
+        let assignments: Vec<Assignment> =
+            tps.iter().filter_map(|tp| self.assignment(tp)).collect();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let started = tokio::time::Instant::now();
+        let deadline = started + told;
+        if self
+            .events
+            .send(ConsumerEvent::Revoke {
+                assignments: assignments.clone(),
+                reply: tx,
+                deadline,
+            })
+            .is_err()
+        {
+            return Vec::new();
+        }
+        // Wait for the answer until shortly after the deadline, as the librdkafka driver does.
+        // Meanwhile commands are still served in order (a real consumer's commits do not wait
+        // for the rebalance handler).
+        let give_up = started + gives_up;
+        let answer = loop {
+            match rx.try_recv() {
+                Ok(offsets) => break Some(offsets),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break None,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+            }
+            if tokio::time::Instant::now() >= give_up {
+                break None;
+            }
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(ConsumerCommand::Commit { offsets, reply }) => {
+                        let r = self.commit(&offsets);
+                        let _ = reply.send(r);
+                    }
+                    Some(ConsumerCommand::Pause(p)) => self.paused.extend(p),
+                    Some(ConsumerCommand::Resume(p)) => {
+                        for tp in p { self.paused.remove(&tp); }
+                    }
+                    Some(ConsumerCommand::Close { reply }) => {
+                        let _ = reply.send(());
+                    }
+                    None => {}
+                },
+                () = tokio::time::sleep(Duration::from_millis(1)) => {}
+            }
+        };
+        let mut committed = Vec::new();
+        if let Some(offsets) = answer {
+            let revoked: Offsets = offsets
+                .into_iter()
+                .filter(|(a, _)| assignments.iter().any(|r| r.same(a)))
+                .collect();
+            if let Ok(r) = self.commit(&revoked) {
+                committed = r.into_iter().map(|(a, o)| (a.tp, o)).collect();
+            }
+        }
         for tp in &tps {
-            owned.insert(tp.clone(), s.committed.get(tp).copied().unwrap_or(0));
+            self.release(tp);
         }
+        committed
     }
-    let _ = events.send(ConsumerEvent::Assigned(tps));
-}
 
-fn commit(
-    state: &Arc<Mutex<MemoryState>>,
-    owned: &BTreeMap<TopicPartition, i64>,
-    offsets: &Offsets,
-) -> Result<(), String> {
-    let mut s = state.lock().map_err(|_| "state poisoned".to_owned())?;
-    for (tp, o) in offsets {
-        if !owned.contains_key(tp) {
-            return Err(format!("partition {tp} is not owned"));
+    /// Deliver up to 500 records per partition; then report positions that moved. Returns
+    /// `false` when the engine is gone.
+    fn deliver(&mut self) -> bool {
+        let mut batch = Vec::new();
+        let mut positions = Vec::new();
+        if let Ok(s) = self.state.lock() {
+            for (tp, (epoch, pos)) in self.owned.iter_mut() {
+                if self.paused.contains(tp) {
+                    continue;
+                }
+                let Some(log) = s.partitions.get(tp) else {
+                    continue;
+                };
+                let start = log.records.partition_point(|r| r.offset < *pos);
+                let mut n = 0;
+                for r in log.records.iter().skip(start).take(500) {
+                    batch.push(r.clone());
+                    *pos = r.offset + 1;
+                    n += 1;
+                }
+                if start + n == log.records.len() {
+                    // Everything delivered: markers after the last record move the position.
+                    *pos = (*pos).max(log.end);
+                }
+                if self.reported.get(tp) != Some(pos) {
+                    self.reported.insert(tp.clone(), *pos);
+                    positions.push((Assignment::new(tp.clone(), *epoch), *pos));
+                }
+            }
         }
-        s.committed.insert(tp.clone(), *o);
-        s.commit_log.push((tp.clone(), *o));
+        if !batch.is_empty() {
+            self.queued.add(&batch);
+            if self.events.send(ConsumerEvent::Records(batch)).is_err() {
+                return false;
+            }
+        }
+        if !positions.is_empty()
+            && self
+                .events
+                .send(ConsumerEvent::Positions(positions))
+                .is_err()
+        {
+            return false;
+        }
+        true
     }
-    Ok(())
 }

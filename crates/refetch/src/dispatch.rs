@@ -12,19 +12,35 @@
 //! - Dead letters are produced with retries; a permanent failure is reported once (the engine
 //!   pauses and fails readiness) and then retried slowly until the topic works again.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 
+use crate::assignment::Fence;
 use crate::config::EngineConfig;
+use crate::consumer::{CommitResult, Offsets};
 use crate::dlq::DeadLetter;
 use crate::dlq::DeadLetterFailure;
-use crate::engine::{DeadLetterJob, FetchJob, FetchResult, TopicPartition, WriteJob, WriteResult};
-use crate::fetch::{FetchRequest, Fetcher};
+use crate::engine::{DeadLetterJob, FetchJob, FetchResult, WriteJob, WriteResult};
+use crate::fetch::{FetchError, FetchRequest, Fetcher};
 use crate::key::EntityKey;
-use crate::sink::{Change, Sink, SinkError};
+use crate::sink::{Change, Sink, SinkError, WriteContext};
+
+/// How a dead letter ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DeadLetterResult {
+    /// The broker acknowledged it.
+    Acked,
+    /// The topic refuses writes for good (reported once; retries go on slowly).
+    Broken(String),
+    /// Every assignment it served ended: retries stopped.
+    Abandoned,
+}
 
 /// A finished job, reported back to the engine's task.
 #[derive(Debug)]
@@ -37,11 +53,11 @@ pub(crate) enum Completion {
     Written(Vec<(EntityKey, u64, WriteResult)>),
     DeadLettered {
         id: u64,
-        result: Result<(), String>,
+        result: DeadLetterResult,
     },
     Committed {
-        offsets: Vec<(TopicPartition, u32, i64)>,
-        result: Result<(), String>,
+        sent: Offsets,
+        result: CommitResult,
     },
 }
 
@@ -81,11 +97,24 @@ impl DeadLetterWriter for MemoryDeadLetters {
     }
 }
 
+/// The text of a caught panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_owned()
+    }
+}
+
 /// Runs fetch jobs.
 pub(crate) struct FetchDispatcher<F: ?Sized, S: ?Sized> {
     pub fetcher: Arc<F>,
     pub sink: Arc<S>,
     pub done: mpsc::UnboundedSender<Completion>,
+    /// Cancelled when the pipeline's run ends: no task outlives it.
+    pub stop: CancellationToken,
 }
 
 impl<F: Fetcher + ?Sized, S: Sink + ?Sized> FetchDispatcher<F, S> {
@@ -115,10 +144,16 @@ impl<F: Fetcher + ?Sized, S: Sink + ?Sized> FetchDispatcher<F, S> {
             let fetcher = self.fetcher.clone();
             let sink = self.sink.clone();
             let done = self.done.clone();
+            let stop = self.stop.clone();
             let span = tracing::debug_span!("flight", key = %job.request.key, flight = job.flight);
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
-                    let result = fetch_one(&*fetcher, &*sink, &job).await;
+                    let result = tokio::select! {
+                        biased;
+                        () = stop.cancelled() => return,
+                        () = job.fence.ended() => FetchResult::Abandoned,
+                        r = fetch_one(&*fetcher, &*sink, &job) => r,
+                    };
                     let _ = done.send(Completion::Fetched {
                         key: job.request.key,
                         flight: job.flight,
@@ -129,14 +164,17 @@ impl<F: Fetcher + ?Sized, S: Sink + ?Sized> FetchDispatcher<F, S> {
             ));
         }
         for (_, _, chunk) in groups {
-            {
-                let fetcher = self.fetcher.clone();
-                let sink = self.sink.clone();
-                let done = self.done.clone();
-                tokio::spawn(async move {
-                    fetch_batch(&*fetcher, &*sink, chunk, &done).await;
-                });
-            }
+            let fetcher = self.fetcher.clone();
+            let sink = self.sink.clone();
+            let done = self.done.clone();
+            let stop = self.stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => {}
+                    () = fetch_batch(&*fetcher, &*sink, chunk, &done) => {}
+                }
+            });
         }
     }
 }
@@ -146,14 +184,30 @@ async fn held_covers<S: Sink + ?Sized>(sink: &S, job: &FetchJob) -> Option<Fetch
         return None;
     }
     let min = job.request.min_version?;
-    match sink.held_version(&job.request.key).await {
-        Ok(Some(held)) if held.held_covers(&min) => Some(FetchResult::AlreadyHeld(held)),
-        Ok(_) => None,
-        Err(e) => {
+    match AssertUnwindSafe(sink.held_version(&job.request.key))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(Some(held))) if held.held_covers(&min) => Some(FetchResult::AlreadyHeld(held)),
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => {
             tracing::debug!(key = %job.request.key, error = %e, "held_version failed; fetching");
             None
         }
+        Err(p) => {
+            tracing::error!(key = %job.request.key, panic = %panic_message(&*p), "sink panicked in held_version; fetching");
+            None
+        }
     }
+}
+
+/// A fetcher call that panicked: a transient error of the key (logged and counted), never a
+/// stalled flight.
+fn fetch_panicked(key: &EntityKey, p: &(dyn std::any::Any + Send)) -> FetchError {
+    let msg = panic_message(p);
+    tracing::error!(key = %key, panic = %msg, "fetcher panicked");
+    metrics::counter!("refetch_panics_total", "part" => "fetcher").increment(1);
+    FetchError::transient(format!("fetcher panicked: {msg}"))
 }
 
 async fn fetch_one<F: Fetcher + ?Sized, S: Sink + ?Sized>(
@@ -165,9 +219,13 @@ async fn fetch_one<F: Fetcher + ?Sized, S: Sink + ?Sized>(
         return r;
     }
     let started = tokio::time::Instant::now();
-    let r = match fetcher.fetch(&job.request).await {
-        Ok(o) => FetchResult::Outcome(o),
-        Err(e) => FetchResult::Error(e),
+    let r = match AssertUnwindSafe(fetcher.fetch(&job.request))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(o)) => FetchResult::Outcome(o),
+        Ok(Err(e)) => FetchResult::Error(e),
+        Err(p) => FetchResult::Error(fetch_panicked(&job.request.key, &*p)),
     };
     crate::metrics::fetch_latency(started.elapsed());
     r
@@ -181,6 +239,14 @@ async fn fetch_batch<F: Fetcher + ?Sized, S: Sink + ?Sized>(
 ) {
     let mut to_fetch = Vec::with_capacity(jobs.len());
     for job in jobs {
+        if !job.fence.is_live() {
+            let _ = done.send(Completion::Fetched {
+                key: job.request.key,
+                flight: job.flight,
+                result: FetchResult::Abandoned,
+            });
+            continue;
+        }
         match held_covers(sink, &job).await {
             Some(r) => {
                 let _ = done.send(Completion::Fetched {
@@ -196,16 +262,39 @@ async fn fetch_batch<F: Fetcher + ?Sized, S: Sink + ?Sized>(
         return;
     }
     let requests: Vec<FetchRequest> = to_fetch.iter().map(|j| j.request.clone()).collect();
+    let mut fence = Fence::unfenced();
+    let mut all_fenced = true;
+    for j in &to_fetch {
+        all_fenced &= !j.fence.is_unfenced();
+        fence.merge(&j.fence);
+    }
     let started = tokio::time::Instant::now();
-    let mut results = fetcher.fetch_batch(&requests).await.into_iter();
+    let fetched = tokio::select! {
+        biased;
+        // Every job's assignments ended: nobody needs the answer.
+        () = fence.ended(), if all_fenced => None,
+        r = AssertUnwindSafe(fetcher.fetch_batch(&requests)).catch_unwind() => Some(r),
+    };
     crate::metrics::fetch_latency(started.elapsed());
+    let (abandoned, mut results) = match fetched {
+        None => (true, Vec::new().into_iter()),
+        Some(Ok(r)) => (false, r.into_iter()),
+        Some(Err(p)) => {
+            let e = fetch_panicked(&to_fetch[0].request.key, &*p);
+            (false, vec![Err(e); to_fetch.len()].into_iter())
+        }
+    };
     for job in to_fetch {
-        let result = match results.next() {
-            Some(Ok(o)) => FetchResult::Outcome(o),
-            Some(Err(e)) => FetchResult::Error(e),
-            None => FetchResult::Error(crate::fetch::FetchError::transient(
-                "batch fetch returned fewer results than requests",
-            )),
+        let result = if abandoned {
+            FetchResult::Abandoned
+        } else {
+            match results.next() {
+                Some(Ok(o)) => FetchResult::Outcome(o),
+                Some(Err(e)) => FetchResult::Error(e),
+                None => FetchResult::Error(FetchError::transient(
+                    "batch fetch returned fewer results than requests",
+                )),
+            }
         };
         let _ = done.send(Completion::Fetched {
             key: job.request.key,
@@ -215,21 +304,50 @@ async fn fetch_batch<F: Fetcher + ?Sized, S: Sink + ?Sized>(
     }
 }
 
-/// Start the sink writer task. Returns the channel write jobs go to.
+/// The sink writer: where write jobs go, and its batching settings (changeable live).
+pub(crate) struct SinkWriter {
+    tx: mpsc::UnboundedSender<WriteJob>,
+    settings: tokio::sync::watch::Sender<(usize, Duration)>,
+    sink_max: usize,
+}
+
+impl SinkWriter {
+    /// Queue a write.
+    pub fn send(&self, job: WriteJob) {
+        let _ = self.tx.send(job);
+    }
+
+    /// Apply new batching settings (`sink_batch_max`, `sink_linger`) from the next batch on.
+    pub fn reconfigure(&self, cfg: &EngineConfig) {
+        let _ = self
+            .settings
+            .send((cfg.sink_batch_max.min(self.sink_max), cfg.sink_linger));
+    }
+}
+
+/// Start the sink writer task.
 pub(crate) fn start_sink_writer<S: Sink + ?Sized>(
     sink: Arc<S>,
     cfg: &EngineConfig,
     done: mpsc::UnboundedSender<Completion>,
-) -> mpsc::UnboundedSender<WriteJob> {
+    stop: CancellationToken,
+) -> SinkWriter {
     let (tx, mut rx) = mpsc::unbounded_channel::<WriteJob>();
-    let batch_max = cfg.sink_batch_max.min(sink.max_batch().max(1));
-    let linger = cfg.sink_linger;
+    let sink_max = sink.max_batch().max(1);
+    let (settings, settings_rx) =
+        tokio::sync::watch::channel((cfg.sink_batch_max.min(sink_max), cfg.sink_linger));
     let backoff = cfg.sink_backoff;
     let permits = Arc::new(Semaphore::new(cfg.sink_concurrency));
     tokio::spawn(async move {
         loop {
-            let Some(first) = rx.recv().await else {
-                return;
+            let (batch_max, linger) = *settings_rx.borrow();
+            let first = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                job = rx.recv() => match job {
+                    Some(job) => job,
+                    None => return,
+                },
             };
             let mut batch = vec![first];
             // Writes of a business action are issued consecutively and go in one batch, even
@@ -254,17 +372,28 @@ pub(crate) fn start_sink_writer<S: Sink + ?Sized>(
                 };
                 batch.push(job);
             }
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
+            let permit = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
             };
             let sink = sink.clone();
             let done = done.clone();
+            let stop = stop.clone();
             tokio::spawn(async move {
-                let results = write_with_retry(&*sink, &batch, backoff).await;
+                let jobs: Vec<&WriteJob> = batch.iter().collect();
+                let results = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    r = write_with_retry(&*sink, &jobs, backoff) => r,
+                };
                 drop(permit);
                 let _ = done.send(Completion::Written(
                     batch
-                        .into_iter()
+                        .iter()
                         .zip(results)
                         .map(|(j, r)| (j.change.key().clone(), j.flight, r))
                         .collect(),
@@ -272,7 +401,11 @@ pub(crate) fn start_sink_writer<S: Sink + ?Sized>(
             });
         }
     });
-    tx
+    SinkWriter {
+        tx,
+        settings,
+        sink_max,
+    }
 }
 
 /// How many more writes of `job`'s action group follow it.
@@ -282,7 +415,7 @@ fn group_rest(job: &WriteJob) -> usize {
 
 /// Split a batch into units that must stay together: each action group, and every other write
 /// on its own.
-fn units(batch: &[WriteJob]) -> Vec<&[WriteJob]> {
+fn units<'a, 'b>(batch: &'b [&'a WriteJob]) -> Vec<&'b [&'a WriteJob]> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < batch.len() {
@@ -302,48 +435,112 @@ fn units(batch: &[WriteJob]) -> Vec<&[WriteJob]> {
     out
 }
 
+/// A sink call that panicked: a transient failure of the batch, retried like any other.
+fn sink_panicked(p: &(dyn std::any::Any + Send)) -> SinkError {
+    let msg = panic_message(p);
+    tracing::error!(panic = %msg, "sink panicked");
+    metrics::counter!("refetch_panics_total", "part" => "sink").increment(1);
+    SinkError::transient(format!("sink panicked: {msg}"))
+}
+
+/// Write a batch, retrying transient failures without end. Before every attempt, writes whose
+/// assignments all ended are dropped (reported `Abandoned`): a retry after the assignment ended
+/// would be a zombie write. An attempt that has not completed when one of its writes' assignments
+/// ends is dropped and retried without the stale writes.
 async fn write_with_retry<S: Sink + ?Sized>(
     sink: &S,
-    batch: &[WriteJob],
+    batch: &[&WriteJob],
     backoff: crate::config::Backoff,
 ) -> Vec<WriteResult> {
-    let changes: Vec<Change> = batch.iter().map(|j| j.change.clone()).collect();
+    let mut out: Vec<Option<WriteResult>> = vec![None; batch.len()];
     let mut attempt = 0u32;
     loop {
+        let mut live: Vec<usize> = Vec::with_capacity(batch.len());
+        for (i, slot) in out.iter_mut().enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            if batch[i].fence.is_live() {
+                live.push(i);
+            } else {
+                *slot = Some(WriteResult::Abandoned);
+            }
+        }
+        if live.is_empty() {
+            return out
+                .into_iter()
+                .map(|r| r.unwrap_or(WriteResult::Abandoned))
+                .collect();
+        }
         attempt += 1;
+        let changes: Vec<Change> = live.iter().map(|&i| batch[i].change.clone()).collect();
+        let fetched_at: Vec<SystemTime> = live.iter().map(|&i| batch[i].fetched_at).collect();
+        let mut fence = Fence::unfenced();
+        let mut any_fenced = false;
+        for &i in &live {
+            any_fenced |= !batch[i].fence.is_unfenced();
+            fence.merge(&batch[i].fence);
+        }
+        let ctx = WriteContext {
+            fetched_at: &fetched_at,
+        };
         let started = tokio::time::Instant::now();
-        let r = sink.write(&changes).await;
+        let r = tokio::select! {
+            biased;
+            () = fence.any_ended(), if any_fenced => {
+                tracing::warn!(size = changes.len(),
+                    "an assignment of this batch ended while its write was pending: dropping the attempt and retrying the live writes");
+                continue;
+            }
+            r = AssertUnwindSafe(sink.write_with(&changes, &ctx)).catch_unwind() => match r {
+                Ok(r) => r,
+                Err(p) => Err(sink_panicked(&*p)),
+            },
+        };
         crate::metrics::sink_batch(started.elapsed(), changes.len());
         match r {
             Ok(report) => {
-                let mut out: Vec<WriteResult> = vec![WriteResult::Durable; changes.len()];
-                for (i, e) in report.failed {
-                    if let Some(slot) = out.get_mut(i) {
-                        *slot = WriteResult::Failed(e);
+                for &i in &live {
+                    out[i] = Some(WriteResult::Durable);
+                }
+                for (j, e) in report.failed {
+                    if let Some(&i) = live.get(j) {
+                        out[i] = Some(WriteResult::Failed(e));
                     }
                 }
-                return out;
+                return out
+                    .into_iter()
+                    .map(|r| r.unwrap_or(WriteResult::Abandoned))
+                    .collect();
             }
             Err(SinkError::Permanent { message }) => {
-                if changes.len() == 1 {
-                    return vec![WriteResult::Failed(SinkError::Permanent { message })];
-                }
-                tracing::warn!(error = %message, size = changes.len(),
-                    "sink refused a batch permanently; writing its records one by one");
-                // An action group is retried as a unit first; a group that fails on its own is
-                // split so only the bad record is rejected.
-                let parts = units(batch);
-                let parts: Vec<&[WriteJob]> = if parts.len() > 1 {
-                    parts
+                let jobs: Vec<&WriteJob> = live.iter().map(|&i| batch[i]).collect();
+                if jobs.len() == 1 {
+                    out[live[0]] = Some(WriteResult::Failed(SinkError::Permanent { message }));
                 } else {
-                    batch.iter().map(std::slice::from_ref).collect()
-                };
-                let mut out = Vec::with_capacity(batch.len());
-                for part in parts {
-                    let r = Box::pin(write_with_retry(sink, part, backoff)).await;
-                    out.extend(r);
+                    tracing::warn!(error = %message, size = jobs.len(),
+                        "sink refused a batch permanently; writing its records one by one");
+                    // An action group is retried as a unit first; a group that fails on its own
+                    // is split so only the bad record is rejected.
+                    let parts = units(&jobs);
+                    let parts: Vec<&[&WriteJob]> = if parts.len() > 1 {
+                        parts
+                    } else {
+                        jobs.chunks(1).collect()
+                    };
+                    let mut results = Vec::with_capacity(jobs.len());
+                    for part in parts {
+                        let r = Box::pin(write_with_retry(sink, part, backoff)).await;
+                        results.extend(r);
+                    }
+                    for (&i, r) in live.iter().zip(results) {
+                        out[i] = Some(r);
+                    }
                 }
-                return out;
+                return out
+                    .into_iter()
+                    .map(|r| r.unwrap_or(WriteResult::Abandoned))
+                    .collect();
             }
             Err(e @ SinkError::Transient { .. }) => {
                 let delay = backoff.delay(attempt, e.class().retry_after(), jitter(attempt));
@@ -351,7 +548,11 @@ async fn write_with_retry<S: Sink + ?Sized>(
                     tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64,
                         "sink unavailable; retrying the batch (nothing is committed meanwhile)");
                 }
-                tokio::time::sleep(delay).await;
+                // The wait ends early when an assignment ends: its writes are dropped then.
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = fence.any_ended(), if any_fenced => {}
+                }
             }
         }
     }
@@ -362,49 +563,71 @@ fn jitter(seed: u32) -> f64 {
     (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Produce one dead letter with retries; reports `Ok` on acknowledgement and `Err` once when the
-/// topic refuses writes for good (retrying slowly afterwards).
+/// Produce one dead letter with retries; reports `Acked` on acknowledgement, `Broken` once when
+/// the topic refuses writes for good (retrying slowly afterwards), and `Abandoned` when every
+/// assignment it serves ended.
 pub(crate) fn dispatch_dead_letter(
     writer: Arc<dyn DeadLetterWriter>,
     job: DeadLetterJob,
     done: mpsc::UnboundedSender<Completion>,
+    stop: CancellationToken,
 ) {
     tokio::spawn(async move {
-        let mut record = job.record;
+        let DeadLetterJob { id, record, fence } = job;
+        let mut record = record;
         let mut attempt = 0u32;
         let mut reported_broken = false;
         let mut max_payload = 512 * 1024;
+        let report = |result| {
+            let _ = done.send(Completion::DeadLettered { id, result });
+        };
         loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            if !fence.is_live() {
+                report(DeadLetterResult::Abandoned);
+                return;
+            }
             attempt += 1;
-            match writer.send(&record).await {
-                Ok(()) => {
-                    let _ = done.send(Completion::DeadLettered {
-                        id: job.id,
-                        result: Ok(()),
-                    });
+            let sent = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                r = AssertUnwindSafe(writer.send(&record)).catch_unwind() => r,
+            };
+            let wait = match sent {
+                Ok(Ok(())) => {
+                    report(DeadLetterResult::Acked);
                     return;
                 }
-                Err(DeadLetterFailure::TooLarge(msg)) => {
+                Ok(Err(DeadLetterFailure::TooLarge(msg))) => {
                     tracing::warn!(error = %msg, max_payload, "dead letter too large; truncating");
                     record.truncate(max_payload);
                     max_payload = (max_payload / 4).max(1024);
-                    continue;
+                    Duration::from_millis(10)
                 }
-                Err(DeadLetterFailure::Permanent(msg)) => {
+                Ok(Err(DeadLetterFailure::Permanent(msg))) => {
                     if !reported_broken {
                         reported_broken = true;
-                        let _ = done.send(Completion::DeadLettered {
-                            id: job.id,
-                            result: Err(msg),
-                        });
+                        report(DeadLetterResult::Broken(msg));
                     }
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Duration::from_secs(5)
                 }
-                Err(DeadLetterFailure::Transient(msg)) => {
-                    let delay = Duration::from_millis(200u64.saturating_mul(1 << attempt.min(6)));
+                Ok(Err(DeadLetterFailure::Transient(msg))) => {
                     tracing::warn!(error = %msg, attempt, "dead letter not acknowledged; retrying");
-                    tokio::time::sleep(delay).await;
+                    Duration::from_millis(200u64.saturating_mul(1 << attempt.min(6)))
                 }
+                Err(p) => {
+                    let msg = panic_message(&*p);
+                    tracing::error!(panic = %msg, "dead-letter writer panicked; retrying");
+                    Duration::from_millis(200u64.saturating_mul(1 << attempt.min(6)))
+                }
+            };
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                () = fence.ended(), if !fence.is_unfenced() => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
     });
@@ -423,12 +646,14 @@ mod tests {
                 key: EntityKey::new("c", flight.to_string()),
             },
             group: group.map(|(action, size)| WriteGroup { action, size }),
+            fence: Fence::unfenced(),
+            fetched_at: SystemTime::UNIX_EPOCH,
         }
     }
 
     #[test]
     fn an_action_group_is_one_unit_and_other_writes_stand_alone() {
-        let batch = vec![
+        let batch = [
             job(1, None),
             job(2, Some((7, 3))),
             job(3, Some((7, 3))),
@@ -436,7 +661,8 @@ mod tests {
             job(5, Some((8, 1))),
             job(6, None),
         ];
-        let sizes: Vec<usize> = units(&batch).iter().map(|u| u.len()).collect();
+        let refs: Vec<&WriteJob> = batch.iter().collect();
+        let sizes: Vec<usize> = units(&refs).iter().map(|u| u.len()).collect();
         assert_eq!(sizes, vec![1, 3, 1, 1]);
         assert_eq!(
             group_rest(&batch[1]),
@@ -473,7 +699,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_batch_is_retried_by_units_keeping_the_action_together() {
         let sink = Refusing::default();
-        let batch = vec![
+        let batch = [
             job(1, None),
             job(2, Some((7, 3))),
             job(3, Some((7, 3))),
@@ -485,7 +711,8 @@ mod tests {
             max: Duration::from_millis(1),
             multiplier: 1.0,
         };
-        let results = write_with_retry(&sink, &batch, backoff).await;
+        let refs: Vec<&WriteJob> = batch.iter().collect();
+        let results = write_with_retry(&sink, &refs, backoff).await;
         assert!(matches!(results[4], WriteResult::Failed(_)));
         assert!(
             results[..4]

@@ -120,3 +120,242 @@ pub fn seen_ago(age: Duration) -> SystemTime {
         .checked_sub(age)
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
+
+impl DeadLetter {
+    /// Bytes the record holds (key, payload and headers), counted against the memory cap until
+    /// the broker acknowledges it.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+// ----- building records --------------------------------------------------------------------------
+
+/// Where one notification came from, for a key's dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Coordinate {
+    pub topic: std::sync::Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// What a key's dead letter says about the failure.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyFailure<'a> {
+    pub reason: &'a str,
+    pub message: &'a str,
+    pub class: crate::error::ErrorClass,
+    pub attempts: u32,
+    /// How long ago the oldest notification arrived.
+    pub age: Duration,
+}
+
+/// The dead letter of a key whose fetch or write failed for good: the entity key as the record
+/// key, a JSON payload naming the entity and every coalesced notification (oldest first).
+pub(crate) fn for_key(
+    key: &crate::key::EntityKey,
+    version: Option<crate::key::Version>,
+    coords: &[Coordinate],
+    failure: &KeyFailure<'_>,
+) -> DeadLetter {
+    let notifications: Vec<serde_json::Value> = coords
+        .iter()
+        .map(|c| serde_json::json!({"topic": &*c.topic, "partition": c.partition, "offset": c.offset}))
+        .collect();
+    let payload = serde_json::json!({
+        "entity_type": key.entity_type(),
+        "entity_id": key.id(),
+        "version": version.map(|v| v.to_string()),
+        "notifications": notifications,
+    });
+    let mut headers = vec![
+        (header::ERROR.to_owned(), failure.message.to_owned()),
+        (
+            header::ERROR_CLASS.to_owned(),
+            failure.class.label().to_owned(),
+        ),
+        (header::REASON.to_owned(), failure.reason.to_owned()),
+        (header::ATTEMPTS.to_owned(), failure.attempts.to_string()),
+        (
+            header::FIRST_SEEN.to_owned(),
+            rfc3339(seen_ago(failure.age)),
+        ),
+        (header::ENTITY_TYPE.to_owned(), key.entity_type().to_owned()),
+        (header::ENTITY_ID.to_owned(), key.id().to_owned()),
+    ];
+    if let Some(oldest) = coords.first() {
+        headers.push((header::SOURCE_TOPIC.to_owned(), oldest.topic.to_string()));
+        headers.push((
+            header::SOURCE_PARTITION.to_owned(),
+            oldest.partition.to_string(),
+        ));
+        headers.push((header::SOURCE_OFFSET.to_owned(), oldest.offset.to_string()));
+    }
+    DeadLetter {
+        key: Some(key.to_string().into_bytes()),
+        payload: Some(payload.to_string().into_bytes()),
+        headers,
+    }
+}
+
+/// The dead letter of a record that could not become a notification: its original key and
+/// payload, with the reason.
+pub(crate) fn for_record(
+    record: &crate::decode::RecordView<'_>,
+    reason: &str,
+    message: &str,
+) -> DeadLetter {
+    DeadLetter {
+        key: record.key.map(<[u8]>::to_vec),
+        payload: record.payload.map(<[u8]>::to_vec),
+        headers: vec![
+            (header::ERROR.to_owned(), message.to_owned()),
+            (header::ERROR_CLASS.to_owned(), "permanent".to_owned()),
+            (header::REASON.to_owned(), reason.to_owned()),
+            (header::SOURCE_TOPIC.to_owned(), record.topic.to_owned()),
+            (
+                header::SOURCE_PARTITION.to_owned(),
+                record.partition.to_string(),
+            ),
+            (header::SOURCE_OFFSET.to_owned(), record.offset.to_string()),
+            (header::ATTEMPTS.to_owned(), "0".to_owned()),
+            (header::FIRST_SEEN.to_owned(), rfc3339(SystemTime::now())),
+        ],
+    }
+}
+
+// ----- dead letters awaiting their acknowledgement -----------------------------------------------
+
+/// A dead letter issued and not yet acknowledged.
+#[derive(Debug)]
+pub(crate) struct Issued {
+    /// The notifications it satisfies once acknowledged.
+    pub notes: crate::coalesce::Notes,
+    /// The assignments whose revokes wait for it.
+    pub held: Vec<crate::partitions::PartRef>,
+    bytes: usize,
+}
+
+/// Dead letters issued and not yet acknowledged, with the bytes they hold.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    entries: std::collections::HashMap<u64, Issued>,
+    next: u64,
+    bytes: usize,
+    /// The topic refused a write for good (pauses consumption, fails readiness).
+    pub broken: bool,
+}
+
+impl InFlight {
+    pub fn new() -> Self {
+        InFlight {
+            next: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Record an issued dead letter; returns its id.
+    pub fn issue(
+        &mut self,
+        record: &DeadLetter,
+        notes: crate::coalesce::Notes,
+        held: Vec<crate::partitions::PartRef>,
+    ) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        let bytes = record.size();
+        self.bytes += bytes;
+        self.entries.insert(id, Issued { notes, held, bytes });
+        id
+    }
+
+    /// The broker acknowledged dead letter `id`.
+    pub fn acked(&mut self, id: u64) -> Option<Issued> {
+        let e = self.entries.remove(&id)?;
+        self.bytes = self.bytes.saturating_sub(e.bytes);
+        if self.entries.is_empty() {
+            self.broken = false;
+        }
+        Some(e)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of records awaiting acknowledgement.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::EntityKey;
+
+    #[test]
+    fn a_key_record_names_the_entity_and_every_notification() {
+        let key = EntityKey::new("customer", "42");
+        let coords = [
+            Coordinate {
+                topic: "t".into(),
+                partition: 1,
+                offset: 7,
+            },
+            Coordinate {
+                topic: "t".into(),
+                partition: 1,
+                offset: 9,
+            },
+        ];
+        let r = for_key(
+            &key,
+            Some(crate::key::Version::Int(3)),
+            &coords,
+            &KeyFailure {
+                reason: reason::FETCH,
+                message: "HTTP 400",
+                class: crate::error::ErrorClass::Permanent,
+                attempts: 1,
+                age: Duration::from_secs(1),
+            },
+        );
+        assert_eq!(r.key.as_deref(), Some(&b"customer:42"[..]));
+        assert_eq!(r.header(header::SOURCE_OFFSET), Some("7"));
+        assert_eq!(r.header(header::REASON), Some("fetch"));
+        let payload: serde_json::Value =
+            serde_json::from_slice(r.payload.as_deref().unwrap_or_default()).unwrap_or_default();
+        assert_eq!(payload["notifications"][1]["offset"], 9);
+        assert_eq!(payload["version"], "3");
+    }
+
+    #[test]
+    fn in_flight_counts_bytes_until_acknowledged() {
+        let mut t = InFlight::new();
+        let r = DeadLetter {
+            key: Some(vec![0; 10]),
+            payload: Some(vec![0; 100]),
+            headers: vec![("a".into(), "bc".into())],
+        };
+        let id = t.issue(&r, crate::coalesce::Notes::new(), Vec::new());
+        assert_eq!(t.bytes(), 113);
+        t.broken = true;
+        assert!(t.acked(id).is_some());
+        assert_eq!(t.bytes(), 0);
+        assert!(
+            !t.broken,
+            "an acknowledgement after the last failure clears the broken flag"
+        );
+    }
+}

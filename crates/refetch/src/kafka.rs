@@ -11,22 +11,25 @@
 //! the engine). `auto.offset.reset` defaults to `earliest` and `isolation.level` to
 //! `read_committed`.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::consumer::{ConsumerChannels, ConsumerCommand, ConsumerEvent, Offsets, OwnedRecord};
+use crate::assignment::{Assignment, Epoch, EpochCounter, TopicPartition};
+use crate::consumer::{
+    CommitResult, ConsumerChannels, ConsumerCommand, ConsumerEvent, Offsets, OwnedRecord,
+    QueuedBytes,
+};
 use crate::dlq::DeadLetter;
-use crate::engine::TopicPartition;
 
 /// The consumer group protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -124,9 +127,9 @@ impl KafkaConfig {
 
     /// The consumer's `max.poll.interval.ms`, as configured or librdkafka's default (300 s).
     pub fn max_poll_interval(&self) -> Duration {
-        self.properties
+        self.consumer_properties
             .get("max.poll.interval.ms")
-            .or_else(|| self.consumer_properties.get("max.poll.interval.ms"))
+            .or_else(|| self.properties.get("max.poll.interval.ms"))
             .and_then(|v| v.parse::<u64>().ok())
             .map_or(Duration::from_secs(300), Duration::from_millis)
     }
@@ -138,6 +141,8 @@ impl KafkaConfig {
             .set("group.id", &self.group_id)
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
+            // Statistics tell the driver whether any broker is up (readiness).
+            .set("statistics.interval.ms", "5000")
             .set("queued.max.messages.kbytes", "16384")
             .set("enable.partition.eof", "false");
         match self.group_protocol {
@@ -186,6 +191,17 @@ pub enum KafkaSetupError {
     /// The client could not be created or subscribed.
     #[error("kafka client error: {0}")]
     Client(#[from] KafkaError),
+    /// The consumer thread could not be started.
+    #[error("cannot start the consumer thread: {0}")]
+    Thread(String),
+    /// The brokers could not be reached.
+    #[error("kafka brokers {brokers} not reachable: {reason}")]
+    Unreachable {
+        /// The bootstrap servers.
+        brokers: String,
+        /// What the client said.
+        reason: String,
+    },
     /// The dead-letter topic is missing or not writable.
     #[error("dead-letter topic `{topic}` is not usable: {reason}")]
     DeadLetterTopic {
@@ -196,10 +212,79 @@ pub enum KafkaSetupError {
     },
 }
 
+/// What the driver knows about its assignments. Shared by the poll thread (rebalance callbacks)
+/// and the commit path, which drops entries whose assignment is no longer current.
+#[derive(Debug, Default)]
+struct Ownership {
+    epochs: EpochCounter,
+    /// Owned partitions: the epoch of their assignment, and whether a revoke is under way.
+    current: HashMap<TopicPartition, (Epoch, bool)>,
+}
+
+impl Ownership {
+    fn assignment(&self, tp: &TopicPartition) -> Option<Assignment> {
+        self.current
+            .get(tp)
+            .map(|(e, _)| Assignment::new(tp.clone(), *e))
+    }
+
+    /// Is `a` current and not being revoked?
+    fn accepts(&self, a: &Assignment) -> bool {
+        self.current
+            .get(&a.tp)
+            .is_some_and(|(e, revoking)| *e == a.epoch && !revoking)
+    }
+}
+
+/// A commit for the committer thread.
+enum CommitJob {
+    /// A periodic (or final) commit from the engine.
+    Engine {
+        offsets: Offsets,
+        reply: tokio::sync::oneshot::Sender<CommitResult>,
+    },
+    /// The commit of a revoke; the handler waits for it with a deadline and sets `abandoned`
+    /// when it gives up (a job not started by then is skipped).
+    Revoke {
+        offsets: Offsets,
+        reply: std::sync::mpsc::SyncSender<KafkaResult<()>>,
+        abandoned: Arc<AtomicBool>,
+    },
+}
+
 struct DriverContext {
     events: mpsc::UnboundedSender<ConsumerEvent>,
-    drain_deadline: Duration,
+    /// How long a revoke waits for the engine's answer.
+    drain: Duration,
+    /// How long a revoke waits for its commit.
+    commit_timeout: Duration,
     closing: AtomicBool,
+    ownership: Mutex<Ownership>,
+    /// The committer thread's queue. Every commit goes through it, in the order the poll thread
+    /// accepted it, so a commit accepted before a revoke reaches the broker before the revoke's.
+    committer: Mutex<Option<std::sync::mpsc::Sender<CommitJob>>>,
+    /// Last reported broker reachability (`None` before the first report).
+    broker_up: Mutex<Option<bool>>,
+}
+
+impl DriverContext {
+    fn report_broker(&self, reachable: bool, reason: String) {
+        let Ok(mut last) = self.broker_up.lock() else {
+            return;
+        };
+        if *last == Some(reachable) {
+            return;
+        }
+        *last = Some(reachable);
+        if reachable {
+            tracing::info!(%reason, "kafka brokers reachable");
+        } else {
+            tracing::warn!(%reason, "kafka brokers unreachable");
+        }
+        let _ = self
+            .events
+            .send(ConsumerEvent::Broker { reachable, reason });
+    }
 }
 
 impl ClientContext for DriverContext {
@@ -232,27 +317,39 @@ impl ClientContext for DriverContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        let fatal = matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
+        let code = error.rdkafka_error_code();
+        let fatal = matches!(code, Some(RDKafkaErrorCode::Fatal));
+        if matches!(code, Some(RDKafkaErrorCode::AllBrokersDown)) {
+            self.report_broker(false, format!("{error}: {reason}"));
+        }
         tracing::error!(error = %error, reason, "kafka client error");
         let _ = self.events.send(ConsumerEvent::Error {
             message: format!("{error}: {reason}"),
             fatal,
         });
     }
-}
 
-fn to_tps(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
-    tpl.elements()
-        .iter()
-        .map(|e| TopicPartition::new(e.topic(), e.partition()))
-        .collect()
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        // Brokers with a node id (not bootstrap placeholders) that are up.
+        let brokers: Vec<&rdkafka::statistics::Broker> = statistics
+            .brokers
+            .values()
+            .filter(|b| b.nodeid >= 0)
+            .collect();
+        if brokers.is_empty() {
+            return;
+        }
+        let up = brokers.iter().filter(|b| b.state == "UP").count();
+        let reason = format!("{up} of {} brokers up", brokers.len());
+        self.report_broker(up > 0, reason);
+    }
 }
 
 fn to_tpl(offsets: &Offsets) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
-    for (tp, o) in offsets {
+    for (a, o) in offsets {
         // An offset is always representable; ignore the impossible error.
-        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*o));
+        let _ = tpl.add_partition_offset(&a.tp.topic, a.tp.partition, Offset::Offset(*o));
     }
     tpl
 }
@@ -262,8 +359,27 @@ impl ConsumerContext for DriverContext {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
-        let tps = to_tps(tpl);
-        if self.closing.load(Ordering::SeqCst) || tps.is_empty() {
+        let tps: Vec<TopicPartition> = tpl
+            .elements()
+            .iter()
+            .map(|e| TopicPartition::new(e.topic(), e.partition()))
+            .collect();
+        if tps.is_empty() {
+            return;
+        }
+        let assignments: Vec<Assignment> = match self.ownership.lock() {
+            Ok(o) => tps.iter().filter_map(|tp| o.assignment(tp)).collect(),
+            Err(_) => Vec::new(),
+        };
+        let forget = |tps: &[TopicPartition]| {
+            if let Ok(mut o) = self.ownership.lock() {
+                for tp in tps {
+                    o.current.remove(tp);
+                }
+            }
+        };
+        if self.closing.load(Ordering::SeqCst) {
+            forget(&tps);
             return;
         }
         if consumer.assignment_lost() {
@@ -271,41 +387,70 @@ impl ConsumerContext for DriverContext {
                 partitions = tps.len(),
                 "partitions lost: dropping their state without commit"
             );
-            let _ = self.events.send(ConsumerEvent::Lost(tps));
+            forget(&tps);
+            let _ = self.events.send(ConsumerEvent::Lost(assignments));
             return;
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let deadline = std::time::Instant::now() + self.drain;
         if self
             .events
             .send(ConsumerEvent::Revoke {
-                partitions: tps.clone(),
+                assignments: assignments.clone(),
                 reply: tx,
+                deadline: tokio::time::Instant::from_std(deadline),
             })
             .is_err()
         {
+            forget(&tps);
             return;
         }
-        // The engine drains within its own deadline; wait a little longer for its answer.
-        match rx.recv_timeout(self.drain_deadline + Duration::from_secs(2)) {
-            Ok(offsets) if !offsets.is_empty() => {
-                let tpl = to_tpl(&offsets);
-                match consumer.commit(&tpl, CommitMode::Sync) {
-                    Ok(()) => tracing::info!(partitions = tps.len(), "committed on revoke"),
-                    Err(e) => tracing::warn!(error = %e, "commit on revoke failed"),
+        // The engine answers by `deadline`; wait a moment longer for its answer.
+        let answer = rx.recv_timeout(self.drain + Duration::from_millis(250));
+        // From here on, commits of these assignments from the periodic path are dropped: a
+        // commit queued before this revoke must not reach the broker after it.
+        if let Ok(mut o) = self.ownership.lock() {
+            for tp in &tps {
+                if let Some(entry) = o.current.get_mut(tp) {
+                    entry.1 = true;
                 }
             }
-            Ok(_) => {}
+        }
+        match answer {
+            Ok(offsets) => {
+                let offsets: Offsets = offsets
+                    .into_iter()
+                    .filter(|(a, _)| assignments.iter().any(|r| r.same(a)))
+                    .collect();
+                if !offsets.is_empty() {
+                    self.commit_bounded(&offsets);
+                }
+            }
             Err(_) => {
                 tracing::warn!("engine did not answer the revoke in time; letting go uncommitted")
             }
         }
+        forget(&tps);
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                let assignments: Vec<Assignment> = match self.ownership.lock() {
+                    Ok(mut o) => tpl
+                        .elements()
+                        .iter()
+                        .map(|e| {
+                            let tp = TopicPartition::new(e.topic(), e.partition());
+                            let epoch = o.epochs.next_epoch();
+                            o.current.insert(tp.clone(), (epoch, false));
+                            Assignment::new(tp, epoch)
+                        })
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
                 if !self.closing.load(Ordering::SeqCst) {
-                    let _ = self.events.send(ConsumerEvent::Assigned(to_tps(tpl)));
+                    let _ = self.events.send(ConsumerEvent::Assigned(assignments));
                 }
             }
             Rebalance::Revoke(_) => {}
@@ -314,34 +459,118 @@ impl ConsumerContext for DriverContext {
     }
 }
 
-/// Start the librdkafka consumer on its own thread and subscribe. `drain_deadline` is the
-/// engine's revoke drain deadline (the rebalance handler waits slightly longer for its answer).
+impl DriverContext {
+    /// Commit `offsets` of a revoke through the committer thread and wait at most
+    /// `commit_timeout`, so a slow coordinator cannot stall the poll thread past
+    /// `max.poll.interval.ms`.
+    fn commit_bounded(&self, offsets: &Offsets) {
+        let n = offsets.len();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let sent = match self.committer.lock() {
+            Ok(c) => c.as_ref().is_some_and(|c| {
+                c.send(CommitJob::Revoke {
+                    offsets: offsets.clone(),
+                    reply: tx,
+                    abandoned: abandoned.clone(),
+                })
+                .is_ok()
+            }),
+            Err(_) => false,
+        };
+        if !sent {
+            tracing::warn!("committer stopped; letting go uncommitted");
+            return;
+        }
+        match rx.recv_timeout(self.commit_timeout) {
+            Ok(Ok(())) => tracing::info!(partitions = n, "committed on revoke"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "commit on revoke failed"),
+            Err(_) => {
+                abandoned.store(true, Ordering::SeqCst);
+                tracing::warn!(
+                    timeout_ms = self.commit_timeout.as_millis() as u64,
+                    "commit on revoke did not finish in time; letting go"
+                );
+            }
+        }
+    }
+}
+
+/// The committer thread: runs commits one after the other, synchronously, off the poll thread.
+fn committer_loop(
+    consumer: Arc<BaseConsumer<DriverContext>>,
+    jobs: std::sync::mpsc::Receiver<CommitJob>,
+) {
+    while let Ok(job) = jobs.recv() {
+        match job {
+            CommitJob::Engine { offsets, reply } => {
+                let r = consumer
+                    .commit(&to_tpl(&offsets), CommitMode::Sync)
+                    .map(|()| offsets)
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            CommitJob::Revoke {
+                offsets,
+                reply,
+                abandoned,
+            } => {
+                if abandoned.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let _ = reply.send(consumer.commit(&to_tpl(&offsets), CommitMode::Sync));
+            }
+        }
+    }
+}
+
+/// Start the librdkafka consumer on its own thread and subscribe. A revoke waits at most
+/// `drain` for the engine's answer and then at most `commit_timeout` for its commit (the sum
+/// must stay below `max.poll.interval.ms`; [`crate::EngineConfig::validate`] checks it).
 pub fn start_consumer(
     cfg: &KafkaConfig,
-    drain_deadline: Duration,
+    drain: Duration,
+    commit_timeout: Duration,
 ) -> Result<ConsumerChannels, KafkaSetupError> {
     cfg.validate()?;
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let ctx = DriverContext {
         events: ev_tx.clone(),
-        drain_deadline,
+        drain,
+        commit_timeout,
         closing: AtomicBool::new(false),
+        ownership: Mutex::new(Ownership {
+            epochs: EpochCounter::new(),
+            current: HashMap::new(),
+        }),
+        committer: Mutex::new(None),
+        broker_up: Mutex::new(None),
     };
     let consumer: BaseConsumer<DriverContext> =
         cfg.consumer_client_config().create_with_context(ctx)?;
+    let consumer = Arc::new(consumer);
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
+    if let Ok(mut c) = consumer.context().committer.lock() {
+        *c = Some(jobs_tx);
+    }
+    let for_committer = consumer.clone();
+    std::thread::Builder::new()
+        .name("refetch-committer".into())
+        .spawn(move || committer_loop(for_committer, jobs_rx))
+        .map_err(|e| KafkaSetupError::Thread(e.to_string()))?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
+    let queued = QueuedBytes::new();
+    let q = queued.clone();
     std::thread::Builder::new()
         .name("refetch-consumer".into())
-        .spawn(move || poll_loop(consumer, ev_tx, cmd_rx))
-        .map_err(|e| KafkaSetupError::DeadLetterTopic {
-            topic: String::new(),
-            reason: format!("cannot start the consumer thread: {e}"),
-        })?;
+        .spawn(move || poll_loop(consumer, ev_tx, cmd_rx, q))
+        .map_err(|e| KafkaSetupError::Thread(e.to_string()))?;
     Ok(ConsumerChannels {
         events: ev_rx,
         commands: cmd_tx,
+        queued,
     })
 }
 
@@ -364,10 +593,79 @@ fn owned(m: &rdkafka::message::BorrowedMessage<'_>, topic: &Arc<str>) -> OwnedRe
     }
 }
 
+/// A periodic (or final) commit from the engine: drop entries whose assignment is not current
+/// (or is being revoked), and queue the rest for the committer thread. Runs on the poll thread,
+/// which is also where rebalances change the ownership, so no commit accepted here can be
+/// overtaken by a revoke's.
+fn accept_commit(
+    consumer: &BaseConsumer<DriverContext>,
+    offsets: Offsets,
+    reply: tokio::sync::oneshot::Sender<CommitResult>,
+) {
+    let ctx = consumer.context();
+    let current: Offsets = match ctx.ownership.lock() {
+        Ok(o) => offsets.into_iter().filter(|(a, _)| o.accepts(a)).collect(),
+        Err(_) => Vec::new(),
+    };
+    if current.is_empty() {
+        let _ = reply.send(Ok(Vec::new()));
+        return;
+    }
+    let job = CommitJob::Engine {
+        offsets: current,
+        reply,
+    };
+    let rejected = match ctx.committer.lock() {
+        Ok(c) => match c.as_ref() {
+            Some(c) => c.send(job).err().map(|e| e.0),
+            None => Some(job),
+        },
+        Err(_) => None,
+    };
+    if let Some(CommitJob::Engine { reply, .. }) = rejected {
+        let _ = reply.send(Err("committer stopped".into()));
+    }
+}
+
+/// Report positions that moved since the last report.
+fn report_positions(
+    consumer: &BaseConsumer<DriverContext>,
+    events: &mpsc::UnboundedSender<ConsumerEvent>,
+    reported: &mut HashMap<TopicPartition, i64>,
+) {
+    let Ok(tpl) = consumer.position() else {
+        return;
+    };
+    let ownership = match consumer.context().ownership.lock() {
+        Ok(o) => o,
+        Err(_) => return,
+    };
+    let mut out = Vec::new();
+    for e in tpl.elements() {
+        let Offset::Offset(pos) = e.offset() else {
+            continue;
+        };
+        let tp = TopicPartition::new(e.topic(), e.partition());
+        let Some(a) = ownership.assignment(&tp) else {
+            continue;
+        };
+        if reported.get(&tp) != Some(&pos) {
+            reported.insert(tp, pos);
+            out.push((a, pos));
+        }
+    }
+    drop(ownership);
+    reported.retain(|tp, _| tpl.find_partition(&tp.topic, tp.partition).is_some());
+    if !out.is_empty() {
+        let _ = events.send(ConsumerEvent::Positions(out));
+    }
+}
+
 fn poll_loop(
-    consumer: BaseConsumer<DriverContext>,
+    consumer: Arc<BaseConsumer<DriverContext>>,
     events: mpsc::UnboundedSender<ConsumerEvent>,
     mut commands: mpsc::UnboundedReceiver<ConsumerCommand>,
+    queued: QueuedBytes,
 ) {
     let mut topic_names: Vec<Arc<str>> = Vec::new();
     let mut intern = |name: &str| -> Arc<str> {
@@ -378,18 +676,21 @@ fn poll_loop(
         topic_names.push(t.clone());
         t
     };
+    let mut reported: HashMap<TopicPartition, i64> = HashMap::new();
+    let mut last_positions = std::time::Instant::now();
+    let close = |consumer: Arc<BaseConsumer<DriverContext>>| {
+        consumer.context().closing.store(true, Ordering::SeqCst);
+        // The committer finishes what it was given and exits, dropping its handle.
+        if let Ok(mut c) = consumer.context().committer.lock() {
+            c.take();
+        }
+        drop(consumer);
+    };
     loop {
         loop {
             match commands.try_recv() {
                 Ok(ConsumerCommand::Commit { offsets, reply }) => {
-                    let r = if offsets.is_empty() {
-                        Ok(())
-                    } else {
-                        consumer
-                            .commit(&to_tpl(&offsets), CommitMode::Sync)
-                            .map_err(|e| e.to_string())
-                    };
-                    let _ = reply.send(r);
+                    accept_commit(&consumer, offsets, reply);
                 }
                 Ok(ConsumerCommand::Pause(tps)) => {
                     if let Err(e) = consumer.pause(&to_tpl_plain(&tps)) {
@@ -402,14 +703,13 @@ fn poll_loop(
                     }
                 }
                 Ok(ConsumerCommand::Close { reply }) => {
-                    consumer.context().closing.store(true, Ordering::SeqCst);
-                    drop(consumer);
+                    close(consumer);
                     let _ = reply.send(());
                     return;
                 }
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
-                    consumer.context().closing.store(true, Ordering::SeqCst);
+                    close(consumer);
                     return;
                 }
             }
@@ -430,9 +730,16 @@ fn poll_loop(
                 None => break,
             }
         }
-        if !batch.is_empty() && events.send(ConsumerEvent::Records(batch)).is_err() {
-            consumer.context().closing.store(true, Ordering::SeqCst);
-            return;
+        if !batch.is_empty() {
+            queued.add(&batch);
+            if events.send(ConsumerEvent::Records(batch)).is_err() {
+                close(consumer);
+                return;
+            }
+        }
+        if last_positions.elapsed() >= Duration::from_millis(500) {
+            last_positions = std::time::Instant::now();
+            report_positions(&consumer, &events, &mut reported);
         }
     }
 }
@@ -452,6 +759,7 @@ pub use crate::dlq::DeadLetterFailure;
 pub struct DeadLetterProducer {
     producer: FutureProducer,
     topic: String,
+    brokers: String,
 }
 
 impl std::fmt::Debug for DeadLetterProducer {
@@ -469,6 +777,7 @@ impl DeadLetterProducer {
         Ok(DeadLetterProducer {
             producer,
             topic: cfg.dead_letter_topic.clone(),
+            brokers: cfg.brokers.clone(),
         })
     }
 
@@ -477,7 +786,27 @@ impl DeadLetterProducer {
         &self.topic
     }
 
-    /// Check that the topic exists and is writable (metadata without errors).
+    /// Check that the brokers answer at all (a metadata request for no topic).
+    pub async fn probe_brokers(&self, timeout: Duration) -> Result<(), KafkaSetupError> {
+        let producer = self.producer.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        r.map_err(|reason| KafkaSetupError::Unreachable {
+            brokers: self.brokers.clone(),
+            reason,
+        })
+    }
+
+    /// Check that the dead-letter topic exists and has partitions (a metadata request: a write
+    /// is not attempted, so an authorization failure shows only at the first dead letter).
     pub async fn check(&self, timeout: Duration) -> Result<(), KafkaSetupError> {
         let producer = self.producer.clone();
         let topic = self.topic.clone();

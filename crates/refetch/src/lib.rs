@@ -19,7 +19,11 @@
 //!   for one entity reach the sink in the order their fetches ran.
 //! - **Bounded work and memory.** An entity is fetched at most once per window plus one follow-up
 //!   per flight; partitions pause (the consumer keeps polling) when caps on outstanding offsets,
-//!   pending keys or bytes are reached.
+//!   pending keys (business-action members included) or bytes (keys, bodies awaiting the sink,
+//!   dead letters awaiting acknowledgement, records queued from the consumer) are reached.
+//! - **Fenced assignments.** Every job carries the assignment (partition + epoch) it serves; when
+//!   the assignment ends its jobs are dropped, so a former owner's write never lands after the
+//!   new owner's while refetch still holds it, and a stale commit never reaches the broker.
 //! - **Failures have defined outcomes.** Transient fetch errors retry with backoff and jitter,
 //!   honouring retry-after; only attempts against a source that is healthy for other keys spend
 //!   the retry budget, so an outage dead-letters nothing. Permanent errors, spent budgets,
@@ -71,20 +75,27 @@
 //! | [`decode`] | Kafka record -> notification: JSON pointers, fixed types, aggregate routing, record keys |
 //! | [`fetch`] / [`sink`] | the pluggable traits and their outcomes |
 //! | [`error`] | the retry classification every error carries |
-//! | [`coalesce`](crate::engine) | pending notifications per key, single flight, follow-ups (inside the engine) |
+//! | [`assignment`] | a partition plus the epoch it is owned in; the fence every job carries |
+//! | [`engine`] | the I/O-free state machine that coordinates the modules below |
+//! | `partitions` (inside the engine) | the partitions owned: assignment, offsets, pause state, writes a revoke waits for |
+//! | `intake` (inside the engine) | what a received record is: decode, screen ids and types |
+//! | `coalesce` / `keys` (inside the engine) | pending notifications per key, single flight, follow-ups; the key table and its timers |
+//! | `outcome` (inside the engine) | what a fetch or write result means: retries, budgets, stale reads, the gone guard |
+//! | `acked` (inside the engine) | what the sink acknowledged: versions, validators, tombstones |
 //! | [`action`] | business actions: members of one correlation id fetched and written in one batch |
 //! | [`offsets`] | per-partition tracking of received offsets and the safe commit point |
 //! | [`health`] | source health for retry budgets, and the gone-rate guard |
-//! | [`dlq`] | dead-letter record layout and reasons |
-//! | [`engine`] | the I/O-free state machine that ties these together |
-//! | [`dispatch`] | running fetch, write and dead-letter jobs; sink batching and retries |
-//! | [`consumer`] / `kafka` | the consumer interface; librdkafka driver, rebalances, dead-letter producer (feature `kafka`, on by default) |
+//! | [`dlq`] | dead-letter record layout, reasons, and dead letters awaiting acknowledgement |
+//! | [`dispatch`] | running fetch, write and dead-letter jobs; sink batching, retries and fencing |
+//! | [`consumer`] / `kafka` | the consumer interface; librdkafka driver, rebalances, commits, dead-letter producer (feature `kafka`, on by default) |
 //! | [`pipeline`] | builder, handle and the async runtime (shutdown, revokes, commits, backpressure) |
 //! | [`config`] | engine settings and their validation |
 //! | [`metrics`] / [`stats`] | metrics through the `metrics` facade; in-process counters |
 //! | [`clock`] | monotonic millisecond ticks (debounce runs on the wall clock, not stream time) |
 
+pub(crate) mod acked;
 pub mod action;
+pub mod assignment;
 pub mod clock;
 pub(crate) mod coalesce;
 pub mod config;
@@ -96,23 +107,27 @@ pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod health;
+pub(crate) mod intake;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod key;
+pub(crate) mod keys;
 pub mod metrics;
 pub mod offsets;
+pub(crate) mod outcome;
+pub(crate) mod partitions;
 pub mod pipeline;
 pub mod sink;
 pub mod stats;
 
 pub use action::{ActionConfig, ActionFailurePolicy, ActionTag};
+pub use assignment::{Assignment, Epoch, Fence, TopicPartition};
 pub use async_trait::async_trait;
 pub use config::{Backoff, EngineConfig, GoneGuardConfig, UnknownTypePolicy};
 pub use consumer::{ConsumerChannels, MemoryConsumer};
 pub use decode::{DecodeError, Decoded, Notification, NotificationDecoder, RecordView};
 pub use dispatch::{DeadLetterWriter, MemoryDeadLetters};
 pub use engine::RefreshOutcome;
-pub use engine::TopicPartition;
 pub use error::ErrorClass;
 pub use fetch::{
     Entity, FailureCause, FetchError, FetchOutcome, FetchRequest, Fetcher, OwnershipShare,
@@ -122,4 +137,4 @@ pub use fetch::{
 pub use kafka::{GroupProtocol, KafkaConfig};
 pub use key::{EntityKey, Version, VersionKind};
 pub use pipeline::{Pipeline, PipelineBuilder, PipelineError, PipelineHandle, RunReport, Status};
-pub use sink::{Change, Sink, SinkError, WriteReport};
+pub use sink::{Change, Sink, SinkError, WriteContext, WriteReport};

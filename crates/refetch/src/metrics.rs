@@ -136,3 +136,8 @@ pub(crate) fn action_late_member() {
 pub fn record_batch(n: usize) {
     metrics::counter!("refetch_records_total").increment(n as u64);
 }
+
+/// Whether the Kafka brokers answer (1) or not (0).
+pub fn broker_reachable(up: bool) {
+    metrics::gauge!("refetch_broker_reachable").set(if up { 1.0 } else { 0.0 });
+}

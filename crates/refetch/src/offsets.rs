@@ -4,8 +4,9 @@
 //! Offsets are tracked in the order they were received, never by arithmetic: compacted topics,
 //! transaction markers and aborted transactions leave gaps, so "offset + 1" is not "the next
 //! record". The commit point is the oldest unsatisfied received offset; when everything received
-//! is satisfied it is the offset after the last received record. A partition that received nothing
-//! has no commit point, and a commit point already committed is not offered again.
+//! is satisfied it is the consumer's position (the offset after the last received record, or
+//! further when transaction markers follow it). A partition that received nothing has no commit
+//! point, and a commit point already committed is not offered again.
 
 use std::collections::VecDeque;
 
@@ -17,6 +18,10 @@ pub struct OffsetTracker {
     window: VecDeque<(i64, bool)>,
     unsatisfied: usize,
     last_received: Option<i64>,
+    /// The consumer's position (next offset it will deliver), when it is past the last received
+    /// record: transaction markers and compacted-away offsets leave the position ahead of
+    /// `last_received + 1`.
+    position: Option<i64>,
     committed: Option<i64>,
 }
 
@@ -92,12 +97,26 @@ impl OffsetTracker {
             .is_some_and(|e| !e.1)
     }
 
-    /// The offset it is safe to commit: the oldest unsatisfied received offset, or the one after
-    /// the last received record. `None` when nothing was received.
+    /// The consumer's position moved to `position` (the next offset it will deliver). Records
+    /// below it that were not received are not records (transaction markers, aborted or
+    /// compacted offsets), so once everything received is satisfied the commit point may move
+    /// there. A position at or below what was received changes nothing.
+    pub fn observe_position(&mut self, position: i64) {
+        if self.last_received.is_some_and(|l| position > l + 1) {
+            self.position = Some(self.position.map_or(position, |p| p.max(position)));
+        }
+    }
+
+    /// The offset it is safe to commit: the oldest unsatisfied received offset, or else the
+    /// consumer's position (at least the one after the last received record). `None` when
+    /// nothing was received.
     pub fn commit_point(&self) -> Option<i64> {
         match self.window.front() {
             Some((offset, _)) => Some(*offset),
-            None => self.last_received.map(|o| o + 1),
+            None => {
+                let next = self.last_received? + 1;
+                Some(self.position.map_or(next, |p| p.max(next)))
+            }
         }
     }
 
@@ -162,6 +181,32 @@ mod tests {
         t.committed(13);
         assert_eq!(t.pending_commit(), None);
         assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
+    fn the_position_past_transaction_markers_is_the_commit_point_once_all_is_satisfied() {
+        let mut t = OffsetTracker::new();
+        t.observe_position(9);
+        assert_eq!(
+            t.commit_point(),
+            None,
+            "nothing received: nothing to commit"
+        );
+        t.receive(3).unwrap();
+        t.observe_position(6); // offsets 4 and 5 were a commit marker and an aborted record
+        assert_eq!(t.commit_point(), Some(3), "3 is not satisfied yet");
+        t.satisfy(3);
+        assert_eq!(t.commit_point(), Some(6));
+        t.observe_position(5);
+        assert_eq!(t.commit_point(), Some(6), "the position never moves back");
+        t.receive(7).unwrap();
+        assert_eq!(t.commit_point(), Some(7));
+        t.satisfy(7);
+        assert_eq!(
+            t.commit_point(),
+            Some(8),
+            "the old position is behind the new record"
+        );
     }
 
     #[test]

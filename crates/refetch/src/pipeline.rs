@@ -12,16 +12,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
+use crate::assignment::{Assignment, TopicPartition};
 use crate::clock::Clock;
 use crate::config::EngineConfig;
 use crate::consumer::{ConsumerChannels, ConsumerCommand, ConsumerEvent, Offsets};
 use crate::decode::NotificationDecoder;
 use crate::dispatch::{
-    Completion, DeadLetterWriter, FetchDispatcher, dispatch_dead_letter, start_sink_writer,
+    Completion, DeadLetterResult, DeadLetterWriter, FetchDispatcher, dispatch_dead_letter,
+    start_sink_writer,
 };
-use crate::engine::{Action, Decoders, Engine, EngineStatus, RefreshOutcome, TopicPartition};
-use crate::fetch::Fetcher;
+use crate::engine::{Action, Decoders, Engine, EngineStatus, RefreshOutcome};
+use crate::fetch::{Fetcher, OwnershipShare};
 #[cfg(feature = "kafka")]
 use crate::kafka::{DeadLetterProducer, KafkaConfig, KafkaSetupError, start_consumer};
 use crate::key::EntityKey;
@@ -187,6 +190,7 @@ enum Control {
         oneshot::Sender<Vec<(EntityKey, RefreshOutcome)>>,
     ),
     ResetGoneGuard,
+    Reconfigure(Box<EngineConfig>),
     Shutdown,
 }
 
@@ -197,6 +201,8 @@ pub struct Status {
     pub engine: EngineStatus,
     /// The consumer joined the group (received an assignment, possibly empty).
     pub joined: bool,
+    /// The Kafka brokers answer (as far as the consumer client can tell).
+    pub broker_reachable: bool,
     /// The pipeline is shutting down.
     pub shutting_down: bool,
     /// Why the pipeline is not ready, if it is not.
@@ -242,6 +248,16 @@ impl PipelineHandle {
         let _ = self.tx.send(Control::ResetGoneGuard);
     }
 
+    /// Apply the settings of `cfg` that can change while the pipeline runs: the debounce window
+    /// and max-wait (for notifications received from then on), fetch concurrency, the caps and
+    /// resume ratio, and sink batching (`sink_batch_max`, `sink_linger`). Other settings need a
+    /// new pipeline. Returns `false` when the pipeline stopped. The settings are validated first
+    /// (against nothing but themselves: the consumer's poll interval is not re-checked).
+    pub fn reconfigure(&self, cfg: EngineConfig) -> Result<bool, crate::config::ConfigError> {
+        cfg.validate(None)?;
+        Ok(self.tx.send(Control::Reconfigure(Box::new(cfg))).is_ok())
+    }
+
     /// Ask the pipeline to shut down gracefully.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Control::Shutdown);
@@ -258,8 +274,9 @@ pub struct RunReport {
 }
 
 struct PendingRevoke {
-    partitions: Vec<TopicPartition>,
+    assignments: Vec<Assignment>,
     reply: std::sync::mpsc::SyncSender<Offsets>,
+    /// The handler's deadline, less a margin for the answer to reach it.
     deadline: tokio::time::Instant,
 }
 
@@ -301,11 +318,17 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                     Some(w) => w,
                     None => {
                         let p = DeadLetterProducer::new(&k)?;
+                        // The brokers first: when they cannot be reached, say so, not that the
+                        // dead-letter topic is unusable.
+                        p.probe_brokers(Duration::from_secs(10)).await?;
                         p.check(Duration::from_secs(10)).await?;
                         Arc::new(p)
                     }
                 };
-                (start_consumer(&k, cfg.rebalance_drain)?, writer)
+                (
+                    start_consumer(&k, cfg.rebalance_drain, cfg.commit_timeout)?,
+                    writer,
+                )
             }
             Source::Channels(c) => (
                 c,
@@ -315,6 +338,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
         let ConsumerChannels {
             mut events,
             commands,
+            queued,
         } = channels;
 
         let handles_fetcher = fetcher.clone();
@@ -325,21 +349,28 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             sink.tracks_versions(),
         );
         let clock = Clock::start();
+        // Cancelled when `run` returns: no fetch, write or dead-letter task outlives the run.
+        let stop = CancellationToken::new();
+        let _stop_on_return = stop.clone().drop_guard();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Completion>();
         let fetches = FetchDispatcher {
             fetcher: fetcher.clone(),
             sink: sink.clone(),
             done: done_tx.clone(),
+            stop: stop.clone(),
         };
-        let writes = start_sink_writer(sink.clone(), &cfg, done_tx.clone());
+        let writes = start_sink_writer(sink.clone(), &cfg, done_tx.clone(), stop.clone());
 
-        let mut revokes: Vec<PendingRevoke> = Vec::new();
+        let mut rt = Runtime {
+            revokes: Vec::new(),
+            joined: false,
+            broker: (true, String::new()),
+            commit_in_flight: false,
+        };
         let mut refreshes: HashMap<u64, (usize, usize)> = HashMap::new();
         let mut refresh_requests: HashMap<usize, RefreshRequest> = HashMap::new();
         let mut next_waiter = 1u64;
         let mut next_request = 1usize;
-        let mut joined = false;
-        let mut commit_in_flight = false;
         let mut commit_tick = tokio::time::interval(cfg.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown_deadline: Option<tokio::time::Instant> = None;
@@ -352,7 +383,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                 .next_wakeup()
                 .map(|t| clock.instant(t))
                 .into_iter()
-                .chain(revokes.iter().map(|r| r.deadline))
+                .chain(rt.revokes.iter().map(|r| r.deadline))
                 .chain(shutdown_deadline)
                 .min()
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
@@ -364,15 +395,15 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                     begin_shutdown(&mut engine, &clock, &cfg, &mut shutdown_deadline);
                 }
                 Some(c) = done_rx.recv() => {
-                    apply_completion(&mut engine, c, &clock, &mut commit_in_flight);
+                    apply_completion(&mut engine, c, &clock, &mut rt.commit_in_flight);
                     // Drain whatever else completed, cheaply.
                     while let Ok(c) = done_rx.try_recv() {
-                        apply_completion(&mut engine, c, &clock, &mut commit_in_flight);
+                        apply_completion(&mut engine, c, &clock, &mut rt.commit_in_flight);
                     }
                 }
                 Some(ctl) = control_rx.recv() => match ctl {
                     Control::Status(reply) => {
-                        let _ = reply.send(status_of(&engine, &clock, joined, shutdown_deadline.is_some()));
+                        let _ = reply.send(status_of(&engine, &clock, &rt, shutdown_deadline.is_some()));
                     }
                     Control::Refresh(keys, reply) => {
                         let id = next_request;
@@ -396,6 +427,15 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                         tracing::info!("gone guard reset by operator");
                         engine.reset_gone_guard();
                     }
+                    Control::Reconfigure(new) => {
+                        tracing::info!("engine settings changed live");
+                        engine.reconfigure(&new);
+                        writes.reconfigure(&new);
+                        if new.commit_interval != commit_tick.period() {
+                            commit_tick = tokio::time::interval(new.commit_interval);
+                            commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
+                    }
                     Control::Shutdown => {
                         if shutdown_deadline.is_none() {
                             begin_shutdown(&mut engine, &clock, &cfg, &mut shutdown_deadline);
@@ -411,51 +451,19 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                         }
                     }
                     Some(ConsumerEvent::Records(records)) => {
+                        queued.sub(&records);
+                        engine.set_queued_bytes(queued.get());
                         if taking_records {
-                            let now = clock.now();
-                            for r in &records {
-                                engine.on_record(&r.view(), now);
-                            }
-                            crate::metrics::record_batch(records.len());
+                            engine.on_records(records.iter().map(|r| r.view()), clock.now());
                         }
                     }
-                    Some(ConsumerEvent::Assigned(tps)) => {
-                        joined = true;
-                        tracing::info!(partitions = tps.len(), "partitions assigned");
-                        engine.assign(&tps);
-                        // The engine owns the desired pause state: re-apply it.
-                        let paused: Vec<TopicPartition> = engine.paused();
-                        if !paused.is_empty() {
-                            let _ = commands.send(ConsumerCommand::Pause(paused));
-                        }
-                    }
-                    Some(ConsumerEvent::Revoke { partitions, reply }) => {
-                        tracing::info!(partitions = partitions.len(), "partitions revoked: draining");
-                        engine.revoke_begin(&partitions);
-                        revokes.push(PendingRevoke {
-                            partitions,
-                            reply,
-                            deadline: tokio::time::Instant::now() + cfg.rebalance_drain,
-                        });
-                    }
-                    Some(ConsumerEvent::Lost(tps)) => {
-                        tracing::warn!(partitions = tps.len(), "partitions lost");
-                        engine.lose(&tps);
-                    }
-                    Some(ConsumerEvent::Error { message, fatal }) => {
-                        if fatal {
-                            tracing::error!(error = %message, "fatal consumer error; shutting down");
-                            if shutdown_deadline.is_none() {
-                                begin_shutdown(&mut engine, &clock, &cfg, &mut shutdown_deadline);
-                            }
-                        }
-                    }
+                    Some(ev) => rt.on_event(ev, &mut engine, &commands, &*fetcher),
                 },
-                _ = commit_tick.tick(), if !commit_in_flight => {
+                _ = commit_tick.tick(), if !rt.commit_in_flight => {
                     let offsets = engine.commits();
                     if !offsets.is_empty() {
-                        commit_in_flight = true;
-                        spawn_commit(&commands, offsets, done_tx.clone());
+                        rt.commit_in_flight = true;
+                        spawn_commit(&commands, offsets, done_tx.clone(), cfg.commit_timeout);
                     }
                     let st = engine.status(clock.now());
                     crate::metrics::gauges(
@@ -473,42 +481,32 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             }
 
             // Revokes whose writes drained (or whose deadline passed) answer now.
-            let now_i = tokio::time::Instant::now();
-            let mut i = 0;
-            while i < revokes.len() {
-                if engine.revoke_drained(&revokes[i].partitions) || now_i >= revokes[i].deadline {
-                    let r = revokes.swap_remove(i);
-                    let offsets = engine.revoke_finish(&r.partitions);
-                    tracing::info!(
-                        partitions = r.partitions.len(),
-                        commits = offsets.len(),
-                        "revoke drained"
-                    );
-                    let _ = r.reply.send(offsets);
-                } else {
-                    i += 1;
-                }
-            }
+            rt.answer_revokes(&mut engine, false, &*fetcher);
 
             let now = clock.now();
             engine.poll(now);
             for action in engine.take_actions_grouped() {
                 match action {
                     Grouped::Fetches(jobs) => fetches.dispatch(jobs),
-                    Grouped::Other(Action::Write(job)) => {
-                        let _ = writes.send(job);
-                    }
+                    Grouped::Other(Action::Write(job)) => writes.send(job),
                     Grouped::Other(Action::DeadLetter(job)) => {
-                        dispatch_dead_letter(dead_letters.clone(), job, done_tx.clone());
+                        dispatch_dead_letter(
+                            dead_letters.clone(),
+                            job,
+                            done_tx.clone(),
+                            stop.clone(),
+                        );
                     }
                     Grouped::Other(Action::Fetch(job)) => fetches.dispatch(vec![job]),
                 }
             }
             let changes = engine.pause_changes();
             if !changes.pause.is_empty() {
+                let mem = engine.memory();
                 tracing::info!(
                     partitions = changes.pause.len(),
-                    pending_keys = engine.pending_keys(),
+                    pending_keys = mem.keys,
+                    pending_bytes = mem.total_bytes(),
                     "pausing partitions (backpressure)"
                 );
                 let _ = commands.send(ConsumerCommand::Pause(changes.pause));
@@ -548,10 +546,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             );
         }
         // Answer revokes still waiting so the consumer thread is not blocked.
-        for r in revokes.drain(..) {
-            let offsets = engine.revoke_finish(&r.partitions);
-            let _ = r.reply.send(offsets);
-        }
+        rt.answer_revokes(&mut engine, true, &*fetcher);
         let offsets = engine.commits();
         if offsets.is_empty() {
             tracing::info!(
@@ -559,26 +554,45 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             );
         } else {
             let (tx, rx) = oneshot::channel();
-            let plain: Offsets = offsets.iter().map(|(tp, _, o)| (tp.clone(), *o)).collect();
             if commands
                 .send(ConsumerCommand::Commit {
-                    offsets: plain,
+                    offsets: offsets.clone(),
                     reply: tx,
                 })
                 .is_ok()
             {
-                match tokio::time::timeout(Duration::from_secs(10), rx).await {
-                    Ok(Ok(Ok(()))) => {
-                        for (tp, epoch, o) in &offsets {
-                            engine.committed(tp, *epoch, *o);
-                        }
-                        tracing::info!(partitions = offsets.len(), "final commit done");
+                let until = tokio::time::Instant::now() + cfg.commit_timeout;
+                tokio::pin!(rx);
+                // A revoke arriving meanwhile is answered at once: the consumer's handler must
+                // not wait for an engine that stopped taking work.
+                let result = loop {
+                    tokio::select! {
+                        r = &mut rx => break Some(r),
+                        () = tokio::time::sleep_until(until) => break None,
+                        ev = events.recv(), if consumer_open => match ev {
+                            None => consumer_open = false,
+                            Some(ConsumerEvent::Records(records)) => queued.sub(&records),
+                            Some(ev) => {
+                                rt.on_event(ev, &mut engine, &commands, &*fetcher);
+                                rt.answer_revokes(&mut engine, true, &*fetcher);
+                            }
+                        },
                     }
-                    Ok(Ok(Err(e))) => tracing::warn!(error = %e, "final commit failed"),
+                };
+                match result {
+                    Some(Ok(Ok(committed))) => {
+                        for (a, o) in &committed {
+                            engine.committed(a, *o);
+                        }
+                        tracing::info!(partitions = committed.len(), "final commit done");
+                    }
+                    Some(Ok(Err(e))) => tracing::warn!(error = %e, "final commit failed"),
                     _ => tracing::warn!("final commit did not complete"),
                 }
             }
         }
+        // No task of this run may write after it returns.
+        stop.cancel();
         let (tx, rx) = oneshot::channel();
         if commands.send(ConsumerCommand::Close { reply: tx }).is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
@@ -588,6 +602,112 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             drained,
         })
     }
+}
+
+/// The runtime's view of the consumer: revokes waiting to be answered, group membership and
+/// broker reachability.
+struct Runtime {
+    revokes: Vec<PendingRevoke>,
+    joined: bool,
+    /// Reachable, and what the client said last.
+    broker: (bool, String),
+    commit_in_flight: bool,
+}
+
+impl Runtime {
+    fn on_event<F: Fetcher + ?Sized>(
+        &mut self,
+        ev: ConsumerEvent,
+        engine: &mut Engine,
+        commands: &mpsc::UnboundedSender<ConsumerCommand>,
+        fetcher: &F,
+    ) {
+        match ev {
+            ConsumerEvent::Records(_) => {}
+            ConsumerEvent::Assigned(assignments) => {
+                self.joined = true;
+                tracing::info!(partitions = assignments.len(), "partitions assigned");
+                engine.assign(&assignments);
+                // The engine owns the desired pause state: re-apply it after every assignment.
+                let paused: Vec<TopicPartition> = engine.paused();
+                if !paused.is_empty() {
+                    let _ = commands.send(ConsumerCommand::Pause(paused));
+                }
+                ownership_changed(engine, fetcher);
+            }
+            ConsumerEvent::Revoke {
+                assignments,
+                reply,
+                deadline,
+            } => {
+                tracing::info!(
+                    partitions = assignments.len(),
+                    "partitions revoked: draining"
+                );
+                engine.revoke_begin(&assignments);
+                // Answer a little before the handler gives up, so the answer reaches it.
+                let margin = Duration::from_millis(100);
+                let deadline = deadline
+                    .checked_sub(margin)
+                    .unwrap_or(deadline)
+                    .max(tokio::time::Instant::now());
+                self.revokes.push(PendingRevoke {
+                    assignments,
+                    reply,
+                    deadline,
+                });
+            }
+            ConsumerEvent::Lost(assignments) => {
+                tracing::warn!(partitions = assignments.len(), "partitions lost");
+                engine.lose(&assignments);
+                ownership_changed(engine, fetcher);
+            }
+            ConsumerEvent::Positions(positions) => engine.observe_positions(&positions),
+            ConsumerEvent::Broker { reachable, reason } => self.broker = (reachable, reason),
+            ConsumerEvent::Error { message, fatal } => {
+                if fatal {
+                    tracing::error!(error = %message, "fatal consumer error");
+                }
+            }
+        }
+    }
+
+    /// Answer revokes whose writes drained or whose deadline passed (all of them with `all`).
+    fn answer_revokes<F: Fetcher + ?Sized>(&mut self, engine: &mut Engine, all: bool, fetcher: &F) {
+        if self.revokes.is_empty() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let mut i = 0;
+        let mut answered = false;
+        while i < self.revokes.len() {
+            let r = &self.revokes[i];
+            if all || engine.revoke_drained(&r.assignments) || now >= r.deadline {
+                let r = self.revokes.swap_remove(i);
+                let offsets = engine.revoke_finish(&r.assignments);
+                tracing::info!(
+                    partitions = r.assignments.len(),
+                    commits = offsets.len(),
+                    "revoke drained"
+                );
+                let _ = r.reply.send(offsets);
+                answered = true;
+            } else {
+                i += 1;
+            }
+        }
+        if answered {
+            ownership_changed(engine, fetcher);
+        }
+    }
+}
+
+/// Tell the fetcher which share of the group's partitions this instance owns.
+fn ownership_changed<F: Fetcher + ?Sized>(engine: &Engine, fetcher: &F) {
+    fetcher.ownership_changed(OwnershipShare {
+        owned: engine.owned_partitions().len(),
+        total: 0,
+    });
 }
 
 fn finish_refresh(reqs: &mut HashMap<usize, RefreshRequest>, id: usize) {
@@ -612,10 +732,13 @@ fn begin_shutdown(
     *deadline = Some(tokio::time::Instant::now() + cfg.shutdown_deadline);
 }
 
-fn status_of(engine: &Engine, clock: &Clock, joined: bool, shutting_down: bool) -> Status {
+fn status_of(engine: &Engine, clock: &Clock, rt: &Runtime, shutting_down: bool) -> Status {
     let engine_status = engine.status(clock.now());
     let mut not_ready = Vec::new();
-    if !joined {
+    if !rt.broker.0 {
+        not_ready.push(format!("kafka brokers unreachable ({})", rt.broker.1));
+    }
+    if !rt.joined {
         not_ready.push("not yet joined the consumer group".to_owned());
     }
     if engine_status.gone_guard_tripped {
@@ -630,9 +753,11 @@ fn status_of(engine: &Engine, clock: &Clock, joined: bool, shutting_down: bool) 
     if shutting_down {
         not_ready.push("shutting down".to_owned());
     }
+    crate::metrics::broker_reachable(rt.broker.0);
     Status {
         engine: engine_status,
-        joined,
+        joined: rt.joined,
+        broker_reachable: rt.broker.0,
         shutting_down,
         not_ready,
     }
@@ -656,13 +781,23 @@ fn apply_completion(
                 engine.on_write_done(&key, flight, r, now);
             }
         }
-        Completion::DeadLettered { id, result } => engine.on_dead_letter_done(id, result),
-        Completion::Committed { offsets, result } => {
+        Completion::DeadLettered { id, result } => match result {
+            DeadLetterResult::Acked => engine.on_dead_letter_done(id, Ok(())),
+            DeadLetterResult::Broken(e) => engine.on_dead_letter_done(id, Err(e)),
+            DeadLetterResult::Abandoned => engine.on_dead_letter_abandoned(id),
+        },
+        Completion::Committed { sent, result } => {
             *commit_in_flight = false;
             match result {
-                Ok(()) => {
-                    for (tp, epoch, o) in offsets {
-                        engine.committed(&tp, epoch, o);
+                Ok(committed) => {
+                    if committed.len() < sent.len() {
+                        tracing::debug!(
+                            dropped = sent.len() - committed.len(),
+                            "commit of assignments no longer current dropped by the consumer"
+                        );
+                    }
+                    for (a, o) in committed {
+                        engine.committed(&a, o);
                     }
                 }
                 Err(e) => {
@@ -676,30 +811,34 @@ fn apply_completion(
 
 fn spawn_commit(
     commands: &mpsc::UnboundedSender<ConsumerCommand>,
-    offsets: Vec<(TopicPartition, u32, i64)>,
+    offsets: Offsets,
     done: mpsc::UnboundedSender<Completion>,
+    timeout: Duration,
 ) {
     let (tx, rx) = oneshot::channel();
-    let plain: Offsets = offsets.iter().map(|(tp, _, o)| (tp.clone(), *o)).collect();
     if commands
         .send(ConsumerCommand::Commit {
-            offsets: plain,
+            offsets: offsets.clone(),
             reply: tx,
         })
         .is_err()
     {
         let _ = done.send(Completion::Committed {
-            offsets,
+            sent: offsets,
             result: Err("consumer closed".into()),
         });
         return;
     }
     tokio::spawn(async move {
-        let result = match rx.await {
-            Ok(r) => r,
-            Err(_) => Err("consumer closed".into()),
+        let result = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("consumer closed".into()),
+            Err(_) => Err(format!("commit did not complete within {timeout:?}")),
         };
-        let _ = done.send(Completion::Committed { offsets, result });
+        let _ = done.send(Completion::Committed {
+            sent: offsets,
+            result,
+        });
     });
 }
 

@@ -1,7 +1,7 @@
 //! The [`Sink`] trait: write fetched states durably to the target system.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
@@ -111,6 +111,26 @@ impl WriteReport {
     }
 }
 
+/// What the engine knows about a batch besides its changes.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct WriteContext<'a> {
+    /// When each change's fetch started, on the wall clock (one entry per change, in order). A
+    /// sink that cannot guard an entity on its source version (the entity has none) can guard on
+    /// this instead: a state read earlier never overwrites one read later, even when a write of
+    /// a former owner of the partition arrives late (a write already on the wire cannot be
+    /// recalled). This assumes the clocks of the instances of a group agree to well within the
+    /// time between two changes of one entity.
+    pub fetched_at: &'a [SystemTime],
+}
+
+impl<'a> WriteContext<'a> {
+    /// A context for a batch whose changes were fetched at these times.
+    pub fn new(fetched_at: &'a [SystemTime]) -> Self {
+        WriteContext { fetched_at }
+    }
+}
+
 /// Writes changes durably to a target system.
 ///
 /// `write` returns `Ok` only when every change not listed in [`WriteReport::failed`] is durable:
@@ -138,6 +158,18 @@ impl WriteReport {
 /// ```
 #[async_trait]
 pub trait Sink: Send + Sync + 'static {
+    /// Write a batch with what the engine knows about it (see [`WriteContext`]). The default
+    /// calls [`Sink::write`]; sinks that can guard unversioned entities by fetch time override
+    /// it.
+    async fn write_with(
+        &self,
+        batch: &[Change],
+        ctx: &WriteContext<'_>,
+    ) -> Result<WriteReport, SinkError> {
+        let _ = ctx;
+        self.write(batch).await
+    }
+
     /// Write a batch durably.
     async fn write(&self, batch: &[Change]) -> Result<WriteReport, SinkError>;
 
@@ -169,6 +201,13 @@ impl<S: Sink + ?Sized> Sink for Arc<S> {
     async fn write(&self, batch: &[Change]) -> Result<WriteReport, SinkError> {
         (**self).write(batch).await
     }
+    async fn write_with(
+        &self,
+        batch: &[Change],
+        ctx: &WriteContext<'_>,
+    ) -> Result<WriteReport, SinkError> {
+        (**self).write_with(batch, ctx).await
+    }
     async fn held_version(&self, key: &EntityKey) -> Result<Option<Version>, SinkError> {
         (**self).held_version(key).await
     }
@@ -187,6 +226,13 @@ impl<S: Sink + ?Sized> Sink for Arc<S> {
 impl<S: Sink + ?Sized> Sink for Box<S> {
     async fn write(&self, batch: &[Change]) -> Result<WriteReport, SinkError> {
         (**self).write(batch).await
+    }
+    async fn write_with(
+        &self,
+        batch: &[Change],
+        ctx: &WriteContext<'_>,
+    ) -> Result<WriteReport, SinkError> {
+        (**self).write_with(batch, ctx).await
     }
     async fn held_version(&self, key: &EntityKey) -> Result<Option<Version>, SinkError> {
         (**self).held_version(key).await

@@ -75,6 +75,93 @@ pub struct Counters {
     pub action_late_members: u64,
 }
 
+impl Counters {
+    // Every counter that is also a metric is counted through one of these, so the status page
+    // and `/metrics` can never disagree.
+
+    /// `n` records received.
+    pub(crate) fn add_records(&mut self, n: u64) {
+        self.records += n;
+        crate::metrics::record_batch(n as usize);
+    }
+
+    /// A notification merged into a pending key.
+    pub(crate) fn add_coalesced(&mut self) {
+        self.coalesced += 1;
+        crate::metrics::coalesced();
+    }
+
+    /// `n` notifications satisfied because the sink holds their version.
+    pub(crate) fn add_satisfied_by_version(&mut self, n: u64) {
+        self.satisfied_by_version += n;
+        for _ in 0..n {
+            crate::metrics::satisfied_by_version();
+        }
+    }
+
+    /// A record that is not a notification.
+    pub(crate) fn add_ignored(&mut self, reason: &'static str) {
+        self.ignored += 1;
+        crate::metrics::ignored(reason);
+    }
+
+    /// A record that could not be decoded.
+    pub(crate) fn add_decode_error(&mut self) {
+        self.decode_errors += 1;
+        crate::metrics::decode_error();
+    }
+
+    /// A key's notifications seen on two partitions at once.
+    pub(crate) fn add_key_on_several_partitions(&mut self) {
+        self.keys_on_several_partitions += 1;
+        crate::metrics::key_on_several_partitions();
+    }
+
+    /// A fetch ended with `outcome` (`found`, `gone`, `unchanged`, `stale`, `permanent`,
+    /// `transient`, `not_attempted`).
+    pub(crate) fn add_fetch_outcome(&mut self, outcome: &'static str) {
+        match outcome {
+            "found" => self.found += 1,
+            "gone" => self.gone += 1,
+            "unchanged" => self.unchanged += 1,
+            "stale" => self.stale_reads += 1,
+            "permanent" => self.fetch_permanent += 1,
+            _ => self.fetch_transient += 1,
+        }
+        crate::metrics::fetch_outcome(outcome);
+    }
+
+    /// A change the sink acknowledged as durable.
+    pub(crate) fn add_write_durable(&mut self) {
+        self.writes += 1;
+        crate::metrics::write_durable();
+    }
+
+    /// A single record the sink failed.
+    pub(crate) fn add_write_failure(&mut self, class: &'static str) {
+        self.write_failures += 1;
+        crate::metrics::write_failed(class);
+    }
+
+    /// A dead letter issued.
+    pub(crate) fn add_dead_letter(&mut self, reason: &str) {
+        self.dead_letters += 1;
+        crate::metrics::dead_letter(reason);
+    }
+
+    /// A member arrived after its action closed.
+    pub(crate) fn add_action_late_member(&mut self) {
+        self.action_late_members += 1;
+        crate::metrics::action_late_member();
+    }
+
+    /// An action's members fell back to normal writes.
+    pub(crate) fn add_action_incomplete(&mut self) {
+        self.actions_incomplete += 1;
+        crate::metrics::action_incomplete();
+    }
+}
+
 /// A log-bucketed latency histogram (about 4% resolution from 1 ms to about 20 minutes).
 #[derive(Debug, Clone)]
 pub struct LatencyHistogram {

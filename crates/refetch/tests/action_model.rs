@@ -30,7 +30,8 @@ use refetch::engine::{
     Action, Decoders, Engine, FetchResult, TopicPartition, WriteGroup, WriteResult,
 };
 use refetch::{
-    Change, EngineConfig, Entity, FetchError, FetchOutcome, SinkError, Version, VersionKind,
+    Assignment, Change, EngineConfig, Entity, Epoch, FetchError, FetchOutcome, SinkError, Version,
+    VersionKind,
 };
 
 const TOPIC: &str = "notes";
@@ -265,9 +266,17 @@ impl World {
         self.seq
     }
 
+    fn assignment(&self, p: i32) -> Assignment {
+        Assignment::new(
+            TopicPartition::new(TOPIC, p),
+            Epoch(u64::from(self.generation.get(&p).copied().unwrap_or(0))),
+        )
+    }
+
     fn assign(&mut self, p: i32) {
-        self.engine.assign(&[TopicPartition::new(TOPIC, p)]);
         *self.generation.entry(p).or_insert(0) += 1;
+        let a = self.assignment(p);
+        self.engine.assign(&[a]);
         let from = self.committed.get(&p).copied().unwrap_or(0);
         self.position.insert(p, from);
         self.deliver(p);
@@ -523,10 +532,10 @@ impl World {
     }
 
     fn check_commits(&mut self) {
-        for (tp, epoch, offset) in self.engine.commits() {
-            self.check_commit(tp.partition, offset);
-            self.engine.committed(&tp, epoch, offset);
-            self.committed.insert(tp.partition, offset);
+        for (a, offset) in self.engine.commits() {
+            self.check_commit(a.tp.partition, offset);
+            self.engine.committed(&a, offset);
+            self.committed.insert(a.tp.partition, offset);
         }
     }
 
@@ -705,19 +714,20 @@ impl World {
             Op::Commit => self.check_commits(),
             Op::Revoke(p) => {
                 self.dirty_unfinished();
-                let tp = TopicPartition::new(TOPIC, p);
-                self.engine.revoke_begin(std::slice::from_ref(&tp));
-                let offsets = self.engine.revoke_finish(std::slice::from_ref(&tp));
-                for (tp, offset) in offsets {
-                    self.check_commit(tp.partition, offset);
-                    self.committed.insert(tp.partition, offset);
+                let a = self.assignment(p);
+                self.engine.revoke_begin(std::slice::from_ref(&a));
+                let offsets = self.engine.revoke_finish(std::slice::from_ref(&a));
+                for (a, offset) in offsets {
+                    self.check_commit(a.tp.partition, offset);
+                    self.committed.insert(a.tp.partition, offset);
                 }
                 self.assign(p);
                 self.collect_actions();
             }
             Op::Lose(p) => {
                 self.dirty_unfinished();
-                self.engine.lose(&[TopicPartition::new(TOPIC, p)]);
+                let a = self.assignment(p);
+                self.engine.lose(&[a]);
                 self.assign(p);
                 self.collect_actions();
             }

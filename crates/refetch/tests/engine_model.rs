@@ -2,8 +2,12 @@
 //!
 //! Random interleavings of notifications (with and without versions, with offset gaps), fetch
 //! completions (current, stale, failing), sink acknowledgements and failures, dead-letter
-//! acknowledgements, clock advances, revokes, losses and re-assignments with redelivery from the
-//! committed offset. The model decides, for every delivered notification, whether it is
+//! acknowledgements, clock advances, revokes (instant, or begun and finished later with writes
+//! still in flight), losses during writes, partitions assigned back before their revoke finished,
+//! commits queued before a revoke and delivered after it, and re-assignments with redelivery from
+//! the committed offset. The model plays the consumer driver (epochs, the epoch check on commits,
+//! a broker that accepts any commit it is sent) and the dispatcher (a job whose fence ended is
+//! dropped, never applied). It decides, for every delivered notification, whether it is
 //! satisfied (design notes, rules (a)-(c)); the checks are:
 //! - commit safety: a commit point never passes a delivered notification of the current
 //!   assignment that the model does not consider satisfied (so completions of an older
@@ -11,7 +15,10 @@
 //! - single flight: at most one fetch or write per key at a time, writes in flight order;
 //! - convergence: after the input stops and every job succeeds, each partition's commit point
 //!   reaches the end of what it received, and every key's last notification was followed by a
-//!   fetch that started after it (or is satisfied by version or by a dead letter).
+//!   fetch that started after it (or is satisfied by version or by a dead letter);
+//! - no zombie writes: the sink is last-write-wins (it does not guard on version), and no write
+//!   lands after a write of the same key whose fetch started later;
+//! - the broker's committed offset of a partition never moves backwards.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -21,7 +28,8 @@ use refetch::clock::Tick;
 use refetch::decode::{JsonDecoder, RecordView};
 use refetch::engine::{Action, Decoders, Engine, FetchResult, TopicPartition, WriteResult};
 use refetch::{
-    Change, EngineConfig, Entity, FetchError, FetchOutcome, SinkError, Version, VersionKind,
+    Assignment, Change, EngineConfig, Entity, Epoch, Fence, FetchError, FetchOutcome, SinkError,
+    Version, VersionKind,
 };
 
 const TOPIC: &str = "notes";
@@ -52,6 +60,19 @@ enum Op {
     Commit,
     Revoke(i32),
     Lose(i32),
+    /// A revoke begins: the engine drains; the partition is let go by `RevokeFinish`.
+    RevokeBegin(i32),
+    /// The revoke's deadline passed (writes may still be in flight): the engine answers, the
+    /// offsets are committed, the partition is let go and assigned back in a new epoch.
+    RevokeFinish(i32),
+    /// The handler gave up on a revoke and the partition is assigned straight back, before the
+    /// engine finished the old revoke (which finishes late, on the old epoch).
+    AssignBack(i32),
+    /// A periodic commit is computed and queued in the driver.
+    QueueCommit,
+    /// The driver takes the oldest queued commit (dropping entries of assignments no longer
+    /// current) and the broker applies it.
+    DeliverCommit,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +107,11 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Commit),
         1 => (0..PARTITIONS).prop_map(Op::Revoke),
         1 => (0..PARTITIONS).prop_map(Op::Lose),
+        1 => (0..PARTITIONS).prop_map(Op::RevokeBegin),
+        1 => (0..PARTITIONS).prop_map(Op::RevokeFinish),
+        1 => (0..PARTITIONS).prop_map(Op::AssignBack),
+        2 => Just(Op::QueueCommit),
+        2 => Just(Op::DeliverCommit),
     ]
 }
 
@@ -98,8 +124,8 @@ struct Delivery {
     version: Option<i64>,
     /// Model time of receipt (a strictly increasing step counter).
     seq: u64,
-    /// The assignment generation of the partition when delivered.
-    generation: u32,
+    /// The epoch of the partition's assignment when delivered.
+    generation: Epoch,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +134,7 @@ struct OpenFetch {
     key: usize,
     started: u64,
     version_at_start: i64,
+    fence: Fence,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +144,7 @@ struct OpenWrite {
     started: u64,
     version: i64,
     change: Change,
+    fence: Fence,
 }
 
 struct World {
@@ -125,10 +153,21 @@ struct World {
     seq: u64,
     /// The log per partition: (offset, key, version).
     log: BTreeMap<i32, Vec<(i64, usize, Option<i64>)>>,
+    /// The broker's committed offset per partition.
     committed: BTreeMap<i32, i64>,
     /// Next offset to deliver per owned partition.
     position: BTreeMap<i32, i64>,
-    generation: BTreeMap<i32, u32>,
+    /// The driver's current epoch per owned partition.
+    generation: BTreeMap<i32, Epoch>,
+    next_epoch: u64,
+    /// Revokes begun and not finished: the assignment being revoked.
+    revoking: BTreeMap<i32, Assignment>,
+    /// Commits queued in the driver.
+    queued_commits: Vec<Vec<(Assignment, i64)>>,
+    /// The last-write-wins sink: per key, the fetch start and version of the last write applied.
+    sink: HashMap<usize, (u64, i64)>,
+    /// Handovers so far (every other one, the other member also commits the partition's end).
+    handovers: u32,
     source_version: Vec<i64>,
     deliveries: Vec<Delivery>,
     fetches: Vec<OpenFetch>,
@@ -177,6 +216,11 @@ impl World {
             committed: BTreeMap::new(),
             position: BTreeMap::new(),
             generation: BTreeMap::new(),
+            next_epoch: 1,
+            revoking: BTreeMap::new(),
+            queued_commits: Vec::new(),
+            sink: HashMap::new(),
+            handovers: 0,
             source_version: vec![0; KEYS],
             deliveries: Vec::new(),
             fetches: Vec::new(),
@@ -193,17 +237,63 @@ impl World {
         w
     }
 
+    fn op_notify(key: usize, partition: i32) -> Op {
+        Op::Notify {
+            key,
+            partition,
+            versioned: false,
+            gap: 0,
+        }
+    }
+
     fn tick(&mut self) -> u64 {
         self.seq += 1;
         self.seq
     }
 
+    fn assignment(&self, p: i32) -> Option<Assignment> {
+        self.generation
+            .get(&p)
+            .map(|e| Assignment::new(TopicPartition::new(TOPIC, p), *e))
+    }
+
     fn assign(&mut self, p: i32) {
-        self.engine.assign(&[TopicPartition::new(TOPIC, p)]);
-        *self.generation.entry(p).or_insert(0) += 1;
+        let epoch = Epoch(self.next_epoch);
+        self.next_epoch += 1;
+        self.generation.insert(p, epoch);
+        self.engine
+            .assign(&[Assignment::new(TopicPartition::new(TOPIC, p), epoch)]);
         let from = self.committed.get(&p).copied().unwrap_or(0);
         self.position.insert(p, from);
         self.deliver(p);
+    }
+
+    /// The broker applies a commit: offsets of a partition never move backwards.
+    fn broker_commit(&mut self, p: i32, offset: i64) {
+        if let Some(prev) = self.committed.get(&p) {
+            assert!(
+                offset >= *prev,
+                "committed offset of partition {p} moved backwards from {prev} to {offset}"
+            );
+        }
+        self.committed.insert(p, offset);
+    }
+
+    /// Check a commit the engine computed for assignment `a` against the model.
+    fn check_commit(&self, a: &Assignment, offset: i64, what: &str) {
+        let p = a.tp.partition;
+        for d in self
+            .deliveries
+            .iter()
+            .filter(|d| d.partition == p && d.generation == a.epoch)
+        {
+            if d.offset < offset {
+                assert!(
+                    self.satisfied(d),
+                    "{what} {offset} on partition {p} passes unsatisfied {d:?}"
+                );
+            }
+        }
     }
 
     /// Deliver every logged record from the position on (what the broker would send).
@@ -261,6 +351,7 @@ impl World {
                         key,
                         started,
                         version_at_start: v,
+                        fence: j.fence,
                     });
                 }
                 Action::Write(j) => {
@@ -278,12 +369,17 @@ impl World {
                         "two writes in flight for key {key}"
                     );
                     let version = j.change.version().map_or(-1, |v| v.value());
+                    assert!(
+                        j.fence.is_live(),
+                        "a write was issued for assignments that ended (a zombie write) for key {key}"
+                    );
                     self.writes.push(OpenWrite {
                         flight: j.flight,
                         key,
                         started,
                         version,
                         change: j.change,
+                        fence: j.fence,
                     });
                 }
                 Action::DeadLetter(j) => {
@@ -315,25 +411,119 @@ impl World {
         by_fetch || by_version || self.dead_lettered.contains(&(d.partition, d.offset))
     }
 
+    /// A periodic commit, computed and applied at once.
     fn check_commits(&mut self) {
-        for (tp, epoch, offset) in self.engine.commits() {
-            let p = tp.partition;
-            let generation_now = self.generation[&p];
-            for d in self
-                .deliveries
-                .iter()
-                .filter(|d| d.partition == p && d.generation == generation_now)
-            {
-                if d.offset < offset {
-                    assert!(
-                        self.satisfied(d),
-                        "commit {offset} on partition {p} passes unsatisfied {d:?}"
-                    );
+        let commits = self.engine.commits();
+        for (a, offset) in &commits {
+            self.check_commit(a, *offset, "commit");
+        }
+        self.apply_commit(commits);
+    }
+
+    /// The driver's side of a commit: drop entries whose assignment is not current, the
+    /// broker applies the rest, and the engine hears which reached it.
+    fn apply_commit(&mut self, commits: Vec<(Assignment, i64)>) {
+        for (a, offset) in commits {
+            let current = self.generation.get(&a.tp.partition) == Some(&a.epoch)
+                && !self.revoking.contains_key(&a.tp.partition);
+            if !current {
+                continue;
+            }
+            self.broker_commit(a.tp.partition, offset);
+            self.engine.committed(&a, offset);
+        }
+    }
+
+    /// The engine answered a revoke of `a`: commit its offsets, let the partition go.
+    fn finish_revoke(&mut self, a: &Assignment) {
+        let offsets = self.engine.revoke_finish(std::slice::from_ref(a));
+        for (b, offset) in offsets {
+            assert!(b.same(a), "a revoke answered for another assignment: {b:?}");
+            self.check_commit(&b, offset, "revoke commit");
+            // Still owned until the handler returns: this commit reaches the broker.
+            if self.generation.get(&b.tp.partition) == Some(&b.epoch) {
+                self.broker_commit(b.tp.partition, offset);
+            }
+        }
+    }
+
+    /// Our assignment of `p` ended: another member of the group takes the partition over,
+    /// fetches every key it carries and writes the current state (and, every other time,
+    /// commits the partition's end) before the partition comes back to us. A write of ours that
+    /// lands after this is a zombie write.
+    ///
+    /// Only keys whose every notification is on `p` are written by the other member: per-key
+    /// order across instances is promised only for keys that live on one partition (design
+    /// notes, invariant 10).
+    fn hand_over(&mut self, p: i32) {
+        self.handovers += 1;
+        let elsewhere: HashSet<usize> = self
+            .log
+            .iter()
+            .filter(|(q, _)| **q != p)
+            .flat_map(|(_, l)| l.iter().map(|r| r.1))
+            .collect();
+        let keys: HashSet<usize> = self
+            .log
+            .get(&p)
+            .map(|l| {
+                l.iter()
+                    .map(|r| r.1)
+                    .filter(|k| !elsewhere.contains(k))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for key in keys {
+            let started = self.tick();
+            self.sink.insert(key, (started, self.source_version[key]));
+        }
+        if self.handovers % 2 == 0 {
+            if let Some(end) = self.log.get(&p).and_then(|l| l.last()).map(|r| r.0 + 1) {
+                if self.committed.get(&p).is_none_or(|c| *c < end) {
+                    self.broker_commit(p, end);
                 }
             }
-            self.engine.committed(&tp, epoch, offset);
-            self.committed.insert(p, offset);
         }
+    }
+
+    /// Complete a fetch the way the dispatcher would: a fetch whose fence ended is abandoned.
+    fn finish_fetch(&mut self, f: OpenFetch, result: FetchResult) {
+        let key = refetch::EntityKey::new("c", key_name(f.key));
+        let result = if f.fence.is_live() {
+            result
+        } else {
+            FetchResult::Abandoned
+        };
+        self.engine
+            .on_fetch_done(&key, f.flight, result, Tick(self.now));
+        self.collect_actions();
+    }
+
+    /// Complete a write the way the dispatcher would: a write whose fence ended is dropped (not
+    /// applied to the sink) and reported abandoned.
+    fn finish_write(&mut self, w: OpenWrite, result: WriteResult) {
+        let key = w.change.key().clone();
+        let result = if !w.fence.is_live() {
+            WriteResult::Abandoned
+        } else {
+            if matches!(result, WriteResult::Durable) {
+                self.durable.push((w.key, w.started, w.version));
+                if let Some((held_start, held_version)) = self.sink.get(&w.key) {
+                    assert!(
+                        w.started >= *held_start,
+                        "zombie write: key {} fetched at {} (version {}) lands after a write fetched at {held_start} (version {held_version})",
+                        w.key,
+                        w.started,
+                        w.version
+                    );
+                }
+                self.sink.insert(w.key, (w.started, w.version));
+            }
+            result
+        };
+        self.engine
+            .on_write_done(&key, w.flight, result, Tick(self.now));
+        self.collect_actions();
     }
 
     fn apply(&mut self, op: Op) {
@@ -361,7 +551,6 @@ impl World {
                     return;
                 }
                 let f = self.fetches.remove(pick % self.fetches.len());
-                let key = refetch::EntityKey::new("c", key_name(f.key));
                 let result = match how {
                     FetchHow::Current => FetchResult::Outcome(FetchOutcome::Found(Entity::json(
                         "{}",
@@ -379,27 +568,19 @@ impl World {
                 {
                     entry.2 = f.version_at_start - 1;
                 }
-                self.engine
-                    .on_fetch_done(&key, f.flight, result, Tick(self.now));
-                self.collect_actions();
+                self.finish_fetch(f, result);
             }
             Op::FinishWrite { pick, how } => {
                 if self.writes.is_empty() {
                     return;
                 }
                 let w = self.writes.remove(pick % self.writes.len());
-                let key = w.change.key().clone();
                 let result = match how {
-                    WriteHow::Durable => {
-                        self.durable.push((w.key, w.started, w.version));
-                        WriteResult::Durable
-                    }
+                    WriteHow::Durable => WriteResult::Durable,
                     WriteHow::Transient => WriteResult::Failed(SinkError::transient("down")),
                     WriteHow::Permanent => WriteResult::Failed(SinkError::permanent("rejected")),
                 };
-                self.engine
-                    .on_write_done(&key, w.flight, result, Tick(self.now));
-                self.collect_actions();
+                self.finish_write(w, result);
             }
             Op::AckDeadLetter(pick) => {
                 if self.dead_letters.is_empty() {
@@ -410,40 +591,103 @@ impl World {
                 self.engine.on_dead_letter_done(id, Ok(()));
                 self.collect_actions();
             }
-            Op::Commit => self.check_commits(),
-            Op::Revoke(p) => {
-                let tp = TopicPartition::new(TOPIC, p);
-                self.engine.revoke_begin(std::slice::from_ref(&tp));
-                // Finish pending writes of this partition first when possible, as the runtime
-                // would wait for them (within its deadline).
-                let offsets = self.engine.revoke_finish(std::slice::from_ref(&tp));
-                for (tp, offset) in offsets {
-                    let generation_now = self.generation[&p];
-                    for d in self
-                        .deliveries
-                        .iter()
-                        .filter(|d| d.partition == p && d.generation == generation_now)
-                    {
-                        if d.offset < offset {
-                            assert!(
-                                self.satisfied(d),
-                                "revoke commit {offset} passes unsatisfied {d:?}"
-                            );
-                        }
-                    }
-                    self.committed.insert(tp.partition, offset);
+            Op::Commit => {
+                // One commit in flight at a time, answered in order (as the runtime does).
+                while !self.queued_commits.is_empty() {
+                    self.apply(Op::DeliverCommit);
                 }
+                self.check_commits();
+            }
+            Op::Revoke(p) => {
+                if self.revoking.contains_key(&p) {
+                    return;
+                }
+                let Some(a) = self.assignment(p) else {
+                    return;
+                };
+                self.engine.revoke_begin(std::slice::from_ref(&a));
+                // The runtime would wait for pending writes of this partition (within its
+                // deadline); here the deadline passes at once.
+                self.finish_revoke(&a);
+                self.generation.remove(&p);
+                self.hand_over(p);
                 self.assign(p);
             }
             Op::Lose(p) => {
-                self.engine.lose(&[TopicPartition::new(TOPIC, p)]);
+                let Some(a) = self.assignment(p) else {
+                    return;
+                };
+                self.revoking.remove(&p);
+                self.engine.lose(std::slice::from_ref(&a));
+                self.generation.remove(&p);
+                self.hand_over(p);
                 self.assign(p);
+            }
+            Op::RevokeBegin(p) => {
+                if self.revoking.contains_key(&p) {
+                    return;
+                }
+                let Some(a) = self.assignment(p) else {
+                    return;
+                };
+                self.engine.revoke_begin(std::slice::from_ref(&a));
+                self.revoking.insert(p, a);
+            }
+            Op::RevokeFinish(p) => {
+                let Some(a) = self.revoking.remove(&p) else {
+                    return;
+                };
+                self.finish_revoke(&a);
+                if self.generation.get(&p) == Some(&a.epoch) {
+                    self.generation.remove(&p);
+                    self.hand_over(p);
+                    self.assign(p);
+                }
+                self.collect_actions();
+            }
+            Op::AssignBack(p) => {
+                // The handler gave up waiting: the partition is let go uncommitted and assigned
+                // straight back; the engine's old revoke is still pending and finishes later.
+                if !self.revoking.contains_key(&p) {
+                    return;
+                }
+                self.generation.remove(&p);
+                self.hand_over(p);
+                self.assign(p);
+                self.collect_actions();
+            }
+            Op::QueueCommit => {
+                if !self.queued_commits.is_empty() {
+                    return;
+                }
+                let commits = self.engine.commits();
+                for (a, offset) in &commits {
+                    self.check_commit(a, *offset, "queued commit");
+                }
+                if !commits.is_empty() {
+                    self.queued_commits.push(commits);
+                }
+            }
+            Op::DeliverCommit => {
+                if self.queued_commits.is_empty() {
+                    return;
+                }
+                let commits = self.queued_commits.remove(0);
+                self.apply_commit(commits);
             }
         }
     }
 
     /// Input stops; every job now succeeds until nothing is left.
     fn drain(&mut self) {
+        // Pending revokes finish; queued commits are delivered (or dropped as stale).
+        let revoking: Vec<i32> = self.revoking.keys().copied().collect();
+        for p in revoking {
+            self.apply(Op::RevokeFinish(p));
+        }
+        while !self.queued_commits.is_empty() {
+            self.apply(Op::DeliverCommit);
+        }
         for _ in 0..10_000 {
             self.now += 100;
             self.engine.poll(Tick(self.now));
@@ -451,27 +695,17 @@ impl World {
             let mut progressed = false;
             while let Some(f) = self.fetches.pop() {
                 progressed = true;
-                let key = refetch::EntityKey::new("c", key_name(f.key));
                 let v = self.source_version[f.key];
                 self.flight_started.insert(f.flight, (f.key, f.started, v));
-                self.engine.on_fetch_done(
-                    &key,
-                    f.flight,
-                    FetchResult::Outcome(FetchOutcome::Found(Entity::json(
-                        "{}",
-                        Some(Version::Int(f.version_at_start)),
-                    ))),
-                    Tick(self.now),
-                );
-                self.collect_actions();
+                let result = FetchResult::Outcome(FetchOutcome::Found(Entity::json(
+                    "{}",
+                    Some(Version::Int(f.version_at_start)),
+                )));
+                self.finish_fetch(f, result);
             }
             while let Some(w) = self.writes.pop() {
                 progressed = true;
-                self.durable.push((w.key, w.started, w.version));
-                let key = w.change.key().clone();
-                self.engine
-                    .on_write_done(&key, w.flight, WriteResult::Durable, Tick(self.now));
-                self.collect_actions();
+                self.finish_write(w, WriteResult::Durable);
             }
             while let Some((id, coords)) = self.dead_letters.pop() {
                 progressed = true;
@@ -479,7 +713,7 @@ impl World {
                 self.engine.on_dead_letter_done(id, Ok(()));
                 self.collect_actions();
             }
-            self.check_commits();
+            self.apply(Op::Commit);
             if !progressed && self.engine.is_idle() {
                 break;
             }
@@ -503,7 +737,7 @@ impl World {
         // Every current-assignment delivery is satisfied; the last of each key by a fetch after it
         // (or by version or dead letter).
         for d in &self.deliveries {
-            if d.generation == self.generation[&d.partition] {
+            if Some(&d.generation) == self.generation.get(&d.partition) {
                 assert!(self.satisfied(d), "unsatisfied after drain: {d:?}");
             }
         }
@@ -554,7 +788,7 @@ fn notification_during_flight_starts_a_follow_up() {
     });
     // Offset 0 is satisfied, offset 1 is not: the commit point is 1.
     let commits = w.engine.commits();
-    assert_eq!(commits.iter().map(|c| c.2).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(commits.iter().map(|c| c.1).collect::<Vec<_>>(), vec![1]);
     w.apply(Op::Advance(20));
     w.apply(Op::Poll);
     assert_eq!(w.fetches.len(), 1, "a follow-up fetch must start");
@@ -607,5 +841,135 @@ fn keys_seen_on_several_partitions_are_counted() {
         gap: 0,
     });
     assert_eq!(w.engine.counters().keys_on_several_partitions, 1);
+    w.drain();
+}
+
+/// A write waiting on a slow sink when the revoke's deadline passes: the partition goes to
+/// another member, which writes the newer state; the old write must be dropped, not land after.
+#[test]
+fn a_revoke_deadline_passing_with_a_write_in_flight_fences_the_write() {
+    let mut w = World::new();
+    w.apply(World::op_notify(0, 0));
+    w.apply(Op::Advance(20));
+    w.apply(Op::Poll);
+    w.apply(Op::FinishFetch {
+        pick: 0,
+        how: FetchHow::Current,
+    });
+    assert_eq!(w.writes.len(), 1, "the write is issued");
+    w.apply(Op::RevokeBegin(0));
+    w.apply(World::op_notify(0, 0)); // the source changes meanwhile
+    w.apply(Op::RevokeFinish(0)); // the deadline passed with the write still pending
+    assert!(
+        w.writes.iter().all(|wr| !wr.fence.is_live()),
+        "the old owner's write is fenced once its assignment ended"
+    );
+    w.apply(Op::FinishWrite {
+        pick: 0,
+        how: WriteHow::Durable,
+    });
+    w.drain();
+}
+
+/// Lost while a write is in flight: the same fence applies, with no commit at all.
+#[test]
+fn a_loss_during_a_write_fences_the_write() {
+    let mut w = World::new();
+    w.apply(World::op_notify(1, 1));
+    w.apply(Op::Advance(20));
+    w.apply(Op::Poll);
+    w.apply(Op::FinishFetch {
+        pick: 0,
+        how: FetchHow::Current,
+    });
+    w.apply(World::op_notify(1, 1));
+    w.apply(Op::Lose(1));
+    assert!(w.writes.iter().all(|wr| !wr.fence.is_live()));
+    w.apply(Op::FinishWrite {
+        pick: 0,
+        how: WriteHow::Durable,
+    });
+    w.drain();
+}
+
+/// The handler gave up on a revoke and the partition was assigned straight back: the old
+/// revoke finishing late must not drop the new assignment (whose records would then be
+/// ignored while the consumer looks healthy).
+#[test]
+fn a_partition_assigned_back_before_its_revoke_finished_keeps_its_new_assignment() {
+    let mut w = World::new();
+    w.apply(World::op_notify(2, 0));
+    w.apply(Op::Advance(20));
+    w.apply(Op::Poll);
+    w.apply(Op::RevokeBegin(0));
+    let old = w.revoking.get(&0).cloned();
+    w.apply(Op::AssignBack(0));
+    w.apply(World::op_notify(3, 0));
+    // The engine finishes the old revoke now.
+    if let Some(old) = old {
+        let offsets = w.engine.revoke_finish(std::slice::from_ref(&old));
+        assert!(
+            offsets.is_empty(),
+            "nothing to commit for a stale assignment"
+        );
+        w.revoking.remove(&0);
+    }
+    assert_eq!(
+        w.engine.owned_partitions().len(),
+        2,
+        "the new assignment of partition 0 is still owned"
+    );
+    w.apply(World::op_notify(3, 0));
+    w.drain();
+}
+
+/// A periodic commit queued before a revoke and delivered after it: the driver drops it (its
+/// assignment is no longer current), so the committed offset never moves backwards.
+#[test]
+fn a_commit_queued_before_a_revoke_never_moves_the_offset_back() {
+    let mut w = World::new();
+    for _ in 0..3 {
+        w.apply(World::op_notify(0, 0));
+        w.apply(Op::Advance(20));
+        w.apply(Op::Poll);
+        w.apply(Op::FinishFetch {
+            pick: 0,
+            how: FetchHow::Current,
+        });
+        w.apply(Op::FinishWrite {
+            pick: 0,
+            how: WriteHow::Durable,
+        });
+        if w.queued_commits.is_empty() {
+            w.apply(Op::QueueCommit);
+        }
+    }
+    assert!(!w.queued_commits.is_empty());
+    w.apply(Op::Revoke(0)); // commits the newer point on revoke; the other member commits more
+    w.apply(Op::Revoke(0));
+    w.apply(Op::DeliverCommit);
+    w.drain();
+}
+
+/// A single record's write failed and waits for its retry when its assignment ends: the retry
+/// is never issued (it would be a zombie write), and the key is fetched again by its new owner.
+#[test]
+fn a_write_retry_after_its_assignment_ended_is_never_issued() {
+    let mut w = World::new();
+    w.apply(World::op_notify(2, 1));
+    w.apply(Op::Advance(20));
+    w.apply(Op::Poll);
+    w.apply(Op::FinishFetch {
+        pick: 0,
+        how: FetchHow::Current,
+    });
+    w.apply(Op::FinishWrite {
+        pick: 0,
+        how: WriteHow::Transient,
+    });
+    assert!(w.writes.is_empty(), "the retry waits for its backoff");
+    w.apply(Op::Lose(1));
+    w.now += 60_000;
+    w.apply(Op::Poll); // collect_actions asserts that no write is issued for an ended assignment
     w.drain();
 }

@@ -71,6 +71,11 @@ pub struct EngineSection {
     /// go. Must stay below the consumer's `max.poll.interval.ms`.
     #[serde(with = "humantime_serde")]
     pub rebalance_drain: Duration,
+    /// How long a commit may take where something waits for it (the commit on revoke, the final
+    /// commit at shutdown). A revoke can hold the consumer for `rebalance_drain` +
+    /// `commit_timeout` + 1.25 s, which must stay below `max.poll.interval.ms`.
+    #[serde(with = "humantime_serde")]
+    pub commit_timeout: Duration,
     /// On SIGTERM/SIGINT: how long in-flight work may take before the final commit (work not
     /// finished by then is simply not committed and is redone by the next owner).
     #[serde(with = "humantime_serde")]
@@ -225,6 +230,7 @@ impl From<&EngineConfig> for EngineSection {
                 max_ratio: e.gone_guard.max_ratio,
             },
             rebalance_drain: e.rebalance_drain,
+            commit_timeout: e.commit_timeout,
             shutdown_deadline: e.shutdown_deadline,
             actions: e.actions.into(),
         }
@@ -261,6 +267,7 @@ impl EngineSection {
                 max_ratio: self.gone_guard.max_ratio,
             },
             rebalance_drain: self.rebalance_drain,
+            commit_timeout: self.commit_timeout,
             shutdown_deadline: self.shutdown_deadline,
             actions: self.actions.into(),
         }
