@@ -126,8 +126,9 @@ pub async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     );
 
     let cfg = demo_config(&brokers, &source.base_url(), args.window);
-    cfg.check()
-        .map_err(|i| anyhow::anyhow!("demo configuration: {}: {}", i.path, i.message))?;
+    if let Some(i) = cfg.check().first() {
+        anyhow::bail!("demo configuration: {}: {}", i.path, i.message);
+    }
     let (fetcher, stats) = wiring::build_fetcher(&cfg.fetcher)?;
     let pipeline = wiring::consuming_pipeline(&cfg, fetcher, sink.clone() as Arc<dyn Sink>)?;
     let handle = pipeline.handle();

@@ -28,8 +28,7 @@ use refetch::dlq::{header, reason};
 
 use crate::cli::{DlqCommand, DlqListArgs, DlqRedriveArgs};
 use crate::config::Config;
-use crate::run::load_config;
-use crate::{logging, wiring};
+use crate::logging;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -181,7 +180,7 @@ pub async fn read_dead_letters(
 }
 
 async fn list(a: &DlqListArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match load_config(&a.config) {
+    let cfg = match crate::config::load_for_command(&a.config.config) {
         Ok(l) => l.config,
         Err(code) => return Ok(code),
     };
@@ -258,7 +257,7 @@ pub fn select<'a>(
 }
 
 async fn redrive(a: &DlqRedriveArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match load_config(&a.config) {
+    let cfg = match crate::config::load_for_command(&a.config.config) {
         Ok(l) => l.config,
         Err(code) => return Ok(code),
     };
@@ -295,7 +294,7 @@ async fn redrive(a: &DlqRedriveArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let outcomes = wiring::refresh(&cfg, keys).await?;
+    let outcomes = crate::refresh::refresh_keys(&cfg, keys).await?;
     let mut failed = 0;
     for (k, o) in outcomes {
         match o {

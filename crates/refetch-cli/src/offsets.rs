@@ -13,7 +13,6 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::cli::OffsetsArgs;
-use crate::run::load_config;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,7 +77,7 @@ impl Row {
 
 /// `refetch offsets`.
 pub async fn command(a: &OffsetsArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match load_config(&a.config) {
+    let cfg = match crate::config::load_for_command(&a.config.config) {
         Ok(l) => l.config,
         Err(code) => return Ok(code),
     };

@@ -33,11 +33,10 @@ use refetch_sinks::postgres::PostgresSink;
 use refetch_sinks::sqlite::SqliteSink;
 use refetch_sinks::stored::HeldVersion;
 
-use crate::backfill::{Refresher, http_fetcher, list_with_retry, observed};
 use crate::cli::ReconcileArgs;
 use crate::config::{Config, ReconcileSection};
 use crate::logging;
-use crate::run::load_config;
+use crate::refresh::{Refresher, http_fetcher, list_with_retry, observed};
 
 /// A sink that can report the versions it holds, in pages.
 #[derive(Clone)]
@@ -371,7 +370,7 @@ fn listed_types(http: &HttpFetcher, only: Option<&str>) -> Vec<String> {
 
 /// `refetch reconcile`.
 pub async fn command(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match load_config(&args.config) {
+    let loaded = match crate::config::load_for_command(&args.config.config) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };

@@ -6,24 +6,11 @@ use std::time::Instant;
 use anyhow::Context;
 
 use crate::cli::{ConfigArg, FetchArgs};
-use crate::config::Loaded;
 use crate::{logging, ops, signals, wiring};
-
-/// Load the configuration, printing errors the way every subcommand does. `Err` carries the exit
-/// code (2: invalid configuration).
-pub fn load_config(arg: &ConfigArg) -> Result<Loaded, ExitCode> {
-    match crate::config::load(&arg.config) {
-        Ok(l) => Ok(l),
-        Err(e) => {
-            eprintln!("error: invalid configuration\n{e}");
-            Err(ExitCode::from(2))
-        }
-    }
-}
 
 /// `refetch run`: consume until SIGTERM/SIGINT, then drain and commit.
 pub async fn run(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
-    let loaded = match load_config(arg) {
+    let loaded = match crate::config::load_for_command(&arg.config) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
@@ -93,7 +80,7 @@ pub async fn run(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
 
 /// `refetch fetch --key TYPE:ID...`.
 pub async fn fetch(args: &FetchArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match load_config(&args.config) {
+    let loaded = match crate::config::load_for_command(&args.config.config) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
@@ -109,7 +96,7 @@ pub async fn fetch(args: &FetchArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let outcomes = wiring::refresh(&cfg, keys).await?;
+    let outcomes = crate::refresh::refresh_keys(&cfg, keys).await?;
     let mut failed = 0;
     for (key, outcome) in &outcomes {
         match outcome {

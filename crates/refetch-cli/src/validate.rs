@@ -10,7 +10,6 @@ use refetch::{KafkaConfig, Sink};
 
 use crate::cli::ValidateArgs;
 use crate::config::Config;
-use crate::run::load_config;
 use crate::wiring;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,7 +32,7 @@ impl Report {
 
 /// `refetch validate`.
 pub async fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match load_config(&args.config) {
+    let loaded = match crate::config::load_for_command(&args.config.config) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
