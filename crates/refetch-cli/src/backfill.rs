@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::BackfillArgs;
 use crate::config::Config;
 use crate::refresh::{Refresher, http_fetcher, list_with_retry, observed};
+use crate::signals::Signals;
 use crate::{logging, wiring};
 
 /// The checkpoint of one entity type.
@@ -157,7 +158,7 @@ fn progress_bar(total: Option<u64>) -> ProgressBar {
 }
 
 /// `refetch backfill`.
-pub async fn backfill(args: &BackfillArgs) -> anyhow::Result<ExitCode> {
+pub async fn backfill(args: &BackfillArgs, signals: Signals) -> anyhow::Result<ExitCode> {
     let loaded = match crate::config::load_for_command(&args.config.config) {
         Ok(l) => l,
         Err(code) => return Ok(code),
@@ -214,6 +215,9 @@ pub async fn backfill(args: &BackfillArgs) -> anyhow::Result<ExitCode> {
                 entry.pages, entry.items
             );
         }
+        if signals.stopped_by().is_some() {
+            break;
+        }
         let r = backfill_type(
             &cfg,
             &http,
@@ -222,6 +226,7 @@ pub async fn backfill(args: &BackfillArgs) -> anyhow::Result<ExitCode> {
             t,
             &mut state,
             &state_path,
+            &signals,
         )
         .await;
         match r {
@@ -252,6 +257,13 @@ pub async fn backfill(args: &BackfillArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = error {
         return Err(e);
     }
+    if let Some(signal) = signals.stopped_by() {
+        println!(
+            "interrupted by {signal}: every acknowledged page is checkpointed; run the same \
+             command again to resume"
+        );
+        return Ok(ExitCode::from(crate::exit::INTERRUPTED));
+    }
     Ok(if failed_any {
         ExitCode::FAILURE
     } else {
@@ -268,14 +280,28 @@ async fn backfill_type(
     entity_type: &str,
     state: &mut BackfillState,
     state_path: &Path,
+    signals: &Signals,
 ) -> anyhow::Result<TypeSummary> {
     let mut summary = TypeSummary::default();
     let bar = progress_bar(None);
     bar.set_prefix(entity_type.to_owned());
     let mut length_set = false;
     loop {
+        // A stop signal is honoured between pages: the page in flight is finished and
+        // checkpointed, a listing request still being retried is given up (not checkpointed).
+        if signals.stopped_by().is_some() {
+            bar.abandon();
+            return Ok(summary);
+        }
         let at = state.types.get(entity_type).and_then(|s| s.next.clone());
-        let page = list_with_retry(http, entity_type, at.as_ref(), cfg.backfill.retry_for).await?;
+        let listing = list_with_retry(http, entity_type, at.as_ref(), cfg.backfill.retry_for);
+        let page = tokio::select! {
+            page = listing => page?,
+            () = signals.stopped() => {
+                bar.abandon();
+                return Ok(summary);
+            }
+        };
         if !length_set && let Some(total) = page.total {
             let done = state.types.get(entity_type).map_or(0, |s| s.items);
             bar.set_length(total);

@@ -36,7 +36,8 @@ use crate::config::{
     TopicSection,
 };
 use crate::demo_source::DemoSource;
-use crate::{logging, ops, signals, wiring};
+use crate::signals::Signals;
+use crate::{logging, ops, wiring};
 
 /// The demo's notification topic.
 pub const TOPIC: &str = "demo.customer-changes";
@@ -97,7 +98,7 @@ pub fn demo_config(brokers: &str, source_base: &str, window: Duration) -> Config
 }
 
 /// `refetch demo`.
-pub async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+pub async fn demo(args: &DemoArgs, signals: Signals) -> anyhow::Result<ExitCode> {
     logging::init("warn", crate::config::LogFormat::Text);
     let started = Instant::now();
     let prometheus = ops::install_recorder();
@@ -130,7 +131,7 @@ pub async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("demo configuration: {}: {}", i.path, i.message);
     }
     let (fetcher, stats) = wiring::build_fetcher(&cfg.fetcher)?;
-    let pipeline = wiring::consuming_pipeline(&cfg, fetcher, sink.clone() as Arc<dyn Sink>)?;
+    let pipeline = wiring::consuming_pipeline(&cfg, fetcher, sink.clone() as Arc<dyn Sink>, None)?;
     let handle = pipeline.handle();
 
     let _ops = match args.listen.0 {
@@ -164,7 +165,7 @@ pub async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     {
         let interrupted = interrupted.clone();
         let handle = handle.clone();
-        let signal = signals::shutdown_signal();
+        let signal = signals.stopped();
         tokio::spawn(async move {
             signal.await;
             interrupted.store(true, Ordering::SeqCst);

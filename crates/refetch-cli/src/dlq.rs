@@ -29,6 +29,7 @@ use refetch::dlq::{header, reason};
 use crate::cli::{DlqCommand, DlqListArgs, DlqRedriveArgs};
 use crate::config::Config;
 use crate::logging;
+use crate::signals::Signals;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -81,10 +82,10 @@ impl DeadRecord {
 }
 
 /// `refetch dlq ...`.
-pub async fn command(cmd: &DlqCommand) -> anyhow::Result<ExitCode> {
+pub async fn command(cmd: &DlqCommand, signals: Signals) -> anyhow::Result<ExitCode> {
     match cmd {
         DlqCommand::List(a) => list(a).await,
-        DlqCommand::Redrive(a) => redrive(a).await,
+        DlqCommand::Redrive(a) => redrive(a, &signals).await,
     }
 }
 
@@ -256,7 +257,7 @@ pub fn select<'a>(
         .collect())
 }
 
-async fn redrive(a: &DlqRedriveArgs) -> anyhow::Result<ExitCode> {
+async fn redrive(a: &DlqRedriveArgs, signals: &Signals) -> anyhow::Result<ExitCode> {
     let cfg = match crate::config::load_for_command(&a.config.config) {
         Ok(l) => l.config,
         Err(code) => return Ok(code),
@@ -294,18 +295,24 @@ async fn redrive(a: &DlqRedriveArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let outcomes = crate::refresh::refresh_keys(&cfg, keys).await?;
+    let outcomes = crate::refresh::refresh_keys(&cfg, keys.clone(), signals).await?;
     let mut failed = 0;
-    for (k, o) in outcomes {
-        match o {
-            refetch::RefreshOutcome::Done => println!("{k}\trefreshed"),
-            refetch::RefreshOutcome::Failed(why) => {
+    for k in &keys {
+        match outcomes.iter().find(|(key, _)| key == k).map(|(_, o)| o) {
+            Some(refetch::RefreshOutcome::Done) => println!("{k}\trefreshed"),
+            Some(refetch::RefreshOutcome::Failed(why)) => {
                 failed += 1;
                 println!("{k}\tFAILED: {why}");
             }
+            None => {
+                failed += 1;
+                println!("{k}\tnot refreshed: interrupted");
+            }
         }
     }
-    Ok(if failed == 0 {
+    Ok(if signals.stopped_by().is_some() {
+        ExitCode::from(crate::exit::INTERRUPTED)
+    } else if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -13,3 +13,16 @@ pub const FAILURE: u8 = 1;
 pub const CONFIG: u8 = 2;
 /// Stopped by a signal before the work was done.
 pub const INTERRUPTED: u8 = 130;
+
+/// A configuration problem found after the file loaded (for example a sink setting only the
+/// sink itself can check): `main` exits with [`CONFIG`] for it.
+#[derive(Debug)]
+pub struct InvalidConfiguration(pub String);
+
+impl std::fmt::Display for InvalidConfiguration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for InvalidConfiguration {}

@@ -22,6 +22,7 @@ use refetch_http::{HttpFetcher, ListPage, PageToken};
 
 use crate::config::Config;
 use crate::observe::{FetchStats, ObservedFetcher};
+use crate::signals::Signals;
 use crate::wiring::{AppFetcher, AppPipeline};
 
 /// The HTTP fetcher, shared by listings and pipelines so both draw on one set of per-source
@@ -133,10 +134,12 @@ pub async fn list_with_retry(
 }
 
 /// Refresh `keys` now through a refresh pipeline and return each outcome (`refetch fetch`,
-/// `refetch dlq redrive`).
+/// `refetch dlq redrive`). A stop signal shuts the pipeline down gracefully: what is in flight
+/// finishes (within `engine.shutdown_deadline`), and keys it did not get to have no outcome.
 pub async fn refresh_keys(
     cfg: &Config,
     keys: Vec<EntityKey>,
+    signals: &Signals,
 ) -> anyhow::Result<Vec<(EntityKey, RefreshOutcome)>> {
     let (fetcher, _stats) = crate::wiring::build_fetcher(&cfg.fetcher)?;
     for k in &keys {
@@ -154,8 +157,25 @@ pub async fn refresh_keys(
         }
     }
     let sink = crate::wiring::build_sink(&cfg.sink).await?;
+    if signals.stopped_by().is_some() {
+        return Ok(Vec::new());
+    }
     let refresher = Refresher::start(cfg, fetcher, sink).await?;
-    let outcomes = refresher.handle().refresh(keys).await;
+    let handle = refresher.handle().clone();
+    let work = handle.refresh(keys);
+    tokio::pin!(work);
+    let outcomes = tokio::select! {
+        outcomes = &mut work => outcomes,
+        () = signals.stopped() => {
+            // The pipeline finishes what is in flight; the reply comes back with what was done
+            // (or is dropped when the pipeline stopped first).
+            refresher.handle().shutdown();
+            work.await
+        }
+    };
     refresher.close().await?;
-    Ok(outcomes)
+    Ok(outcomes
+        .into_iter()
+        .filter(|(_, o)| !matches!(o, RefreshOutcome::Failed(why) if why == "not finished"))
+        .collect())
 }

@@ -42,22 +42,32 @@ pub fn build_fetcher(cfg: &HttpFetcherConfig) -> anyhow::Result<(AppFetcher, Arc
 
 /// Build (connect and check) the sink.
 pub async fn build_sink(cfg: &refetch_sinks::SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
-    refetch_sinks::build_sink(cfg)
-        .await
-        .with_context(|| format!("cannot start the {} sink", cfg.kind()))
+    match refetch_sinks::build_sink(cfg).await {
+        Ok(sink) => Ok(sink),
+        // A setting only the sink checks (a table name, a template): exit 2 like the file's.
+        Err(e @ refetch_sinks::SinkBuildError::Config { .. }) => {
+            Err(crate::exit::InvalidConfiguration(format!("[sink]: {e}")).into())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot start the {} sink", cfg.kind())),
+    }
 }
 
-/// The consuming pipeline of `refetch run`.
+/// The consuming pipeline of `refetch run`; `dead_letters`, when given, is a producer whose topic
+/// was checked already (otherwise the pipeline creates and checks one when it starts).
 pub fn consuming_pipeline(
     cfg: &Config,
     fetcher: AppFetcher,
     sink: Arc<dyn Sink>,
+    dead_letters: Option<refetch::kafka::DeadLetterProducer>,
 ) -> anyhow::Result<AppPipeline> {
     let mut b = Pipeline::builder::<AppFetcher, Arc<dyn Sink>>()
         .fetcher(fetcher)
         .sink(sink)
         .kafka(cfg.kafka_config())
         .engine(cfg.engine.to_engine());
+    if let Some(d) = dead_letters {
+        b = b.dead_letters(d);
+    }
     for (topic, decoder) in cfg.decoders() {
         b = b.topic_decoder(topic, ArcDecoder(decoder));
     }

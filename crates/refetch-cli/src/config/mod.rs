@@ -693,6 +693,16 @@ impl Config {
                 "expected at least one source, for example [fetcher.sources.customer] with a url",
             ));
         }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            out.push(Invalid::new(
+                "log.level",
+                format!(
+                    "{:?} is not a log filter ({e}): expected a level such as \"info\" or \
+                     directives such as \"info,refetch=debug\"",
+                    self.log.level
+                ),
+            ));
+        }
         for (t, s) in &self.fetcher.sources {
             if s.url.trim().is_empty() {
                 out.push(Invalid::new(

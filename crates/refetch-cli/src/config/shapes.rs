@@ -53,7 +53,8 @@ fn default_kind(root: &mut Node<'_>, version: &[Step]) {
     let Some(node) = tree::get_mut(root, version) else {
         return;
     };
-    let span = node.span();
+    // An empty span: errors are never located at a key the file does not have.
+    let span = node.span().start..node.span().start;
     if let DeValue::Table(t) = node.get_mut()
         && !t.contains_key("kind")
     {

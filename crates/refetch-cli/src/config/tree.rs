@@ -57,7 +57,7 @@ pub fn key(k: &str) -> Step {
 }
 
 fn contains(span: &Range<usize>, at: usize) -> bool {
-    span.start <= at && (at < span.end || (span.is_empty() && at == span.start))
+    span.start <= at && at < span.end
 }
 
 /// The path (relative to `node`) of the deepest key or array item whose key or value span
