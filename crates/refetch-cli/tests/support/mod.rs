@@ -183,9 +183,15 @@ pub struct Run {
 impl Run {
     /// Start `refetch ARGS` without `RUST_LOG` (so `[log] level` applies), logging to `log`.
     pub fn start(args: &[&str], log: &Path) -> Run {
+        Run::start_in(args, Path::new("."), log)
+    }
+
+    /// [`Run::start`] in folder `dir`.
+    pub fn start_in(args: &[&str], dir: &Path, log: &Path) -> Run {
         let file = std::fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_refetch"))
             .args(args)
+            .current_dir(dir)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
