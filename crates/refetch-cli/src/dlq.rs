@@ -6,7 +6,8 @@
 //!
 //! Redrive modes:
 //! - default: refresh the entities the records name (`refetch.entity.type`/`refetch.entity.id`)
-//!   through a refresh pipeline, i.e. the engine's single flight (design notes invariant 10:
+//!   through a refresh pipeline, i.e. the engine's single flight (so per-key order holds beside a
+//!   running `refetch run`:
 //!   anything that writes entities goes through it);
 //! - `--to-retry-topic`: republish the records to the configured retry topic, which `refetch run`
 //!   subscribes to (its records are decoded from those headers);

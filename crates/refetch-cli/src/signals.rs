@@ -7,7 +7,7 @@
 //! | `fetch`, `backfill`, `reconcile`, `dlq redrive` | finish what is in flight, keep the checkpoint, exit 130 | like SIGTERM | exit 130 at once |
 //! | `validate`, `offsets`, `dlq list`, `completions` | exit 130 at once | exit 130 at once | |
 //!
-//! Graceful for `run` means what design notes invariant 8 says: stop taking records, flush
+//! Graceful for `run` means what docs/guarantees.md promises for shutdown: stop taking records, flush
 //! pending keys, finish in-flight work within `engine.shutdown_deadline`, commit synchronously,
 //! close the consumer, exit 0. An operator who does not want to wait sends the signal again: the
 //! process exits with code 130 immediately, committing nothing more (whatever was not committed

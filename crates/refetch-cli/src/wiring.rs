@@ -1,7 +1,7 @@
 //! Wiring configuration to concrete parts: the HTTP fetcher, the sink, and pipelines.
 //!
 //! This is the only place that knows both the configuration and the concrete fetcher and sink
-//! crates (the layering of the design notes). It builds the consuming pipeline of `refetch run`
+//! crates (the layering described in docs/architecture.md). It builds the consuming pipeline of `refetch run`
 //! (Kafka consumer group, dead-letter topic); the refresh pipeline of the one-shot commands is in
 //! [`crate::refresh`].
 

@@ -715,8 +715,8 @@ impl Config {
     }
 
     /// Warnings about settings that work but weaken a guarantee: keys that can arrive on
-    /// several partitions without versions to order them (docs/guarantees.md, ownership across
-    /// processes).
+    /// several partitions without versions to order them (docs/guarantees.md, per-key order
+    /// across processes).
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         let versioned = |j: &JsonDecoderSection| j.version.is_some();
