@@ -2,7 +2,12 @@
 //! topic on the test broker, a local REST source, a JSON Lines sink, the configuration file, and
 //! the `refetch` child process with its log.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::self_named_constructors, dead_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::self_named_constructors,
+    dead_code
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
