@@ -148,10 +148,10 @@ pub async fn demo(args: &DemoArgs, signals: Signals) -> anyhow::Result<ExitCode>
         .await
         {
             Ok(server) => {
+                eprintln!("status page: http://{}/", server.addr);
                 eprintln!(
-                    "status page: http://{}/ (while the demo runs: a few seconds at the default \
-                     rate; `--rate 500` takes about a minute)",
-                    server.addr
+                    "(served while the demo runs: a few seconds at the default rate; `--rate 500` \
+                     takes about a minute)"
                 );
                 Some(server)
             }

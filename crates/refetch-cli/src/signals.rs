@@ -134,7 +134,8 @@ async fn watch_signals(
             ),
             _ => tracing::warn!(
                 signal = name,
-                "interrupted: finishing what is in flight (send the signal again to exit at once)"
+                "shutting down gracefully: finishing what is in flight (send the signal again to \
+                 exit at once)"
             ),
         }
         let _ = stop.send(Some(name));

@@ -186,7 +186,7 @@ async fn fetch_and_redrive_finish_in_flight_work_on_the_first_signal_and_exit_13
     );
     let log = fetch.log();
     assert!(
-        log.contains("interrupted: finishing what is in flight"),
+        log.contains("shutting down gracefully: finishing what is in flight"),
         "{log}"
     );
     assert!(
@@ -243,7 +243,7 @@ async fn fetch_and_redrive_finish_in_flight_work_on_the_first_signal_and_exit_13
     requests(&env, before + 1).await;
     stuck.signal("TERM").await;
     stuck
-        .wait_log("interrupted: finishing what is in flight", 1)
+        .wait_log("shutting down gracefully: finishing what is in flight", 1)
         .await;
     let second = Instant::now();
     stuck.signal("TERM").await;
