@@ -10,13 +10,13 @@ use clap::{Args, Parser, Subcommand};
 // below 80 columns.
 const AFTER_HELP: &str = "\
 Examples:
-  refetch demo                          # everything in one process, nothing to set up
+  refetch demo                          # all in one process, nothing to set up
   refetch validate -c refetch.toml      # keys, lines, environment variables
-  refetch validate -c refetch.toml --connect   # ... and reach broker, sources, sink
+  refetch validate -c refetch.toml --connect  # ... reach broker, sources, sink
   refetch run -c refetch.toml           # run until SIGTERM or SIGINT
   refetch fetch -c refetch.toml --key customer:42 --key customer:43
   refetch offsets -c refetch.toml       # committed offset, end offset, lag
-  refetch offsets -c refetch.toml --reset-to 2h            # print the plan only
+  refetch offsets -c refetch.toml --reset-to 2h            # the plan only
   refetch offsets -c refetch.toml --reset-to 2h --execute  # commit it
   refetch dlq list -c refetch.toml
   refetch dlq redrive -c refetch.toml --all
