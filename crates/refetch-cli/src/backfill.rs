@@ -6,7 +6,7 @@
 //! - writes the items directly when the listing's items are complete states *with a version*
 //!   and the sink guards on versions (PostgreSQL, SQLite): the guard keeps a newer state that
 //!   `refetch run` may have written meanwhile;
-//! - hands every other id to a refresh pipeline ([`Refresher`]): the engine's single flight,
+//! - hands every other id to a refresh pipeline ([`crate::refresh::Refresher`]): the engine's single flight,
 //!   versions, validators, gone guard and dead letters, exactly like a notification;
 //! - then, once the sink acknowledged the page, writes a checkpoint (the next page to load) to a
 //!   small state file, atomically (write, `fsync`, rename).
@@ -24,92 +24,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use refetch::kafka::DeadLetterProducer;
-use refetch::{
-    Change, EntityKey, FetchError, MemoryConsumer, Pipeline, PipelineHandle, RefreshOutcome, Sink,
-};
-use refetch_http::{HttpFetcher, ListPage, PageToken};
+use refetch::{Change, EntityKey, RefreshOutcome, Sink};
+use refetch_http::{HttpFetcher, PageToken};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::BackfillArgs;
 use crate::config::Config;
-use crate::observe::{FetchStats, ObservedFetcher};
-use crate::run::load_config;
-use crate::wiring::{AppFetcher, AppPipeline};
+use crate::refresh::{Refresher, http_fetcher, list_with_retry, observed};
+use crate::signals::Signals;
 use crate::{logging, wiring};
-
-/// The HTTP fetcher, shared by listings and pipelines so both draw on one set of per-source
-/// limits (rate, concurrency, breaker).
-pub fn http_fetcher(cfg: &Config) -> anyhow::Result<Arc<HttpFetcher>> {
-    Ok(Arc::new(
-        HttpFetcher::from_config(cfg.fetcher.clone())
-            .context("the [fetcher] configuration is invalid")?,
-    ))
-}
-
-/// The pipelines' fetcher wrapping the shared `http` (same limits as listings).
-pub fn observed(http: &Arc<HttpFetcher>) -> AppFetcher {
-    ObservedFetcher::new(http.clone(), Arc::new(FetchStats::new(Vec::new)))
-}
-
-/// A pipeline without a consumer group, fed only through [`PipelineHandle::refresh`] (like
-/// `refetch fetch`): keys go through the engine's single flight, versions, gone guard and dead
-/// letters without joining the group.
-pub struct Refresher {
-    handle: PipelineHandle,
-    run: tokio::task::JoinHandle<Result<refetch::RunReport, refetch::PipelineError>>,
-    _control: refetch::consumer::MemoryControl,
-}
-
-impl Refresher {
-    /// Build and start the refresh pipeline (checks that the dead-letter topic is writable).
-    pub async fn start(
-        cfg: &Config,
-        fetcher: AppFetcher,
-        sink: Arc<dyn Sink>,
-    ) -> anyhow::Result<Refresher> {
-        let kafka = cfg.kafka_config();
-        let dead_letters = DeadLetterProducer::new(&kafka).context("cannot create the producer")?;
-        dead_letters
-            .check(Duration::from_secs(10))
-            .await
-            .context("the dead-letter topic is not usable")?;
-        let (channels, control) = MemoryConsumer::new().start();
-        let pipeline: AppPipeline = Pipeline::builder::<AppFetcher, Arc<dyn Sink>>()
-            .fetcher(fetcher)
-            .sink(sink)
-            .consumer(channels)
-            .dead_letters(dead_letters)
-            .engine(cfg.engine.to_engine())
-            .build()
-            .context("cannot build the refresh pipeline")?;
-        let handle = pipeline.handle();
-        let run = tokio::spawn(pipeline.run(std::future::pending::<()>()));
-        Ok(Refresher {
-            handle,
-            run,
-            _control: control,
-        })
-    }
-
-    /// The handle keys are refreshed through.
-    pub fn handle(&self) -> &PipelineHandle {
-        &self.handle
-    }
-
-    /// Whether the pipeline stopped on its own (its refreshes then fail without a fetch).
-    pub fn stopped(&self) -> bool {
-        self.run.is_finished()
-    }
-
-    /// Stop the pipeline after its work is done.
-    pub async fn close(self) -> anyhow::Result<()> {
-        self.handle.shutdown();
-        let report = self.run.await.context("the refresh pipeline panicked")??;
-        tracing::debug!(drained = report.drained, "refresh pipeline stopped");
-        Ok(())
-    }
-}
 
 /// The checkpoint of one entity type.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -180,41 +103,6 @@ pub struct TypeSummary {
     pub failed: u64,
 }
 
-/// Load one page with retries while the source fails transiently, for at most `retry_for`.
-pub async fn list_with_retry(
-    fetcher: &HttpFetcher,
-    entity_type: &str,
-    at: Option<&PageToken>,
-    retry_for: Duration,
-) -> anyhow::Result<ListPage> {
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(100);
-    loop {
-        match fetcher.list_page(entity_type, at).await {
-            Ok(page) => return Ok(page),
-            Err(FetchError::Permanent { message, .. }) => {
-                anyhow::bail!("listing {entity_type} at {at:?}: {message}")
-            }
-            Err(e) => {
-                let hint = match &e {
-                    FetchError::Transient { retry_after, .. }
-                    | FetchError::NotAttempted { retry_after, .. } => *retry_after,
-                    FetchError::Permanent { .. } => None,
-                };
-                if started.elapsed() >= retry_for {
-                    anyhow::bail!(
-                        "listing {entity_type} at {at:?} kept failing for {retry_for:?}: {e}"
-                    );
-                }
-                let wait = hint.unwrap_or(pause).min(Duration::from_secs(30));
-                tracing::warn!(entity_type, error = %e, wait_ms = wait.as_millis() as u64, "listing page failed; retrying");
-                tokio::time::sleep(wait).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
 /// Write `changes` until the sink acknowledges them; returns the indices it refused for good.
 async fn write_acknowledged(
     sink: &dyn Sink,
@@ -270,8 +158,8 @@ fn progress_bar(total: Option<u64>) -> ProgressBar {
 }
 
 /// `refetch backfill`.
-pub async fn backfill(args: &BackfillArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match load_config(&args.config) {
+pub async fn backfill(args: &BackfillArgs, signals: Signals) -> anyhow::Result<ExitCode> {
+    let loaded = match crate::config::load_for_command(&args.config.config) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
@@ -327,6 +215,9 @@ pub async fn backfill(args: &BackfillArgs) -> anyhow::Result<ExitCode> {
                 entry.pages, entry.items
             );
         }
+        if signals.stopped_by().is_some() {
+            break;
+        }
         let r = backfill_type(
             &cfg,
             &http,
@@ -335,6 +226,7 @@ pub async fn backfill(args: &BackfillArgs) -> anyhow::Result<ExitCode> {
             t,
             &mut state,
             &state_path,
+            &signals,
         )
         .await;
         match r {
@@ -365,6 +257,13 @@ pub async fn backfill(args: &BackfillArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = error {
         return Err(e);
     }
+    if let Some(signal) = signals.stopped_by() {
+        println!(
+            "interrupted by {signal}: every acknowledged page is checkpointed; run the same \
+             command again to resume"
+        );
+        return Ok(ExitCode::from(crate::exit::INTERRUPTED));
+    }
     Ok(if failed_any {
         ExitCode::FAILURE
     } else {
@@ -381,14 +280,28 @@ async fn backfill_type(
     entity_type: &str,
     state: &mut BackfillState,
     state_path: &Path,
+    signals: &Signals,
 ) -> anyhow::Result<TypeSummary> {
     let mut summary = TypeSummary::default();
     let bar = progress_bar(None);
     bar.set_prefix(entity_type.to_owned());
     let mut length_set = false;
     loop {
+        // A stop signal is honoured between pages: the page in flight is finished and
+        // checkpointed, a listing request still being retried is given up (not checkpointed).
+        if signals.stopped_by().is_some() {
+            bar.abandon();
+            return Ok(summary);
+        }
         let at = state.types.get(entity_type).and_then(|s| s.next.clone());
-        let page = list_with_retry(http, entity_type, at.as_ref(), cfg.backfill.retry_for).await?;
+        let listing = list_with_retry(http, entity_type, at.as_ref(), cfg.backfill.retry_for);
+        let page = tokio::select! {
+            page = listing => page?,
+            () = signals.stopped() => {
+                bar.abandon();
+                return Ok(summary);
+            }
+        };
         if !length_set && let Some(total) = page.total {
             let done = state.types.get(entity_type).map_or(0, |s| s.items);
             bar.set_length(total);

@@ -6,21 +6,28 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+// Paragraphs are single lines: clap wraps them to the terminal's width. Example lines stay
+// below 80 columns.
 const AFTER_HELP: &str = "\
 Examples:
-  refetch demo                                   # everything in-process: no broker, server or database
-  refetch validate --config refetch.toml         # check the file (keys, lines, environment variables)
-  refetch validate --config refetch.toml --connect   # ... and reach the broker, the source and the sink
-  refetch run --config refetch.toml              # run the pipeline; SIGTERM/SIGINT stop it gracefully
-  refetch fetch --config refetch.toml --key customer:42 --key customer:43
-  refetch offsets --config refetch.toml          # committed offset, end offset and lag per partition
-  refetch offsets --config refetch.toml --reset-to 2026-01-01T00:00:00Z --dry-run
-  refetch dlq list --config refetch.toml
-  refetch dlq redrive --config refetch.toml --all
-  refetch backfill --config refetch.toml         # load every listed entity (resumable)
-  refetch reconcile --config refetch.toml        # find and repair drift between source and sink
+  refetch demo                          # all in one process, nothing to set up
+  refetch validate -c refetch.toml      # keys, lines, environment variables
+  refetch validate -c refetch.toml --connect  # ... reach broker, sources, sink
+  refetch run -c refetch.toml           # run until SIGTERM or SIGINT
+  refetch fetch -c refetch.toml --key customer:42 --key customer:43
+  refetch offsets -c refetch.toml       # committed offset, end offset, lag
+  refetch offsets -c refetch.toml --reset-to 2h            # the plan only
+  refetch offsets -c refetch.toml --reset-to 2h --execute  # commit it
+  refetch dlq list -c refetch.toml
+  refetch dlq redrive -c refetch.toml --all
+  refetch backfill -c refetch.toml      # load every listed entity (resumable)
+  refetch reconcile -c refetch.toml     # find and repair drift
+  refetch completions bash > /etc/bash_completion.d/refetch
 
-Exit codes: 0 success, 1 failure, 2 invalid command line or configuration, 130 second signal.
+Signals: `run` drains and commits on the first SIGTERM or SIGINT (exit 0) and reloads its configuration on SIGHUP. One-shot commands (fetch, backfill, reconcile, dlq redrive) finish what is in flight, keep their checkpoint and exit 130; the others stop at once with 130. A second signal always exits 130 at once.
+
+Exit codes: 0 success, 1 failure, 2 invalid command line or configuration, 130 interrupted.
+
 Configuration reference: docs/configuration.md. Operations guide: docs/operations.md.";
 
 /// refetch: consume change notifications from Kafka, fetch each entity's current state once per
@@ -38,29 +45,25 @@ pub struct Cli {
 pub enum Command {
     /// Run the pipeline described by a configuration file until SIGTERM or SIGINT.
     #[command(after_help = "\
-Serves /metrics, /healthz, /readyz, /status.json and a status page on [ops] listen
-(127.0.0.1:9464 by default). The first SIGTERM/SIGINT drains and commits (exit 0); a second one
-exits at once (exit 130).
+Serves /metrics, /healthz, /readyz, /status.json and a status page on [ops] listen (127.0.0.1:9464 by default).
+
+Signals: the first SIGTERM or SIGINT drains and commits (exit 0); a second one exits at once (exit 130). SIGHUP re-reads the configuration file: an invalid file is logged and counted and the pipeline keeps running; the log level is applied at once; any other change drains, commits and rebuilds the pipeline in this process (no notification is lost).
 
 Example:
-  refetch run --config /etc/refetch/crm.toml")]
+  refetch run --config /etc/refetch/refetch.toml")]
     Run(ConfigArg),
     /// Check a configuration file; with --connect, also reach the broker, source and sink.
     #[command(after_help = "\
-Every problem names the key and its line. With --connect each check prints one line:
-broker metadata and topics, dead-letter topic writable, each source reachable (its
-[validate.health_urls] entry with GET, otherwise a HEAD of the URL template's origin), and the
-sink's own check.
+Every problem of the file is reported at once, each with the file, line and column of its key (exit 2). Warnings (weakened guarantees, old shapes) are printed; --deny-warnings turns them into errors.
+
+With --connect each check prints one line: broker metadata and topics, the dead-letter topic (exists with partitions, from the broker's metadata), each source reachable (its [validate.health_urls] entry with GET, otherwise a HEAD of the URL template's origin), and the sink. validate changes nothing: it creates no file, table or topic.
 
 Example:
   CRM_TOKEN=... PG_PASSWORD=... refetch validate --config crm.toml --connect")]
     Validate(ValidateArgs),
     /// Stream generated notifications through the real pipeline, all in this process.
     #[command(after_help = "\
-Starts librdkafka's mock cluster (3 partitions), a demo REST source whose customers change in
-bursts, and a SQLite sink in a temporary folder; streams the notifications through the real
-Kafka consumer, coalescing engine and HTTP fetcher; prints a summary and checks that the sink
-equals the source for every customer (exit 1 if not).
+Starts librdkafka's mock cluster (3 partitions), a demo REST source whose customers change in bursts, and a SQLite sink in a temporary folder; streams the notifications through the real Kafka consumer, coalescing engine and HTTP fetcher; prints a summary and checks that the sink equals the source for every customer that changed (exit 1 if not).
 
 Examples:
   refetch demo
@@ -71,28 +74,23 @@ Examples:
     Dlq(DlqCommand),
     /// Refresh entities now, through the engine's single flight.
     #[command(after_help = "\
-Fetches each key from its source and writes it to the sink, exactly like a notification
-would (versions, validators, dead letters), without touching consumer offsets.
+Fetches each key from its source and writes it to the sink, exactly like a notification would (versions, validators, dead letters), without touching consumer offsets. A SIGTERM or SIGINT finishes what is in flight and exits 130.
 
 Example:
   refetch fetch --config crm.toml --key customer:42 --key customer:43")]
     Fetch(FetchArgs),
-    /// Show (or reset) the consumer group's committed offsets, end offsets and lag.
+    /// Show the consumer group's committed offsets, end offsets and lag; plan or make a reset.
     #[command(after_help = "\
-TIME for --reset-to: `earliest`, `latest`, an RFC 3339 timestamp, or a duration ago (`2h`).
-Resetting needs every refetch process of the group stopped; preview with --dry-run.
+TIME for --reset-to: `earliest`, `latest`, an RFC 3339 timestamp, or a duration ago (`2h`). --reset-to prints the plan (committed, new and end offset per partition) and changes nothing; add --execute to commit it, which needs every refetch process of the group stopped (the broker refuses commits from outside an active group).
 
 Examples:
   refetch offsets --config crm.toml
-  refetch offsets --config crm.toml --reset-to 2h --dry-run")]
+  refetch offsets --config crm.toml --reset-to 2h
+  refetch offsets --config crm.toml --reset-to 2h --execute")]
     Offsets(OffsetsArgs),
     /// Load every entity a source lists into the sink; resumable after a crash.
     #[command(after_help = "\
-Pages through each entity type's listing ([fetcher.sources.T.listing]). Complete listing items
-that carry a version are written directly (the sink's version guard keeps anything newer);
-other ids are refreshed through the engine's single flight. After the sink acknowledged a page
-its checkpoint is written to [backfill] state_file (default: next to the config file), so a
-crashed backfill resumes where it stopped. Safe to run while `refetch run` consumes.
+Pages through each entity type's listing ([fetcher.sources.T.listing]). Complete listing items that carry a version are written directly (the sink's version guard keeps anything newer); other ids are refreshed through the engine's single flight. After the sink acknowledged a page its checkpoint is written to [backfill] state_file (default: next to the config file), so a crashed or interrupted backfill resumes where it stopped. Safe to run while `refetch run` consumes. A SIGTERM or SIGINT finishes the page in flight, keeps the checkpoint and exits 130.
 
 Examples:
   refetch backfill --config crm.toml
@@ -100,15 +98,27 @@ Examples:
     Backfill(BackfillArgs),
     /// Compare the source's listing with the sink and repair what drifted.
     #[command(after_help = "\
-Lists every entity of each type with a listing, reads the versions the sink holds (PostgreSQL
-and SQLite sinks), and refreshes through the engine every key that is missing, stale, or held
-but not listed (deleted only when a fetch of that id says gone, under the gone guard). Prints
-the drift by kind with sample keys; drift means notifications were lost upstream.
+Lists every entity of each type with a listing, reads the versions the sink holds (PostgreSQL and SQLite sinks), and refreshes through the engine every key that is missing, stale, or held but not listed (deleted only when a fetch of that id says gone, under the gone guard). Prints the drift by kind with sample keys; drift means notifications were lost upstream. A SIGTERM or SIGINT finishes the repairs in flight and exits 130.
 
 Examples:
   refetch reconcile --config crm.toml
   refetch reconcile --config crm.toml --type customer --dry-run")]
     Reconcile(ReconcileArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "\
+Examples:
+  refetch completions bash > /etc/bash_completion.d/refetch
+  refetch completions zsh > \"${fpath[1]}/_refetch\"
+  refetch completions fish > ~/.config/fish/completions/refetch.fish")]
+    Completions(CompletionsArgs),
+}
+
+/// `refetch completions`.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `refetch backfill`.
@@ -156,6 +166,9 @@ pub struct ValidateArgs {
     /// Also reach the broker (metadata, dead-letter topic), each source and the sink.
     #[arg(long)]
     pub connect: bool,
+    /// Treat warnings (weakened guarantees, old shapes) as errors: exit 2 when there are any.
+    #[arg(long)]
+    pub deny_warnings: bool,
 }
 
 /// `refetch fetch`.
@@ -175,10 +188,14 @@ pub struct OffsetsArgs {
     /// The configuration file.
     #[command(flatten)]
     pub config: ConfigArg,
-    /// Move the group's committed offsets to TIME (`earliest`, `latest`, RFC 3339, or `2h` ago).
+    /// Plan moving the group's committed offsets to TIME (`earliest`, `latest`, RFC 3339, or `2h`
+    /// ago): prints the plan and changes nothing without --execute.
     #[arg(long, value_name = "TIME")]
     pub reset_to: Option<String>,
-    /// With --reset-to: show the new offsets without committing them.
+    /// With --reset-to: commit the planned offsets (stop every `refetch run` of the group first).
+    #[arg(long, requires = "reset_to", conflicts_with = "dry_run")]
+    pub execute: bool,
+    /// With --reset-to: print the plan only (the default; kept for scripts that pass it).
     #[arg(long, requires = "reset_to")]
     pub dry_run: bool,
 }
@@ -191,10 +208,7 @@ pub enum DlqCommand {
     List(DlqListArgs),
     /// Run chosen dead letters through the pipeline again.
     #[command(after_help = "\
-By default the entities named by the records' refetch.entity.type / refetch.entity.id headers
-are refreshed now through the engine's single flight. --to-retry-topic republishes them to the
-configured retry topic (which `refetch run` subscribes to) instead; --to-source-topic writes
-records that kept their original payload (decode failures) back to their source topic.
+By default the entities named by the records' refetch.entity.type / refetch.entity.id headers are refreshed now through the engine's single flight. --to-retry-topic republishes them to the configured retry topic (which `refetch run` subscribes to) instead; --to-source-topic writes records that kept their original payload (decode failures) back to their source topic.
 
 Examples:
   refetch dlq redrive --config crm.toml --all --dry-run
@@ -281,9 +295,9 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
     if s == "off" {
         return Ok(Listen(None));
     }
-    s.parse::<SocketAddr>()
+    crate::config::parse_listen_address(s)
         .map(|a| Listen(Some(a)))
-        .map_err(|e| format!("expected host:port or `off`: {e}"))
+        .map_err(|e| format!("{e}, or `off`"))
 }
 
 #[cfg(test)]

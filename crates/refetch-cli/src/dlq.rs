@@ -6,7 +6,8 @@
 //!
 //! Redrive modes:
 //! - default: refresh the entities the records name (`refetch.entity.type`/`refetch.entity.id`)
-//!   through a refresh pipeline, i.e. the engine's single flight (design notes invariant 10:
+//!   through a refresh pipeline, i.e. the engine's single flight (so per-key order holds beside a
+//!   running `refetch run`:
 //!   anything that writes entities goes through it);
 //! - `--to-retry-topic`: republish the records to the configured retry topic, which `refetch run`
 //!   subscribes to (its records are decoded from those headers);
@@ -28,8 +29,8 @@ use refetch::dlq::{header, reason};
 
 use crate::cli::{DlqCommand, DlqListArgs, DlqRedriveArgs};
 use crate::config::Config;
-use crate::run::load_config;
-use crate::{logging, wiring};
+use crate::logging;
+use crate::signals::Signals;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -82,10 +83,10 @@ impl DeadRecord {
 }
 
 /// `refetch dlq ...`.
-pub async fn command(cmd: &DlqCommand) -> anyhow::Result<ExitCode> {
+pub async fn command(cmd: &DlqCommand, signals: Signals) -> anyhow::Result<ExitCode> {
     match cmd {
         DlqCommand::List(a) => list(a).await,
-        DlqCommand::Redrive(a) => redrive(a).await,
+        DlqCommand::Redrive(a) => redrive(a, &signals).await,
     }
 }
 
@@ -181,7 +182,7 @@ pub async fn read_dead_letters(
 }
 
 async fn list(a: &DlqListArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match load_config(&a.config) {
+    let cfg = match crate::config::load_for_command(&a.config.config) {
         Ok(l) => l.config,
         Err(code) => return Ok(code),
     };
@@ -257,8 +258,8 @@ pub fn select<'a>(
         .collect())
 }
 
-async fn redrive(a: &DlqRedriveArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match load_config(&a.config) {
+async fn redrive(a: &DlqRedriveArgs, signals: &Signals) -> anyhow::Result<ExitCode> {
+    let cfg = match crate::config::load_for_command(&a.config.config) {
         Ok(l) => l.config,
         Err(code) => return Ok(code),
     };
@@ -295,18 +296,24 @@ async fn redrive(a: &DlqRedriveArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let outcomes = wiring::refresh(&cfg, keys).await?;
+    let outcomes = crate::refresh::refresh_keys(&cfg, keys.clone(), signals).await?;
     let mut failed = 0;
-    for (k, o) in outcomes {
-        match o {
-            refetch::RefreshOutcome::Done => println!("{k}\trefreshed"),
-            refetch::RefreshOutcome::Failed(why) => {
+    for k in &keys {
+        match outcomes.iter().find(|(key, _)| key == k).map(|(_, o)| o) {
+            Some(refetch::RefreshOutcome::Done) => println!("{k}\trefreshed"),
+            Some(refetch::RefreshOutcome::Failed(why)) => {
                 failed += 1;
                 println!("{k}\tFAILED: {why}");
             }
+            None => {
+                failed += 1;
+                println!("{k}\tnot refreshed: interrupted");
+            }
         }
     }
-    Ok(if failed == 0 {
+    Ok(if signals.stopped_by().is_some() {
+        ExitCode::from(crate::exit::INTERRUPTED)
+    } else if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -20,11 +20,15 @@ pub mod config;
 pub mod demo;
 pub mod demo_source;
 pub mod dlq;
+pub mod exit;
+pub mod fetch;
 pub mod logging;
 pub mod observe;
 pub mod offsets;
 pub mod ops;
 pub mod reconcile;
+pub mod refresh;
+pub mod reload;
 pub mod run;
 pub mod signals;
 pub mod validate;
@@ -35,6 +39,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
+
+/// `refetch completions SHELL`: the completion script on standard output.
+fn completions(args: &cli::CompletionsArgs) -> ExitCode {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    clap_complete::generate(args.shell, &mut cmd, "refetch", &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -49,16 +61,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let mode = match &cli.command {
+        Command::Run(_) => signals::Mode::Service,
+        Command::Demo(_)
+        | Command::Fetch(_)
+        | Command::Backfill(_)
+        | Command::Reconcile(_)
+        | Command::Dlq(cli::DlqCommand::Redrive(_)) => signals::Mode::Graceful,
+        _ => signals::Mode::Immediate,
+    };
     let result = runtime.block_on(async {
+        let signals = signals::Signals::install(mode);
         match &cli.command {
-            Command::Run(a) => run::run(a).await,
+            Command::Run(a) => run::run(a, signals).await,
             Command::Validate(a) => validate::validate(a).await,
-            Command::Demo(a) => demo::demo(a).await,
-            Command::Dlq(c) => dlq::command(c).await,
-            Command::Fetch(a) => run::fetch(a).await,
+            Command::Demo(a) => demo::demo(a, signals).await,
+            Command::Dlq(c) => dlq::command(c, signals).await,
+            Command::Fetch(a) => fetch::fetch(a, signals).await,
             Command::Offsets(a) => offsets::command(a).await,
-            Command::Backfill(a) => backfill::backfill(a).await,
-            Command::Reconcile(a) => reconcile::command(a).await,
+            Command::Backfill(a) => backfill::backfill(a, signals).await,
+            Command::Reconcile(a) => reconcile::command(a, signals).await,
+            Command::Completions(a) => Ok(completions(a)),
         }
     });
     // Background tasks (the ops server, librdkafka callbacks) must not hold the exit up.
@@ -67,7 +90,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<exit::InvalidConfiguration>().is_some() {
+                ExitCode::from(exit::CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -1,9 +1,10 @@
-//! `refetch offsets [--reset-to TIME [--dry-run]]`: the group's committed offsets, end offsets and
+//! `refetch offsets [--reset-to TIME [--execute]]`: the group's committed offsets, end offsets and
 //! lag per partition, and moving the committed offsets (for a replay or to skip a backlog).
 //!
-//! Reading uses a client that does not join the group. Resetting commits with a client that
-//! assigns the partitions outside the group's membership, which the broker accepts only while no
-//! member is active: stop every `refetch run` of the group first.
+//! Like `kafka-consumer-groups --reset-offsets`, `--reset-to` only prints the plan; nothing is
+//! committed without `--execute`. Reading uses a client that does not join the group. Executing
+//! commits with a client that assigns the partitions outside the group's membership, which the
+//! broker accepts only while no member is active: stop every `refetch run` of the group first.
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -13,7 +14,6 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::cli::OffsetsArgs;
-use crate::run::load_config;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,7 +78,7 @@ impl Row {
 
 /// `refetch offsets`.
 pub async fn command(a: &OffsetsArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match load_config(&a.config) {
+    let cfg = match crate::config::load_for_command(&a.config.config) {
         Ok(l) => l.config,
         Err(code) => return Ok(code),
     };
@@ -97,7 +97,7 @@ pub async fn command(a: &OffsetsArgs) -> anyhow::Result<ExitCode> {
     let mut client = kafka.consumer_client_config();
     client.set("enable.auto.commit", "false");
     let topics = kafka.topics.clone();
-    let dry_run = a.dry_run;
+    let execute = a.execute;
     let group = kafka.group_id.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
         let consumer: BaseConsumer = client.create().context("creating the client")?;
@@ -107,6 +107,7 @@ pub async fn command(a: &OffsetsArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         };
         let targets = targets(&consumer, &rows, &reset)?;
+        println!("reset plan for group `{group}`:");
         println!(
             "{:<40} {:>9} {:>12} {:>12} {:>12}",
             "topic/partition", "", "committed", "new", "end"
@@ -122,8 +123,11 @@ pub async fn command(a: &OffsetsArgs) -> anyhow::Result<ExitCode> {
                 row.end
             );
         }
-        if dry_run {
-            println!("dry run: nothing committed");
+        if !execute {
+            println!(
+                "plan only: nothing committed (add --execute to commit these offsets for group \
+                 `{group}`, with every `refetch run` of the group stopped)"
+            );
             return Ok(ExitCode::SUCCESS);
         }
         let mut tpl = TopicPartitionList::new();

@@ -33,11 +33,11 @@ use refetch_sinks::postgres::PostgresSink;
 use refetch_sinks::sqlite::SqliteSink;
 use refetch_sinks::stored::HeldVersion;
 
-use crate::backfill::{Refresher, http_fetcher, list_with_retry, observed};
 use crate::cli::ReconcileArgs;
 use crate::config::{Config, ReconcileSection};
 use crate::logging;
-use crate::run::load_config;
+use crate::refresh::{Refresher, http_fetcher, list_with_retry, observed};
+use crate::signals::Signals;
 
 /// A sink that can report the versions it holds, in pages.
 #[derive(Clone)]
@@ -245,7 +245,8 @@ impl Report {
     }
 }
 
-/// Reconcile one entity type; repair through `handle` unless it is `None` (dry run).
+/// Reconcile one entity type; repair through `handle` unless it is `None` (dry run). A stop
+/// signal ends the repairs after the batch in flight.
 pub async fn reconcile_type(
     cfg: &Config,
     http: &HttpFetcher,
@@ -253,6 +254,7 @@ pub async fn reconcile_type(
     handle: Option<&PipelineHandle>,
     entity_type: &str,
     scope: &Scope,
+    signals: &Signals,
 ) -> anyhow::Result<Report> {
     let opts: &ReconcileSection = &cfg.reconcile;
     let mut report = Report::default();
@@ -330,9 +332,15 @@ pub async fn reconcile_type(
         let (orphans, others): (Vec<EntityKey>, Vec<EntityKey>) =
             drifted.into_iter().partition(|k| orphaned.contains(k.id()));
         for chunk in others.chunks(opts.repair_batch) {
+            if signals.stopped_by().is_some() {
+                break;
+            }
             report.repaired(handle.refresh(chunk.to_vec()).await);
         }
         for chunk in orphans.chunks(opts.repair_batch) {
+            if signals.stopped_by().is_some() {
+                break;
+            }
             match tokio::time::timeout(opts.orphan_wait, handle.refresh(chunk.to_vec())).await {
                 Ok(outcomes) => report.repaired(outcomes),
                 Err(_) => {
@@ -370,8 +378,8 @@ fn listed_types(http: &HttpFetcher, only: Option<&str>) -> Vec<String> {
 }
 
 /// `refetch reconcile`.
-pub async fn command(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match load_config(&args.config) {
+pub async fn command(args: &ReconcileArgs, signals: Signals) -> anyhow::Result<ExitCode> {
+    let loaded = match crate::config::load_for_command(&args.config.config) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
@@ -405,6 +413,9 @@ pub async fn command(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
     let mut failed = 0;
     let mut result = Ok(());
     for t in &types {
+        if signals.stopped_by().is_some() {
+            break;
+        }
         match reconcile_type(
             &cfg,
             &http,
@@ -412,6 +423,7 @@ pub async fn command(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
             refresher.as_ref().map(Refresher::handle),
             t,
             &Scope::All,
+            &signals,
         )
         .await
         {
@@ -429,6 +441,14 @@ pub async fn command(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
         r.close().await?;
     }
     result?;
+    if let Some(signal) = signals.stopped_by() {
+        println!(
+            "reconcile interrupted by {signal} after {:.1}s: the repairs in flight finished; run \
+             it again for the rest",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(ExitCode::from(crate::exit::INTERRUPTED));
+    }
     println!(
         "reconcile done in {:.1}s{}",
         started.elapsed().as_secs_f64(),
@@ -537,7 +557,10 @@ pub async fn schedule(cfg: Config, handle: PipelineHandle) {
         };
         let scope = Scope::Partitions { partitions, owned };
         for t in &types {
-            if let Err(e) = reconcile_type(&cfg, &http, &held, Some(&handle), t, &scope).await {
+            let none = Signals::none();
+            if let Err(e) =
+                reconcile_type(&cfg, &http, &held, Some(&handle), t, &scope, &none).await
+            {
                 tracing::warn!(entity_type = %t, error = %e, "scheduled reconcile failed");
             }
         }

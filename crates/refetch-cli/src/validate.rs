@@ -1,16 +1,24 @@
-//! `refetch validate [--connect]`: check a configuration file, and optionally everything it
-//! points at, one line per check.
+//! `refetch validate [--connect] [--deny-warnings]`: check a configuration file, and optionally
+//! everything it points at, one line per check.
+//!
+//! `validate` changes nothing: it creates no file, no table and no topic. With `--connect` the
+//! broker is asked for metadata (the dead-letter topic must exist with partitions), each source
+//! is reached, and the sink is checked without being created: a file sink's file (or, when it
+//! does not exist yet, its folder) must be writable, and a PostgreSQL sink's table is checked
+//! but never created (with `create_table = true` a missing table is reported as one that `run`
+//! will create).
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use refetch::kafka::DeadLetterProducer;
 use refetch::{KafkaConfig, Sink};
+use refetch_sinks::{PostgresConfig, SinkConfig};
 
 use crate::cli::ValidateArgs;
 use crate::config::Config;
-use crate::run::load_config;
 use crate::wiring;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,10 +41,20 @@ impl Report {
 
 /// `refetch validate`.
 pub async fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match load_config(&args.config) {
+    let loaded = match crate::config::load_for_command(&args.config.config) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
+    if args.deny_warnings && !loaded.warnings.is_empty() {
+        eprintln!(
+            "error: invalid configuration: {} warning(s), and --deny-warnings makes them errors",
+            loaded.warnings.len()
+        );
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
+        return Ok(ExitCode::from(crate::exit::CONFIG));
+    }
     let cfg = loaded.config;
     let mut r = Report { failed: 0 };
     r.line(
@@ -52,7 +70,7 @@ pub async fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
     for w in &loaded.warnings {
         println!("warning {w}");
     }
-    // Building the fetcher resolves its `${VAR}`s and checks URL templates.
+    // Loading built every source already; this is the fetcher `run` would use.
     r.line(
         "fetcher",
         wiring::build_fetcher(&cfg.fetcher)
@@ -89,7 +107,7 @@ async fn connect_checks(cfg: &Config, r: &mut Report) {
     let dlq = async {
         let p = DeadLetterProducer::new(&kafka).map_err(|e| e.to_string())?;
         p.check(TIMEOUT).await.map_err(|e| e.to_string())?;
-        Ok("exists and has partitions".to_owned())
+        Ok("exists with partitions (broker metadata; nothing is written)".to_owned())
     };
     r.line(
         &format!("dead-letter topic {}", kafka.dead_letter_topic),
@@ -112,14 +130,92 @@ async fn connect_checks(cfg: &Config, r: &mut Report) {
         }
         Err(e) => r.line("sources", Err(format!("cannot create an HTTP client: {e}"))),
     }
-    let sink = async {
-        let sink = wiring::build_sink(&cfg.sink)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
-        sink.check().await.map_err(|e| e.to_string())?;
-        Ok("reachable".to_owned())
-    };
-    r.line(&format!("sink {}", cfg.sink.kind()), sink.await);
+    r.line(
+        &format!("sink {}", cfg.sink.kind()),
+        sink_check(&cfg.sink).await,
+    );
+}
+
+/// The sink, checked without creating anything.
+pub async fn sink_check(sink: &SinkConfig) -> Result<String, String> {
+    match sink {
+        SinkConfig::Jsonl(c) => file_writable(&c.path, None),
+        SinkConfig::Sqlite(c) => file_writable(&c.path, Some(b"SQLite format 3\0")),
+        SinkConfig::Postgres(c) => {
+            // Never create the table here: check it as `run` would find it.
+            let probe = SinkConfig::Postgres(PostgresConfig {
+                create_table: false,
+                ..c.clone()
+            });
+            match reach(&probe).await {
+                Ok(detail) => Ok(detail),
+                Err(e) if c.create_table && e.contains("does not exist") => Ok(format!(
+                    "reachable; {e}: `run` creates it (create_table = true)"
+                )),
+                Err(e) => Err(e),
+            }
+        }
+        other => reach(other).await,
+    }
+}
+
+async fn reach(cfg: &SinkConfig) -> Result<String, String> {
+    let sink = wiring::build_sink(cfg)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    sink.check().await.map_err(|e| e.to_string())?;
+    Ok("reachable".to_owned())
+}
+
+/// A file sink's file: writable if it exists (and of the right kind, by its first bytes), or
+/// else its folder writable. Creates nothing.
+fn file_writable(path: &Path, magic: Option<&[u8]>) -> Result<String, String> {
+    use rustix::fs::{Access, access};
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err(format!("{} is not a file", path.display())),
+        Ok(m) => {
+            access(path, Access::READ_OK | Access::WRITE_OK)
+                .map_err(|e| format!("{} is not writable: {e}", path.display()))?;
+            if let Some(magic) = magic
+                && m.len() > 0
+            {
+                let mut head = vec![0u8; magic.len()];
+                let mut f = std::fs::File::open(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                std::io::Read::read_exact(&mut f, &mut head)
+                    .map_err(|_| format!("{} is not a SQLite database", path.display()))?;
+                if head != magic {
+                    return Err(format!("{} is not a SQLite database", path.display()));
+                }
+            }
+            Ok(format!("{} exists and is writable", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let folder = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            if !folder.is_dir() {
+                return Err(format!(
+                    "{} does not exist and its folder {} does not exist either",
+                    path.display(),
+                    folder.display()
+                ));
+            }
+            access(folder, Access::WRITE_OK | Access::EXEC_OK).map_err(|e| {
+                format!(
+                    "cannot create {} in {}: {e}",
+                    path.display(),
+                    folder.display()
+                )
+            })?;
+            Ok(format!(
+                "{} does not exist yet; its folder is writable (`run` creates it)",
+                path.display()
+            ))
+        }
+        Err(e) => Err(format!("cannot inspect {}: {e}", path.display())),
+    }
 }
 
 /// Broker metadata: every configured topic exists with partitions.
@@ -147,23 +243,23 @@ pub async fn broker_metadata(kafka: &KafkaConfig) -> Result<String, String> {
     .map_err(|e| e.to_string())?
 }
 
-async fn get_health(client: &reqwest::Client, url: &str) -> Result<String, String> {
-    let resolved = crate::config::resolve_env(url, &|n| std::env::var(n).ok())?;
+async fn get_health(client: &reqwest::Client, resolved: &str) -> Result<String, String> {
+    // `${VAR}` was resolved when the file was loaded.
     let resp = client
-        .get(&resolved)
+        .get(resolved)
         .send()
         .await
-        .map_err(|e| format!("GET {}: {e}", redact(&resolved)))?;
+        .map_err(|e| format!("GET {}: {e}", redact(resolved)))?;
     if resp.status().is_success() {
         Ok(format!(
             "GET {} answered {}",
-            redact(&resolved),
+            redact(resolved),
             resp.status()
         ))
     } else {
         Err(format!(
             "GET {} answered {}",
-            redact(&resolved),
+            redact(resolved),
             resp.status()
         ))
     }

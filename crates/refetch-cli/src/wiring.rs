@@ -1,19 +1,14 @@
 //! Wiring configuration to concrete parts: the HTTP fetcher, the sink, and pipelines.
 //!
 //! This is the only place that knows both the configuration and the concrete fetcher and sink
-//! crates (the layering of the design notes). Three kinds of pipeline are built here:
-//! - the consuming pipeline of `refetch run` (Kafka consumer group, dead-letter topic);
-//! - a *refresh* pipeline for `refetch fetch` and `refetch dlq redrive`: no consumer group at
-//!   all (an idle in-memory consumer), the real fetcher, sink and dead-letter topic, fed only
-//!   through [`refetch::PipelineHandle::refresh`], so redriven keys go through the engine's
-//!   single flight, versions and validators exactly like notifications, without joining the
-//!   group (which would take partitions away from running processes).
+//! crates (the layering described in docs/architecture.md). It builds the consuming pipeline of `refetch run`
+//! (Kafka consumer group, dead-letter topic); the refresh pipeline of the one-shot commands is in
+//! [`crate::refresh`].
 
 use std::sync::Arc;
 
 use anyhow::Context;
-use refetch::kafka::DeadLetterProducer;
-use refetch::{EntityKey, Fetcher, MemoryConsumer, Pipeline, RefreshOutcome, Sink};
+use refetch::{EntityKey, Pipeline, Sink};
 use refetch_http::{HttpFetcher, HttpFetcherConfig};
 
 use crate::config::Config;
@@ -47,22 +42,32 @@ pub fn build_fetcher(cfg: &HttpFetcherConfig) -> anyhow::Result<(AppFetcher, Arc
 
 /// Build (connect and check) the sink.
 pub async fn build_sink(cfg: &refetch_sinks::SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
-    refetch_sinks::build_sink(cfg)
-        .await
-        .with_context(|| format!("cannot start the {} sink", cfg.kind()))
+    match refetch_sinks::build_sink(cfg).await {
+        Ok(sink) => Ok(sink),
+        // A setting only the sink checks (a table name, a template): exit 2 like the file's.
+        Err(e @ refetch_sinks::SinkBuildError::Config { .. }) => {
+            Err(crate::exit::InvalidConfiguration(format!("[sink]: {e}")).into())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot start the {} sink", cfg.kind())),
+    }
 }
 
-/// The consuming pipeline of `refetch run`.
+/// The consuming pipeline of `refetch run`; `dead_letters`, when given, is a producer whose topic
+/// was checked already (otherwise the pipeline creates and checks one when it starts).
 pub fn consuming_pipeline(
     cfg: &Config,
     fetcher: AppFetcher,
     sink: Arc<dyn Sink>,
+    dead_letters: Option<refetch::kafka::DeadLetterProducer>,
 ) -> anyhow::Result<AppPipeline> {
     let mut b = Pipeline::builder::<AppFetcher, Arc<dyn Sink>>()
         .fetcher(fetcher)
         .sink(sink)
         .kafka(cfg.kafka_config())
         .engine(cfg.engine.to_engine());
+    if let Some(d) = dead_letters {
+        b = b.dead_letters(d);
+    }
     for (topic, decoder) in cfg.decoders() {
         b = b.topic_decoder(topic, ArcDecoder(decoder));
     }
@@ -79,53 +84,6 @@ impl refetch::NotificationDecoder for ArcDecoder {
     ) -> Result<refetch::Decoded, refetch::DecodeError> {
         self.0.decode(record)
     }
-}
-
-/// Refresh `keys` now through a refresh pipeline (see the module docs) and return each outcome.
-pub async fn refresh(
-    cfg: &Config,
-    keys: Vec<EntityKey>,
-) -> anyhow::Result<Vec<(EntityKey, RefreshOutcome)>> {
-    let (fetcher, _stats) = build_fetcher(&cfg.fetcher)?;
-    for k in &keys {
-        if !fetcher.handles(k.entity_type()) {
-            anyhow::bail!(
-                "no source serves entity type `{}` (configured: {})",
-                k.entity_type(),
-                cfg.fetcher
-                    .sources
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-    }
-    let sink = build_sink(&cfg.sink).await?;
-    let kafka = cfg.kafka_config();
-    let dead_letters = DeadLetterProducer::new(&kafka).context("cannot create the producer")?;
-    dead_letters
-        .check(std::time::Duration::from_secs(10))
-        .await
-        .context("the dead-letter topic is not usable")?;
-    // No topics: the in-memory consumer assigns nothing and delivers nothing.
-    let (channels, control) = MemoryConsumer::new().start();
-    let pipeline = Pipeline::builder::<AppFetcher, Arc<dyn Sink>>()
-        .fetcher(fetcher)
-        .sink(sink)
-        .consumer(channels)
-        .dead_letters(dead_letters)
-        .engine(cfg.engine.to_engine())
-        .build()
-        .context("cannot build the refresh pipeline")?;
-    let handle = pipeline.handle();
-    let run = tokio::spawn(pipeline.run(std::future::pending::<()>()));
-    let outcomes = handle.refresh(keys).await;
-    handle.shutdown();
-    let report = run.await.context("the refresh pipeline panicked")??;
-    tracing::debug!(drained = report.drained, "refresh pipeline stopped");
-    drop(control);
-    Ok(outcomes)
 }
 
 /// Parse `TYPE:ID` (the id is everything after the first `:`).

@@ -1,6 +1,6 @@
 //! The operator's commands against a real broker: `validate --connect`, `run`, `dlq list`,
 //! `dlq redrive` (through the engine, and to the retry topic that `run` subscribes to), `fetch`
-//! and `offsets` (show, dry-run reset, reset).
+//! and `offsets` (show, a reset plan that changes nothing, a reset with `--execute`).
 //!
 //! Needs a real broker: run with `scripts/test` (or `REFETCH_TEST_KAFKA=host:port cargo test -p
 //! refetch-cli --test operator_commands -- --include-ignored`).
@@ -248,28 +248,47 @@ health_urls = {{ customer = "{base}/customer/1" }}
         "{out}"
     );
 
-    // offsets: lag 0 now; reset to earliest (dry run, then for real).
+    // offsets: lag 0 now; a reset to earliest is only a plan without --execute (like
+    // kafka-consumer-groups --reset-offsets), then committed with it.
     let (code, out) = refetch(&["offsets", "--config", cfg]).await;
     assert_eq!(code, 0, "{out}");
     let total = out.lines().find(|l| l.starts_with("total")).unwrap();
     assert!(total.trim_end().ends_with(" 0"), "{out}");
+    let before = kafka::committed_offsets(&brokers, &group, &topic)
+        .await
+        .unwrap();
+    assert_eq!(before.values().sum::<i64>(), 20);
+    for plan in [
+        vec!["offsets", "--config", cfg, "--reset-to", "earliest"],
+        vec![
+            "offsets",
+            "--config",
+            cfg,
+            "--reset-to",
+            "earliest",
+            "--dry-run",
+        ],
+    ] {
+        let (code, out) = refetch(&plan).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("reset plan for group"), "{out}");
+        assert!(out.contains("plan only: nothing committed"), "{out}");
+        let unchanged = kafka::committed_offsets(&brokers, &group, &topic)
+            .await
+            .unwrap();
+        assert_eq!(unchanged, before, "{plan:?} changed the group's offsets");
+    }
     let (code, out) = refetch(&[
         "offsets",
         "--config",
         cfg,
         "--reset-to",
         "earliest",
-        "--dry-run",
+        "--execute",
     ])
     .await;
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("dry run: nothing committed"), "{out}");
-    let before = kafka::committed_offsets(&brokers, &group, &topic)
-        .await
-        .unwrap();
-    assert_eq!(before.values().sum::<i64>(), 20);
-    let (code, out) = refetch(&["offsets", "--config", cfg, "--reset-to", "earliest"]).await;
-    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("committed new offsets"), "{out}");
     let after = kafka::committed_offsets(&brokers, &group, &topic)
         .await
         .unwrap();

@@ -9,12 +9,20 @@
 //! key and its line rather than a silent default. Durations are humantime strings (`"500ms"`,
 //! `"2s"`). Loading ([`load`]) also resolves `${VAR}` references from the environment and checks
 //! the relations between settings, so `refetch validate` and `refetch run` reject the same files
-//! with the same messages. `docs/configuration.md` is the reference of every key; a test keeps it
-//! complete.
+//! with the same messages, every problem of a file at once. `docs/configuration.md` is the
+//! reference of every key; a test keeps it complete.
+//!
+//! Modules: `load` (parsing, `${VAR}`, collecting every problem), `tree` (the spanned document),
+//! `shapes` (one shape for a version), `fetcher` (the `[fetcher]` checks), `messages` (serde's
+//! messages in TOML terms), `engine`, `backfill` (sections).
 
 mod backfill;
 mod engine;
+mod fetcher;
 mod load;
+mod messages;
+mod shapes;
+mod tree;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,7 +36,19 @@ use serde::{Deserialize, Serialize};
 
 pub use backfill::{BackfillSection, ReconcileSection};
 pub use engine::{BackoffSection, EngineSection, GoneGuardSection};
-pub use load::{ConfigError, Loaded, load, load_str, resolve_env};
+pub use load::{ConfigError, ConfigErrors, Loaded, load, load_str, resolve_env};
+
+/// Load the file for a subcommand, printing every problem to standard error the way every
+/// subcommand does. `Err` carries the exit code (2: invalid configuration).
+pub fn load_for_command(path: &std::path::Path) -> Result<Loaded, std::process::ExitCode> {
+    match load(path) {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            eprintln!("error: invalid configuration\n{e}");
+            Err(std::process::ExitCode::from(crate::exit::CONFIG))
+        }
+    }
+}
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -152,13 +172,10 @@ pub struct JsonDecoderSection {
     /// JSON pointer to the id (a string or an integer), for example `"/id"`.
     #[serde(default = "default_id_pointer")]
     pub id: String,
-    /// JSON pointer to the entity's version, if notifications carry one.
+    /// Where the entity's version is in the payload, if notifications carry one:
+    /// `{ pointer = "/version", kind = "integer" }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    /// `integer` or `timestamp` (RFC 3339 or epoch milliseconds; equal timestamps never prove
-    /// a change is held).
-    #[serde(default = "default_version_kind")]
-    pub version_kind: VersionKind,
+    pub version: Option<VersionSpec>,
     /// Extra fields handed to the fetcher's URL templates: name = JSON pointer.
     #[serde(default)]
     pub fields: BTreeMap<String, String>,
@@ -186,6 +203,31 @@ fn default_version_kind() -> VersionKind {
     VersionKind::Integer
 }
 
+/// A version: `{ pointer = "/version", kind = "integer" }`, the one shape of a version wherever
+/// one is configured (decoders, routes, sources, listings).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionSpec {
+    /// JSON pointer to the version, for example `"/version"`.
+    pub pointer: String,
+    /// `integer` or `timestamp` (RFC 3339 or epoch milliseconds; equal timestamps never prove
+    /// a change is held).
+    #[serde(default = "default_version_kind")]
+    pub kind: VersionKind,
+}
+
+/// A routed root's version: `{ pointer = "/customer_version" }`. It is read with the decoder's
+/// version kind; `kind`, when written, must be that kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteVersion {
+    /// JSON pointer to the root's version in the child's payload.
+    pub pointer: String,
+    /// The decoder's version kind, if written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<VersionKind>,
+}
+
 impl Default for JsonDecoderSection {
     fn default() -> Self {
         JsonDecoderSection {
@@ -193,7 +235,6 @@ impl Default for JsonDecoderSection {
             fixed_type: None,
             id: default_id_pointer(),
             version: None,
-            version_kind: VersionKind::Integer,
             fields: BTreeMap::new(),
             routes: Vec::new(),
             correlation: None,
@@ -213,11 +254,11 @@ pub struct RouteSection {
     pub to_type: String,
     /// JSON pointer to the root's id in the child's notification (for example `/customer_id`).
     pub id: String,
-    /// JSON pointer to the root's version, if the child's notification carries it. Without it a
-    /// routed notification counts as unversioned (the child's version says nothing about the
-    /// root).
+    /// The root's version, if the child's notification carries it
+    /// (`{ pointer = "/customer_version" }`). Without it a routed notification counts as
+    /// unversioned (the child's version says nothing about the root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
+    pub version: Option<RouteVersion>,
 }
 
 /// `kind = "record_key"` decoder settings.
@@ -234,8 +275,9 @@ pub struct RecordKeyDecoderSection {
 pub struct OpsSection {
     /// Serve the endpoint at all.
     pub enabled: bool,
-    /// Listen address. Loopback by default: expose it deliberately (`0.0.0.0:9464`) when a
-    /// scraper on another host needs it.
+    /// Listen address, an IP address and port. Loopback by default: expose it deliberately
+    /// (`0.0.0.0:9464`) when a scraper on another host needs it.
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
 }
 
@@ -246,6 +288,33 @@ impl Default for OpsSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }
+}
+
+/// An IP address and port; a host name (`localhost:9464`) is refused with a hint.
+fn listen_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen_address(&text).map_err(serde::de::Error::custom)
+}
+
+/// Parse a listen address (`127.0.0.1:9464`, `[::1]:9464`), explaining what a host name needs.
+pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>().map_err(|_| {
+        let hint = match text.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() && !host.is_empty() => {
+                let ip = if host.eq_ignore_ascii_case("localhost") {
+                    "127.0.0.1"
+                } else {
+                    "0.0.0.0"
+                };
+                format!(
+                    ": a listen address is an IP address and port, not a host name; write \
+                     \"{ip}:{port}\" (or \"[::1]:{port}\" for IPv6)"
+                )
+            }
+            _ => ": expected an IP address and port such as \"127.0.0.1:9464\"".to_owned(),
+        };
+        format!("{text:?} is not a listen address{hint}")
+    })
 }
 
 /// `[log]`: logging.
@@ -276,6 +345,14 @@ pub struct ValidateSection {
     /// `GET` and expected to answer 2xx. Types without one get a `HEAD` of their URL template's
     /// origin, where any HTTP answer counts as reachable.
     pub health_urls: BTreeMap<String, String>,
+}
+
+/// The name of a version kind as written in the file.
+fn kind_name(kind: VersionKind) -> &'static str {
+    match kind {
+        VersionKind::Integer => "integer",
+        VersionKind::Timestamp => "timestamp",
+    }
 }
 
 /// Log line format.
@@ -329,6 +406,96 @@ impl NotificationDecoder for HeaderKeyDecoder {
 }
 
 impl DecoderSection {
+    /// Check the decoder's pointers and exclusive options; `p` is its key path.
+    fn check(&self, p: &str, out: &mut Vec<Invalid>) {
+        match self {
+            DecoderSection::Json(j) => {
+                match (&j.type_pointer, &j.fixed_type) {
+                    (Some(_), Some(_)) => out.push(Invalid::new(
+                        format!("{p}.fixed_type"),
+                        "set either `type` (a JSON pointer) or `fixed_type`, not both",
+                    )),
+                    (None, None) => out.push(Invalid::new(
+                        p,
+                        "expected `type` (a JSON pointer such as \"/type\") or `fixed_type` \
+                         (an entity type name)",
+                    )),
+                    _ => {}
+                }
+                let mut pointers = vec![(format!("{p}.id"), j.id.as_str())];
+                if let Some(t) = &j.type_pointer {
+                    pointers.push((format!("{p}.type"), t));
+                }
+                if let Some(v) = &j.version {
+                    pointers.push((format!("{p}.version.pointer"), v.pointer.as_str()));
+                }
+                for (name, ptr) in &j.fields {
+                    pointers.push((format!("{p}.fields.{name}"), ptr));
+                }
+                if j.correlation.is_some() && j.correlation_header.is_some() {
+                    out.push(Invalid::new(
+                        format!("{p}.correlation_header"),
+                        "set either `correlation` (a JSON pointer) or `correlation_header`, not \
+                         both",
+                    ));
+                }
+                if let Some(c) = &j.correlation {
+                    pointers.push((format!("{p}.correlation"), c));
+                }
+                if let Some(c) = &j.action_size {
+                    pointers.push((format!("{p}.action_size"), c));
+                }
+                let decoder_kind = j.version.as_ref().map_or(VersionKind::Integer, |v| v.kind);
+                for (ri, r) in j.routes.iter().enumerate() {
+                    pointers.push((format!("{p}.routes[{ri}].id"), r.id.as_str()));
+                    if let Some(v) = &r.version {
+                        pointers.push((
+                            format!("{p}.routes[{ri}].version.pointer"),
+                            v.pointer.as_str(),
+                        ));
+                        if let Some(k) = v.kind
+                            && k != decoder_kind
+                        {
+                            out.push(Invalid::new(
+                                format!("{p}.routes[{ri}].version.kind"),
+                                format!(
+                                    "a root's version is read with the decoder's version kind \
+                                     ({}): leave `kind` out here or make them equal",
+                                    kind_name(decoder_kind)
+                                ),
+                            ));
+                        }
+                    }
+                    if r.from_type.is_empty() || r.to_type.is_empty() {
+                        out.push(Invalid::new(
+                            format!("{p}.routes[{ri}]"),
+                            "expected non-empty `from_type` and `to_type`",
+                        ));
+                    }
+                }
+                for (path, ptr) in pointers {
+                    if !ptr.is_empty() && !ptr.starts_with('/') {
+                        out.push(Invalid::new(
+                            path,
+                            format!(
+                                "expected a JSON pointer starting with `/` (for example \
+                                 \"/{ptr}\"), found {ptr:?}"
+                            ),
+                        ));
+                    }
+                }
+            }
+            DecoderSection::RecordKey(r) => {
+                if r.entity_type.trim().is_empty() {
+                    out.push(Invalid::new(
+                        format!("{p}.entity_type"),
+                        "expected an entity type name",
+                    ));
+                }
+            }
+        }
+    }
+
     /// Build the engine decoder this section describes.
     pub fn build(&self) -> Arc<dyn NotificationDecoder> {
         match self {
@@ -340,7 +507,7 @@ impl DecoderSection {
                     (None, None) => JsonDecoder::typed("/type", j.id.as_str()),
                 };
                 if let Some(v) = &j.version {
-                    d = d.with_version(v.as_str(), j.version_kind);
+                    d = d.with_version(v.pointer.as_str(), v.kind);
                 }
                 for (name, pointer) in &j.fields {
                     d = d.with_field(name.as_str(), pointer.as_str());
@@ -350,7 +517,7 @@ impl DecoderSection {
                         from_type: r.from_type.clone(),
                         to_type: Arc::from(r.to_type.as_str()),
                         id_pointer: r.id.clone(),
-                        version_pointer: r.version.clone(),
+                        version_pointer: r.version.as_ref().map(|v| v.pointer.clone()),
                     });
                 }
                 let source = match (&j.correlation, &j.correlation_header) {
@@ -381,7 +548,7 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         Invalid {
             path: path.into(),
             message: message.into(),
@@ -420,35 +587,39 @@ impl Config {
     }
 
     /// Check the relations between settings that serde cannot: required values, exclusive
-    /// options, the engine's and Kafka's own validation. Returns the first problem.
-    pub fn check(&self) -> Result<(), Invalid> {
+    /// options, the engine's and Kafka's own validation. Returns every problem found.
+    pub fn check(&self) -> Vec<Invalid> {
+        let mut out = Vec::new();
         if self.kafka.brokers.trim().is_empty() {
-            return Err(Invalid::new(
+            out.push(Invalid::new(
                 "kafka.brokers",
                 "expected host:port[,host:port...], found an empty string",
             ));
         }
         if self.kafka.group_id.trim().is_empty() {
-            return Err(Invalid::new(
+            out.push(Invalid::new(
                 "kafka.group_id",
                 "expected a consumer group name, found an empty string",
             ));
         }
         if self.topics.is_empty() {
-            return Err(Invalid::new(
+            out.push(Invalid::new(
                 "topics",
                 "expected at least one [[topics]] table with a name and a decoder",
             ));
         }
         let r = &self.reconcile;
-        if r.page_size == 0 || r.repair_batch == 0 {
-            return Err(Invalid::new(
-                "reconcile.page_size",
-                "page_size and repair_batch must be at least 1",
+        if r.page_size == 0 {
+            out.push(Invalid::new("reconcile.page_size", "expected at least 1"));
+        }
+        if r.repair_batch == 0 {
+            out.push(Invalid::new(
+                "reconcile.repair_batch",
+                "expected at least 1",
             ));
         }
         if r.interval.is_some_and(|i| i.is_zero()) {
-            return Err(Invalid::new(
+            out.push(Invalid::new(
                 "reconcile.interval",
                 "expected a positive duration (leave it unset to turn the schedule off)",
             ));
@@ -456,7 +627,7 @@ impl Config {
         if let Some(t) = &r.topic
             && !self.topics.iter().any(|x| &x.name == t)
         {
-            return Err(Invalid::new(
+            out.push(Invalid::new(
                 "reconcile.topic",
                 format!("`{t}` is not one of the [[topics]]"),
             ));
@@ -464,104 +635,31 @@ impl Config {
         let mut seen = std::collections::BTreeSet::new();
         for (i, t) in self.topics.iter().enumerate() {
             if t.name.trim().is_empty() {
-                return Err(Invalid::new(
+                out.push(Invalid::new(
                     format!("topics[{i}].name"),
                     "expected a topic name",
                 ));
-            }
-            if !seen.insert(t.name.as_str()) {
-                return Err(Invalid::new(
+            } else if !seen.insert(t.name.as_str()) {
+                out.push(Invalid::new(
                     format!("topics[{i}].name"),
                     format!("topic `{}` is listed twice", t.name),
                 ));
             }
             if Some(&t.name) == self.kafka.retry_topic.as_ref() {
-                return Err(Invalid::new(
+                out.push(Invalid::new(
                     format!("topics[{i}].name"),
                     "the retry topic is subscribed on its own; do not list it in [[topics]]",
                 ));
             }
-            match &t.decoder {
-                DecoderSection::Json(j) => {
-                    let p = format!("topics[{i}].decoder");
-                    match (&j.type_pointer, &j.fixed_type) {
-                        (Some(_), Some(_)) => {
-                            return Err(Invalid::new(
-                                format!("{p}.fixed_type"),
-                                "set either `type` (a JSON pointer) or `fixed_type`, not both",
-                            ));
-                        }
-                        (None, None) => {
-                            return Err(Invalid::new(
-                                p,
-                                "expected `type` (a JSON pointer such as \"/type\") or \
-                                 `fixed_type` (an entity type name)",
-                            ));
-                        }
-                        _ => {}
-                    }
-                    let mut pointers = vec![(format!("{p}.id"), j.id.as_str())];
-                    if let Some(t) = &j.type_pointer {
-                        pointers.push((format!("{p}.type"), t));
-                    }
-                    if let Some(v) = &j.version {
-                        pointers.push((format!("{p}.version"), v));
-                    }
-                    for (name, ptr) in &j.fields {
-                        pointers.push((format!("{p}.fields.{name}"), ptr));
-                    }
-                    if j.correlation.is_some() && j.correlation_header.is_some() {
-                        return Err(Invalid::new(
-                            format!("{p}.correlation_header"),
-                            "set either `correlation` (a JSON pointer) or `correlation_header`, \
-                             not both",
-                        ));
-                    }
-                    if let Some(c) = &j.correlation {
-                        pointers.push((format!("{p}.correlation"), c));
-                    }
-                    if let Some(c) = &j.action_size {
-                        pointers.push((format!("{p}.action_size"), c));
-                    }
-                    for (ri, r) in j.routes.iter().enumerate() {
-                        pointers.push((format!("{p}.routes[{ri}].id"), r.id.as_str()));
-                        if let Some(v) = &r.version {
-                            pointers.push((format!("{p}.routes[{ri}].version"), v));
-                        }
-                        if r.from_type.is_empty() || r.to_type.is_empty() {
-                            return Err(Invalid::new(
-                                format!("{p}.routes[{ri}]"),
-                                "expected non-empty `from_type` and `to_type`",
-                            ));
-                        }
-                    }
-                    for (path, ptr) in pointers {
-                        if !ptr.is_empty() && !ptr.starts_with('/') {
-                            return Err(Invalid::new(
-                                path,
-                                format!(
-                                    "expected a JSON pointer starting with `/` (for example \
-                                     \"/{ptr}\"), found {ptr:?}"
-                                ),
-                            ));
-                        }
-                    }
-                }
-                DecoderSection::RecordKey(r) => {
-                    if r.entity_type.trim().is_empty() {
-                        return Err(Invalid::new(
-                            format!("topics[{i}].decoder.entity_type"),
-                            "expected an entity type name",
-                        ));
-                    }
-                }
-            }
+            t.decoder.check(&format!("topics[{i}].decoder"), &mut out);
         }
         let kafka = self.kafka_config();
         if let Err(e) = kafka.validate() {
             let path = match &e {
                 refetch::kafka::KafkaSetupError::Property { key, .. } => {
-                    if self.kafka.consumer_properties.contains_key(key) {
+                    if key == "topics" {
+                        "topics".to_owned()
+                    } else if self.kafka.consumer_properties.contains_key(key) {
                         format!("kafka.consumer_properties.{key}")
                     } else if self.kafka.properties.contains_key(key) {
                         format!("kafka.properties.{key}")
@@ -571,12 +669,12 @@ impl Config {
                 }
                 _ => "kafka".to_owned(),
             };
-            return Err(Invalid::new(path, e.to_string()));
+            out.push(Invalid::new(path, e.to_string()));
         }
         for (k, v) in &self.kafka.producer_properties {
             let forced = ["enable.idempotence", "acks"];
             if forced.contains(&k.as_str()) {
-                return Err(Invalid::new(
+                out.push(Invalid::new(
                     format!("kafka.producer_properties.{k}"),
                     format!(
                         "`{k}` = {v:?} is not configurable: dead letters are produced \
@@ -587,27 +685,38 @@ impl Config {
         }
         let engine = self.engine.to_engine();
         if let Err(e) = engine.validate(Some(kafka.max_poll_interval())) {
-            return Err(Invalid::new(format!("engine.{}", e.key), e.reason));
+            out.push(Invalid::new(format!("engine.{}", e.key), e.reason));
         }
         if self.fetcher.sources.is_empty() {
-            return Err(Invalid::new(
+            out.push(Invalid::new(
                 "fetcher.sources",
                 "expected at least one source, for example [fetcher.sources.customer] with a url",
             ));
         }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            out.push(Invalid::new(
+                "log.level",
+                format!(
+                    "{:?} is not a log filter ({e}): expected a level such as \"info\" or \
+                     directives such as \"info,refetch=debug\"",
+                    self.log.level
+                ),
+            ));
+        }
         for (t, s) in &self.fetcher.sources {
             if s.url.trim().is_empty() {
-                return Err(Invalid::new(
+                out.push(Invalid::new(
                     format!("fetcher.sources.{t}.url"),
                     "expected a URL template such as \"https://crm.example/customers/{id}\"",
                 ));
             }
         }
-        Ok(())
+        out
     }
 
-    /// Warnings about settings that work but weaken a guarantee (design notes, invariant 10):
-    /// keys that can arrive on several partitions without versions to order them.
+    /// Warnings about settings that work but weaken a guarantee: keys that can arrive on
+    /// several partitions without versions to order them (docs/guarantees.md, per-key order
+    /// across processes).
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         let versioned = |j: &JsonDecoderSection| j.version.is_some();

@@ -43,14 +43,25 @@ kind = "jsonl"
 path = "out.jsonl"
 "#;
 
-fn load_text(text: &str) -> Result<Loaded, ConfigError> {
+fn load_text(text: &str) -> Result<Loaded, ConfigErrors> {
     load_str(text, Path::new("test.toml"), &env_all)
 }
 
-/// `MINIMAL` with `extra` appended, expected to fail; returns the rendered error.
+/// The one problem of a rejected file.
+fn only(e: ConfigErrors) -> ConfigError {
+    assert_eq!(e.len(), 1, "expected exactly one problem:\n{e}");
+    e.errors.into_iter().next().expect("one")
+}
+
+/// `text` is rejected with exactly one problem.
+fn rejected(text: &str) -> ConfigError {
+    only(load_text(text).expect_err("must be rejected"))
+}
+
+/// `MINIMAL` with `extra` appended, expected to fail with one problem; returns it rendered.
 fn error_of(extra: &str) -> (ConfigError, String) {
     let text = format!("{MINIMAL}{extra}");
-    let e = load_text(&text).expect_err("must be rejected");
+    let e = rejected(&text);
     let shown = e.to_string();
     (e, shown)
 }
@@ -89,12 +100,13 @@ fn the_example_parses_and_means_what_it_says() {
         "postgres://refetch:<PG_PASSWORD>@db.internal:5432/crm_replica"
     );
     assert_eq!(pg.table, "customers");
-    // The fetcher resolves its own variables when it is built.
+    // Variables under [fetcher] are resolved like everywhere else (and stay out of Debug).
     let headers = &c.fetcher.sources["customer"].headers;
     assert_eq!(
         serde_json::to_value(&headers["X-Api-Key"]).expect("serializes"),
-        serde_json::json!("${CRM_API_KEY}")
+        serde_json::json!("<CRM_API_KEY>")
     );
+    assert!(!format!("{:?}", c.fetcher).contains("CRM_API_KEY"));
     assert_eq!(
         c.kafka_config().topics,
         vec!["crm.changes", "crm-customers-to-postgres.retry"]
@@ -129,7 +141,8 @@ fn an_unknown_key_is_named_with_its_line_and_the_expected_keys() {
     let (e, shown) = error_of("\n[engine]\nwindoww = \"1s\"\n");
     let text = format!("{MINIMAL}\n[engine]\nwindoww = \"1s\"\n");
     assert_eq!(e.position.map(|p| p.0), Some(line_of(&text, "windoww")));
-    assert!(shown.contains("unknown field `windoww`"), "{shown}");
+    assert!(shown.contains("unknown key `windoww`"), "{shown}");
+    assert_eq!(e.path.as_deref(), Some("engine.windoww"));
     assert!(shown.contains("expected one of"), "{shown}");
     assert!(shown.starts_with("test.toml:"), "{shown}");
 }
@@ -146,13 +159,11 @@ fn a_bad_duration_says_what_was_expected() {
 
 #[test]
 fn an_unset_environment_variable_is_named_with_its_key_and_line() {
-    let text = format!("{MINIMAL}\n[kafka.properties]\n\"sasl.password\" = \"${{KAFKA_PW}}\"\n")
-        .replace("[kafka.properties]", "")
-        .replace(
-            "group_id = \"g\"",
-            "group_id = \"g\"\nproperties = { \"sasl.password\" = \"${KAFKA_PW}\" }",
-        );
-    let e = load_str(&text, Path::new("t.toml"), &no_env).expect_err("rejected");
+    let text = MINIMAL.replace(
+        "group_id = \"g\"",
+        "group_id = \"g\"\nproperties = { \"sasl.password\" = \"${KAFKA_PW}\" }",
+    );
+    let e = only(load_str(&text, Path::new("t.toml"), &no_env).expect_err("rejected"));
     let shown = e.to_string();
     assert!(
         shown.contains("environment variable `KAFKA_PW` is not set"),
@@ -192,7 +203,7 @@ fn librdkafka_properties_that_break_commit_safety_are_refused() {
         "group_id = \"g\"",
         "group_id = \"g\"\nproperties = { \"enable.auto.commit\" = \"true\" }",
     );
-    let e = load_text(&text).expect_err("rejected");
+    let e = rejected(&text);
     assert_eq!(
         e.path.as_deref(),
         Some("kafka.properties.enable.auto.commit")
@@ -207,7 +218,7 @@ fn librdkafka_properties_that_break_commit_safety_are_refused() {
         "group_id = \"g\"",
         "group_id = \"g\"\ngroup_protocol = \"consumer\"\nconsumer_properties = { \"session.timeout.ms\" = \"6000\" }",
     );
-    let e = load_text(&text).expect_err("rejected");
+    let e = rejected(&text);
     assert_eq!(
         e.path.as_deref(),
         Some("kafka.consumer_properties.session.timeout.ms")
@@ -218,7 +229,7 @@ fn librdkafka_properties_that_break_commit_safety_are_refused() {
         "group_id = \"g\"",
         "group_id = \"g\"\nproducer_properties = { acks = \"1\" }",
     );
-    let e = load_text(&text).expect_err("rejected");
+    let e = rejected(&text);
     assert!(e.to_string().contains("acks=all"), "{e}");
 }
 
@@ -228,24 +239,25 @@ fn decoder_mistakes_are_explained() {
         "decoder = { kind = \"json\", type = \"/type\" }",
         "decoder = { kind = \"json\", type = \"/type\", fixed_type = \"customer\" }",
     );
-    let e = load_text(&both).expect_err("rejected");
+    let e = rejected(&both);
     assert!(e.to_string().contains("not both"), "{e}");
     let neither = MINIMAL.replace(
         "decoder = { kind = \"json\", type = \"/type\" }",
         "decoder = { kind = \"json\" }",
     );
-    let e = load_text(&neither).expect_err("rejected");
+    let e = rejected(&neither);
     assert!(e.to_string().contains("`fixed_type`"), "{e}");
     let pointer = MINIMAL.replace("type = \"/type\"", "type = \"type\"");
-    let e = load_text(&pointer).expect_err("rejected");
+    let e = rejected(&pointer);
     assert!(
         e.to_string().contains("JSON pointer starting with `/`"),
         "{e}"
     );
     assert_eq!(e.path.as_deref(), Some("topics[0].decoder.type"));
     let kind = MINIMAL.replace("kind = \"json\"", "kind = \"avro\"");
-    let e = load_text(&kind).expect_err("rejected");
-    assert!(e.to_string().contains("avro"), "{e}");
+    let e = rejected(&kind);
+    assert!(e.to_string().contains("unknown kind `avro`"), "{e}");
+    assert_eq!(e.path.as_deref(), Some("topics[0].decoder.kind"));
     let no_topics = format!(
         "topics = []\n{}",
         MINIMAL.replace(
@@ -253,17 +265,20 @@ fn decoder_mistakes_are_explained() {
             ""
         )
     );
-    let e = load_text(&no_topics).expect_err("rejected");
+    let e = rejected(&no_topics);
     assert!(e.to_string().contains("at least one [[topics]]"), "{e}");
 }
 
 #[test]
 fn missing_sections_and_syntax_errors_point_at_the_file() {
     let e = load_text("[kafka]\nbrokers = \"b\"\n").expect_err("rejected");
-    assert!(e.to_string().contains("missing field"), "{e}");
-    let e = load_text("[kafka\nbrokers = 1").expect_err("rejected");
+    assert!(
+        e.to_string().contains("missing required key `group_id`"),
+        "{e}"
+    );
+    let e = rejected("[kafka\nbrokers = 1");
     assert_eq!(e.position.map(|p| p.0), Some(1));
-    let e = load(Path::new("/nonexistent/refetch.toml")).expect_err("rejected");
+    let e = only(load(Path::new("/nonexistent/refetch.toml")).expect_err("rejected"));
     assert!(e.to_string().contains("cannot read"), "{e}");
 }
 
@@ -354,7 +369,10 @@ fn full_configs() -> Vec<Config> {
     full.reconcile.topic = Some("a".into());
     let mut json = JsonDecoderSection {
         type_pointer: Some("/type".into()),
-        version: Some("/v".into()),
+        version: Some(VersionSpec {
+            pointer: "/v".into(),
+            kind: refetch::VersionKind::Integer,
+        }),
         ..JsonDecoderSection::default()
     };
     json.fields.insert("tenant".into(), "/tenant".into());
@@ -362,7 +380,10 @@ fn full_configs() -> Vec<Config> {
         from_type: "address".into(),
         to_type: "customer".into(),
         id: "/customer_id".into(),
-        version: Some("/customer_version".into()),
+        version: Some(RouteVersion {
+            pointer: "/customer_version".into(),
+            kind: Some(refetch::VersionKind::Integer),
+        }),
     });
     full.topics = vec![
         TopicSection {
@@ -383,23 +404,28 @@ fn full_configs() -> Vec<Config> {
             }),
         },
     ];
+    // Every optional source setting, in two valid sources (a version is read from a pointer or a
+    // header, a not-found answer is matched by pointer or by substring).
     let mut source = SourceConfig {
         rate_limit: Some(1.0),
         burst: Some(1),
         version: Some(VersionConfig {
             pointer: Some("/v".into()),
-            header: Some("X-Version".into()),
+            header: None,
             kind: refetch::VersionKind::Integer,
         }),
         envelope: Some("/data".into()),
         not_found: Some(NotFoundConfig {
             pointer: Some("/error".into()),
             equals: Some("not_found".into()),
-            contains: Some("not found".into()),
+            contains: None,
         }),
-        batch: Some(BatchConfig::default()),
+        batch: Some(BatchConfig {
+            url: "http://h/c?ids={ids}".into(),
+            ..BatchConfig::default()
+        }),
         listing: Some(refetch_http::ListingConfig {
-            url: "http://h/c?cursor={cursor}".into(),
+            url: "http://h/c?limit={limit}".into(),
             paging: refetch_http::Paging::Cursor,
             cursor_url: Some("http://h/c?cursor={cursor}".into()),
             version: Some("/v".into()),
@@ -420,6 +446,17 @@ fn full_configs() -> Vec<Config> {
     let mut out = vec![full.clone()];
     let mut bearer = full.clone();
     source.auth = Some(AuthConfig::Bearer { token: "t".into() });
+    source.version = Some(VersionConfig {
+        pointer: None,
+        header: Some("X-Version".into()),
+        kind: refetch::VersionKind::Integer,
+    });
+    source.not_found = Some(NotFoundConfig {
+        pointer: None,
+        equals: None,
+        contains: Some("not found".into()),
+    });
+    source.batch = None;
     bearer.fetcher.sources.insert("customer".into(), source);
     out.push(bearer);
     let mut kafka_sink = refetch_sinks::KafkaConfig::default();
@@ -474,8 +511,6 @@ fn every_full_configuration_round_trips_through_toml() {
     for c in full_configs() {
         let text = toml::to_string(&c).expect("serializes");
         let back = load_str(&text, Path::new("round-trip.toml"), &no_env);
-        // Secrets under [fetcher] stay `${VAR}` text and are not resolved here; everything else
-        // must parse back to the same configuration.
         let back = back.unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(back.config, c);
     }
@@ -511,4 +546,368 @@ fn backfill_and_reconcile_sections_have_defaults_and_are_checked() {
         let (_, shown) = error_of(extra);
         assert!(shown.contains(key), "{extra}: {shown}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every problem at once, each at its key.
+
+#[test]
+fn every_problem_of_a_file_is_reported_at_once_in_file_order() {
+    let text = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+group_id = "g"
+dead_letter_topik = "g.dlq"
+
+[[topics]]
+name = "changes"
+decoder = { kind = "json", type = "/type", idd = "/id" }
+
+[engine]
+window = "5s"
+max_wait = "1s"
+
+[fetcher.sources.customer]
+url = "http://127.0.0.1:1/customers/{idd}"
+headers = { "X-Api-Key" = "${API_KEY}" }
+
+[sink]
+kind = "postgres"
+url = "postgres://x@db/app"
+tabel = "customers"
+"#;
+    let e = load_str(text, Path::new("many.toml"), &no_env).expect_err("rejected");
+    let want = [
+        ("kafka.dead_letter_topik", "dead_letter_topik"),
+        ("topics[0].decoder.idd", "idd ="),
+        ("engine.max_wait", "max_wait"),
+        ("fetcher.sources.customer.url", "{idd}"),
+        ("fetcher.sources.customer.headers.X-Api-Key", "API_KEY"),
+        ("sink.tabel", "tabel"),
+    ];
+    let paths: Vec<&str> = e.errors.iter().filter_map(|x| x.path.as_deref()).collect();
+    assert_eq!(paths, want.map(|(p, _)| p), "{e}");
+    for (path, needle) in want {
+        let err = e.at(path).expect("reported");
+        assert_eq!(
+            err.position.map(|p| p.0),
+            Some(line_of(text, needle)),
+            "{path}: {err}"
+        );
+        assert!(err.to_string().starts_with("many.toml:"), "{err}");
+    }
+    let shown = e.to_string();
+    assert!(shown.ends_with("6 errors in many.toml"), "{shown}");
+    assert!(shown.contains("unknown key `tabel`"), "{shown}");
+    assert!(shown.contains("unknown key `idd`"), "{shown}");
+    assert!(
+        shown.contains("environment variable `API_KEY` is not set"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn keys_inside_kind_selected_tables_are_reported_at_their_own_line() {
+    // [sink] and [topics.decoder] are selected by `kind`: their unknown keys and bad values are
+    // reported at the key, not at the table's header.
+    let text = MINIMAL
+        .replace(
+            "decoder = { kind = \"json\", type = \"/type\" }\n",
+            "\n[topics.decoder]\nkind = \"json\"\ntype = \"/type\"\nfixd_type = \"x\"\n",
+        )
+        .replace(
+            "path = \"out.jsonl\"",
+            "path = \"out.jsonl\"\nmax_batch = \"many\"",
+        );
+    let e = load_text(&text).expect_err("rejected");
+    let decoder = e.at("topics[0].decoder.fixd_type").expect("decoder key");
+    assert_eq!(
+        decoder.position,
+        Some((line_of(&text, "fixd_type"), 1)),
+        "{e}"
+    );
+    let sink = e.at("sink.max_batch").expect("sink key");
+    assert_eq!(
+        sink.position.map(|p| p.0),
+        Some(line_of(&text, "max_batch")),
+        "{e}"
+    );
+    assert!(
+        sink.message.contains("expected a non-negative integer"),
+        "{e}"
+    );
+    assert_eq!(e.len(), 2, "{e}");
+
+    let text = MINIMAL.replace(
+        "[fetcher.sources.customer]\n",
+        "[fetcher.sources.customer]\nauth = { kind = \"bearer\", tokn = \"x\" }\n",
+    );
+    let e = rejected(&text);
+    assert_eq!(
+        e.path.as_deref(),
+        Some("fetcher.sources.customer.auth.tokn"),
+        "{e}"
+    );
+    assert_eq!(e.position.map(|p| p.0), Some(line_of(&text, "tokn")));
+}
+
+#[test]
+fn fetcher_problems_name_their_key_and_line() {
+    let text = MINIMAL.replace(
+        "[fetcher.sources.customer]\nurl = \"http://127.0.0.1:1/customers/{id}\"\n",
+        r#"[fetcher.sources.customer]
+url = "http://127.0.0.1:1/customers/{id}"
+auth = { kind = "bearer", token = "${CRM_TOKEN}" }
+batch = { url = "http://127.0.0.1:1/customers?ids={ids}", max = 0 }
+
+[fetcher.sources.customer.listing]
+url = "http://127.0.0.1:1/customers?offset={offset}&limit={limit}"
+total = "total"
+
+[fetcher.sources.order]
+url = "http://127.0.0.1:1/orders/{order_id}"
+"#,
+    );
+    let e = load_str(&text, Path::new("f.toml"), &no_env).expect_err("rejected");
+    for (path, needle, what) in [
+        (
+            "fetcher.sources.customer.auth.token",
+            "CRM_TOKEN",
+            "`CRM_TOKEN` is not set",
+        ),
+        (
+            "fetcher.sources.customer.batch.max",
+            "max = 0",
+            "batch.max must be at least 1",
+        ),
+        (
+            "fetcher.sources.customer.listing.total",
+            "total = ",
+            "JSON pointer",
+        ),
+        ("fetcher.sources.order.url", "{order_id}", "order_id"),
+    ] {
+        let err = e
+            .at(path)
+            .unwrap_or_else(|| panic!("{path} not reported:\n{e}"));
+        assert_eq!(
+            err.position.map(|p| p.0),
+            Some(line_of(&text, needle)),
+            "{err}"
+        );
+        assert!(err.message.contains(what), "{err}");
+    }
+    assert_eq!(e.len(), 4, "{e}");
+}
+
+#[test]
+fn environment_variables_have_defaults_and_required_messages() {
+    let env = |name: &str| match name {
+        "SET" => Some("value".to_owned()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    };
+    for (text, resolved) in [
+        ("${SET}", "value"),
+        ("${EMPTY}", ""),
+        ("${UNSET:-fallback}", "fallback"),
+        ("${EMPTY:-fallback}", "fallback"),
+        ("${SET:-fallback}", "value"),
+        ("a-${UNSET:-}-b", "a--b"),
+        ("${SET:?needed}", "value"),
+        ("$${SET}", "${SET}"),
+    ] {
+        assert_eq!(resolve_env(text, &env).as_deref(), Ok(resolved), "{text}");
+    }
+    assert_eq!(
+        resolve_env("${UNSET:?set it to the CRM token}", &env),
+        Err("environment variable `UNSET` is not set: set it to the CRM token".to_owned())
+    );
+    assert_eq!(
+        resolve_env("${EMPTY:?needed}", &env),
+        Err("environment variable `EMPTY` is empty: needed".to_owned())
+    );
+    assert!(resolve_env("${9 bad}", &env).is_err());
+    // In the file, in every section, [fetcher] included.
+    let text = MINIMAL
+        .replace("127.0.0.1:9092", "${BROKERS:-127.0.0.1:19092}")
+        .replace(
+            "[fetcher.sources.customer]\n",
+            "[fetcher.sources.customer]\nheaders = { \"X-Key\" = \"${KEY:?export KEY=... first}\" }\n",
+        );
+    let e = only(load_str(&text, Path::new("t.toml"), &no_env).expect_err("rejected"));
+    assert_eq!(
+        e.path.as_deref(),
+        Some("fetcher.sources.customer.headers.X-Key")
+    );
+    assert!(e.message.ends_with(": export KEY=... first"), "{e}");
+    let loaded = load_str(&text, Path::new("t.toml"), &|n| {
+        (n == "KEY").then(|| "k-${not a ref}".to_owned())
+    })
+    .expect("loads");
+    assert_eq!(loaded.config.kafka.brokers, "127.0.0.1:19092");
+    // A resolved secret that contains `${` is not resolved a second time by the fetcher.
+    crate::wiring::build_fetcher(&loaded.config.fetcher).expect("the fetcher builds");
+}
+
+/// Rust type names a user should never read in a configuration error.
+fn names_a_rust_type(message: &str) -> bool {
+    let words = message.split(|c: char| !c.is_alphanumeric() && c != '_');
+    words.into_iter().any(|w| {
+        matches!(
+            w,
+            "usize" | "u8" | "u16" | "u32" | "u64" | "i32" | "i64" | "f64" | "struct" | "enum"
+        ) || (w.len() > 3
+            && w.chars().next().is_some_and(char::is_uppercase)
+            && w.chars().skip(1).any(char::is_uppercase)
+            && !w.chars().all(|c| c.is_uppercase() || c == '_'))
+    })
+}
+
+#[test]
+fn a_version_has_one_shape_everywhere() {
+    let text = MINIMAL
+        .replace(
+            "decoder = { kind = \"json\", type = \"/type\" }\n",
+            "[topics.decoder]\nkind = \"json\"\ntype = \"/type\"\nversion = { pointer = \"/rev\", kind = \"timestamp\" }\n[[topics.decoder.routes]]\nfrom_type = \"address\"\nto_type = \"customer\"\nid = \"/customer_id\"\nversion = { pointer = \"/customer_rev\" }\n",
+        )
+        .replace(
+            "[fetcher.sources.customer]\n",
+            "[fetcher.sources.customer]\nversion = { pointer = \"/version\" }\nlisting = { url = \"http://127.0.0.1:1/c?offset={offset}\", version = { pointer = \"/v\", kind = \"timestamp\" } }\n",
+        );
+    let loaded = load_text(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        loaded.warnings.iter().all(|w| !w.contains("old shape")),
+        "{:?}",
+        loaded.warnings
+    );
+    let c = &loaded.config;
+    let DecoderSection::Json(j) = &c.topics[0].decoder else {
+        panic!("json")
+    };
+    assert_eq!(
+        j.version,
+        Some(VersionSpec {
+            pointer: "/rev".into(),
+            kind: refetch::VersionKind::Timestamp
+        })
+    );
+    assert_eq!(
+        j.routes[0].version.as_ref().map(|v| v.pointer.as_str()),
+        Some("/customer_rev")
+    );
+    let source = &c.fetcher.sources["customer"];
+    assert_eq!(
+        source.version.as_ref().map(|v| v.kind),
+        Some(refetch::VersionKind::Integer),
+        "kind defaults to integer in a source too"
+    );
+    let listing = source.listing.as_ref().expect("listing");
+    assert_eq!(listing.version.as_deref(), Some("/v"));
+    assert_eq!(listing.version_kind, Some(refetch::VersionKind::Timestamp));
+
+    // The old shape loads, with a warning that shows the new one.
+    let old = MINIMAL.replace(
+        "type = \"/type\" }",
+        "type = \"/type\", version = \"/rev\", version_kind = \"timestamp\" }",
+    );
+    let loaded = load_text(&old).unwrap_or_else(|e| panic!("{e}"));
+    let DecoderSection::Json(j) = &loaded.config.topics[0].decoder else {
+        panic!("json")
+    };
+    assert_eq!(
+        j.version.as_ref().map(|v| v.kind),
+        Some(refetch::VersionKind::Timestamp)
+    );
+    let w = loaded
+        .warnings
+        .iter()
+        .find(|w| w.contains("old shape"))
+        .expect("warned");
+    assert!(
+        w.contains("version = { pointer = \"/rev\", kind = \"timestamp\" }"),
+        "{w}"
+    );
+    assert!(
+        w.starts_with(&format!("test.toml:{}:", line_of(&old, "version ="))),
+        "{w}"
+    );
+
+    // A wrong shape says what is expected, in TOML terms, at the key.
+    for (from, to, path) in [
+        (
+            "type = \"/type\" }",
+            "type = \"/type\", version = 3 }",
+            "topics[0].decoder.version",
+        ),
+        (
+            "[fetcher.sources.customer]\n",
+            "[fetcher.sources.customer]\nversion = \"/version\"\n",
+            "fetcher.sources.customer.version",
+        ),
+        (
+            "[fetcher.sources.customer]\n",
+            "[fetcher.sources.customer]\nversion = { pointer = \"/v\", knd = \"integer\" }\n",
+            "fetcher.sources.customer.version.knd",
+        ),
+        (
+            "type = \"/type\" }",
+            "type = \"/type\", version = { pointer = \"/v\", kind = \"number\" } }",
+            "topics[0].decoder.version.kind",
+        ),
+    ] {
+        let text = MINIMAL.replace(from, to);
+        let e = rejected(&text);
+        assert_eq!(e.path.as_deref(), Some(path), "{e}");
+        assert!(!names_a_rust_type(&e.message), "{e}");
+        if !path.ends_with("knd") && !path.ends_with("kind") {
+            assert!(
+                e.message
+                    .contains("{ pointer = \"/version\", kind = \"integer\" }"),
+                "{e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn errors_speak_toml_not_rust() {
+    for extra in [
+        "\n[engine]\nfetch_concurrency = \"many\"\n",
+        "\n[engine]\nunhealthy_ratio = \"half\"\n",
+        "\n[engine]\ngone_guard = 5\n",
+        "\n[ops]\nenabled = \"yes\"\n",
+        "\n[log]\nformat = \"xml\"\n",
+        "\n[validate]\nhealth_urls = [1]\n",
+        "\n[reconcile]\nsample = -1\n",
+    ] {
+        let (e, shown) = error_of(extra);
+        assert!(!names_a_rust_type(&e.message), "{extra}: {shown}");
+    }
+    let e = rejected(&MINIMAL.replace("kind = \"jsonl\"\npath = \"out.jsonl\"", "kind = 3"));
+    assert!(!names_a_rust_type(&e.message), "{e}");
+}
+
+#[test]
+fn a_listen_address_is_an_ip_address_and_the_error_says_so() {
+    let (e, shown) = error_of("\n[ops]\nlisten = \"localhost:0\"\n");
+    assert_eq!(e.path.as_deref(), Some("ops.listen"));
+    assert!(
+        shown.contains("not a host name; write \"127.0.0.1:0\""),
+        "{shown}"
+    );
+    let (_, shown) = error_of("\n[ops]\nlisten = \"9464\"\n");
+    assert!(shown.contains("such as \"127.0.0.1:9464\""), "{shown}");
+    let text = format!("{MINIMAL}\n[ops]\nlisten = \"[::1]:0\"\n");
+    assert!(load_text(&text).is_ok());
+}
+
+#[test]
+fn missing_sections_are_all_named() {
+    let e = load_text("[kafka]\nbrokers = \"b\"\ngroup_id = \"g\"\n").expect_err("rejected");
+    let paths: Vec<&str> = e.errors.iter().filter_map(|x| x.path.as_deref()).collect();
+    for section in ["topics", "fetcher", "sink"] {
+        assert!(paths.contains(&section), "{section}: {e}");
+    }
+    assert_eq!(e.len(), 3, "{e}");
 }
