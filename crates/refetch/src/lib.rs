@@ -82,9 +82,11 @@
 //! | [`pipeline`] | builder, handle and the async runtime (shutdown, revokes, commits, backpressure) |
 //! | [`config`] | engine settings and their validation |
 //! | [`metrics`] / [`stats`] | metrics through the `metrics` facade; in-process counters |
+//! | [`client_log`] | the Kafka client's repeated log lines, de-duplicated and rate-limited |
 //! | [`clock`] | monotonic millisecond ticks (debounce runs on the wall clock, not stream time) |
 
 pub mod action;
+pub mod client_log;
 pub mod clock;
 pub(crate) mod coalesce;
 pub mod config;
