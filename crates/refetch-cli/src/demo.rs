@@ -141,6 +141,7 @@ pub async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
                 fetch: stats.clone(),
                 title: format!("{GROUP} (demo)"),
                 started,
+                observed: crate::observe::Observed::from_config(&cfg),
             },
         )
         .await

@@ -63,11 +63,15 @@ fn main() -> ExitCode {
     });
     // Background tasks (the ops server, librdkafka callbacks) must not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // In JSON mode the fatal line is JSON too.
+            logging::fatal(&e);
             ExitCode::FAILURE
         }
-    }
+    };
+    // The last spans, when trace export is on.
+    logging::shutdown();
+    code
 }

@@ -28,7 +28,7 @@ pub async fn run(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let cfg = loaded.config;
-    logging::init(&cfg.log.level, cfg.log.format);
+    logging::init_with_traces(&cfg.log.level, cfg.log.format, &cfg.traces)?;
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }
@@ -47,6 +47,7 @@ pub async fn run(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
                 fetch: stats,
                 title: cfg.kafka.group_id.clone(),
                 started,
+                observed: crate::observe::Observed::from_config(&cfg),
             },
         )
         .await

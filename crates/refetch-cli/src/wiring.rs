@@ -47,9 +47,14 @@ pub fn build_fetcher(cfg: &HttpFetcherConfig) -> anyhow::Result<(AppFetcher, Arc
 
 /// Build (connect and check) the sink.
 pub async fn build_sink(cfg: &refetch_sinks::SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
-    refetch_sinks::build_sink(cfg)
+    let sink = refetch_sinks::build_sink(cfg)
         .await
-        .with_context(|| format!("cannot start the {} sink", cfg.kind()))
+        .with_context(|| format!("cannot start the {} sink", cfg.kind()))?;
+    // Batches, latency and errors for the status page; the `sink_batch` span.
+    Ok(Arc::new(crate::observe::ObservedSink::new(
+        sink,
+        cfg.kind(),
+    )))
 }
 
 /// The consuming pipeline of `refetch run`.

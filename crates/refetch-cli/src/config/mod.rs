@@ -15,6 +15,7 @@
 mod backfill;
 mod engine;
 mod load;
+mod telemetry;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use backfill::{BackfillSection, ReconcileSection};
 pub use engine::{BackoffSection, EngineSection, GoneGuardSection};
 pub use load::{ConfigError, Loaded, load, load_str, resolve_env};
+pub use telemetry::TracesSection;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -51,6 +53,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
+    /// OpenTelemetry trace export (off unless `traces.endpoint` is set).
+    #[serde(default)]
+    pub traces: TracesSection,
     /// What `refetch validate --connect` checks beyond the defaults.
     #[serde(default)]
     pub validate: ValidateSection,
