@@ -3,7 +3,9 @@
 //!
 //! - The filter comes from `RUST_LOG` when it is set, otherwise from `[log] level`. librdkafka's
 //!   own lines arrive through the `rdkafka` target, de-duplicated and rate-limited
-//!   ([`refetch::client_log`]).
+//!   ([`refetch::client_log`]), whichever client wrote them: lines of rdkafka's default client
+//!   context (a producer without refetch's context logs through the `log` crate) are routed
+//!   through the same client log.
 //! - Colours only when standard error is a terminal (and `NO_COLOR` is not set): a log written
 //!   to a file or a pipe holds no escape codes.
 //! - In JSON mode every line is one JSON object, the fatal error that ends the process included
@@ -73,7 +75,17 @@ pub fn init_with_traces(
         None => None,
     };
     let result = tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
+        .with(
+            fmt.with_filter(filter)
+                .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                    !is_client_target(meta.target())
+                })),
+        )
+        .with(
+            ClientLines.with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                is_client_target(meta.target()) && *meta.level() <= tracing::Level::WARN
+            })),
+        )
         .with(otel)
         .try_init();
     // An already installed subscriber (tests, a second call) is fine.
@@ -132,6 +144,70 @@ where
         .boxed())
 }
 
+/// The targets under which rdkafka's default client context logs (through the `log` crate):
+/// clients created without refetch's own context, such as a producer.
+fn is_client_target(target: &str) -> bool {
+    target == "librdkafka" || target == "rdkafka::client"
+}
+
+/// Routes the lines of rdkafka's default client context through [`refetch::client_log`]: the
+/// same de-duplication and rate limit as the consumer's own lines, whichever client wrote them.
+struct ClientLines;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ClientLines {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut message = MessageField::default();
+        event.record(&mut message);
+        let severity = if *event.metadata().level() <= tracing::Level::ERROR {
+            Severity::Error
+        } else {
+            Severity::Warning
+        };
+        let (facility, text) = client_line(&message.0);
+        refetch::client_log::global().log(severity, facility, text);
+    }
+}
+
+use refetch::client_log::Severity;
+
+/// The facility and text of a line of rdkafka's default context: `librdkafka: FAC text` for
+/// a log line, `librdkafka: Global error: ...` for an error callback.
+fn client_line(message: &str) -> (&str, &str) {
+    let rest = message.strip_prefix("librdkafka: ").unwrap_or(message);
+    if rest.starts_with("Global error: ") {
+        return ("ERROR", rest);
+    }
+    match rest.split_once(' ') {
+        Some((fac, text))
+            if !fac.is_empty() && fac.chars().all(|c| c.is_ascii_uppercase() || c == '_') =>
+        {
+            (fac, text)
+        }
+        _ => ("", rest),
+    }
+}
+
+#[derive(Default)]
+struct MessageField(String);
+
+impl tracing::field::Visit for MessageField {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            value.clone_into(&mut self.0);
+        }
+    }
+}
+
 /// Writes trace-context headers into a request's header map.
 struct HeaderInjector<'a>(&'a mut reqwest::header::HeaderMap);
 
@@ -156,11 +232,43 @@ pub fn fatal(error: &anyhow::Error) {
     }
 }
 
-/// Flush and stop trace export (call once, when the process ends, outside the async runtime).
+/// Write the Kafka client's repeats not summarised yet, then flush and stop trace export (call
+/// once, when the process ends, outside the async runtime).
 pub fn shutdown() {
+    for line in refetch::client_log::global().drain() {
+        refetch::client_log::write(&line);
+    }
     if let Some(p) = PROVIDER.get()
         && let Err(e) = p.shutdown()
     {
         eprintln!("warning: flushing the last spans failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_of_the_default_client_context_are_split_into_facility_and_text() {
+        assert_eq!(
+            client_line(
+                "librdkafka: FAIL [thrd:b:1/bootstrap]: b:1/bootstrap: Connect to ipv4#b:1 failed"
+            ),
+            (
+                "FAIL",
+                "[thrd:b:1/bootstrap]: b:1/bootstrap: Connect to ipv4#b:1 failed"
+            )
+        );
+        assert_eq!(
+            client_line(
+                "librdkafka: Global error: AllBrokersDown (Local: down): 1/1 brokers are down"
+            ),
+            (
+                "ERROR",
+                "Global error: AllBrokersDown (Local: down): 1/1 brokers are down"
+            )
+        );
+        assert_eq!(client_line("something else"), ("", "something else"));
     }
 }

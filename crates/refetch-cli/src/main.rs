@@ -63,15 +63,14 @@ fn main() -> ExitCode {
     });
     // Background tasks (the ops server, librdkafka callbacks) must not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
-    let code = match result {
+    // The Kafka clients' last repeats and, when trace export is on, the last spans.
+    logging::shutdown();
+    match result {
         Ok(code) => code,
         Err(e) => {
-            // In JSON mode the fatal line is JSON too.
+            // In JSON mode the fatal line is JSON too; it is the last line.
             logging::fatal(&e);
             ExitCode::FAILURE
         }
-    };
-    // The last spans, when trace export is on.
-    logging::shutdown();
-    code
+    }
 }

@@ -219,6 +219,27 @@ impl ClientLog {
         out
     }
 
+    /// Summaries of every line with repeats not written yet, whatever their interval (for the
+    /// end of the process). The lines are forgotten.
+    pub fn drain(&self) -> Vec<Line> {
+        let Ok(mut entries) = self.entries.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<Line> = entries
+            .drain()
+            .filter(|(_, e)| e.repeats > 0)
+            .map(|(key, e)| Line {
+                severity: key.severity,
+                facility: key.facility,
+                message: e.latest,
+                count: e.repeats,
+                summary: Some(self.interval),
+            })
+            .collect();
+        out.sort_by(|a, b| a.message.cmp(&b.message));
+        out
+    }
+
     /// Observe a line now and write what is due (see [`write`]).
     pub fn log(&self, severity: Severity, facility: &str, message: &str) {
         if let Some(line) = self.observe(Instant::now(), severity, facility, message) {
@@ -402,6 +423,14 @@ mod tests {
         assert_eq!(in_lines + tail[0].count, 1000);
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(log.flush(Instant::now()).is_empty());
+        // At the end of the process, repeats not written yet are summarised at once.
+        for _ in 0..3 {
+            log.observe(Instant::now(), Severity::Warning, "REQTMOUT", "timed out");
+        }
+        let last = log.drain();
+        assert_eq!(last.len(), 1, "{last:#?}");
+        assert_eq!(last[0].count, 2);
+        assert!(log.drain().is_empty());
         let again = log.observe(Instant::now(), Severity::Error, "FAIL", REFUSED);
         assert_eq!(again.map(|l| (l.count, l.summary)), Some((1, None)));
     }
