@@ -295,9 +295,12 @@ async fn metrics_match_the_docs_exactly_and_cover_the_monitoring_kit() {
     assert_eq!(status.code(), Some(0), "{}", a.child.log());
 }
 
+/// A status counter, the metric that counts the same, and the labels of its samples to sum.
+type Pair = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+
 /// The counters `/status.json` and `/metrics` both expose: the status counter and the sum of
 /// the metric's samples whose labels match.
-const SHARED: &[(&str, &str, &[(&str, &str)])] = &[
+const SHARED: &[Pair] = &[
     ("records", "refetch_records_total", &[]),
     ("coalesced", "refetch_notifications_coalesced_total", &[]),
     (
