@@ -296,7 +296,11 @@ async fn metrics_match_the_docs_exactly_and_cover_the_monitoring_kit() {
 }
 
 /// A status counter, the metric that counts the same, and the labels of its samples to sum.
-type Pair = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+type Pair = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
 
 /// The counters `/status.json` and `/metrics` both expose: the status counter and the sum of
 /// the metric's samples whose labels match.
