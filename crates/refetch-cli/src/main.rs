@@ -9,7 +9,8 @@
 //!
 //! Modules: [`cli`] (flags), [`config`] (the file), [`wiring`] (configuration to parts),
 //! [`run`], [`validate`], [`dlq`], [`offsets`], [`backfill`], [`reconcile`] (subcommands), [`ops`] (the operations endpoint),
-//! [`observe`] (fetch latency and breakers), [`logging`], [`signals`], [`demo`] and
+//! [`observe`] (fetch and sink figures, rates, lag per partition, series registration),
+//! [`logging`] (logs and traces), [`signals`], [`demo`] and
 //! [`demo_source`] (the embedded demo).
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]

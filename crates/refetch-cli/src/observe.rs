@@ -736,6 +736,9 @@ fn query_watermarks(
     client: &BaseConsumer<QuietContext>,
     wanted: &[(String, i32, bool)],
 ) -> Watermarks {
+    // Serve the client's queued events (errors go to the de-duplicating client log), so they
+    // do not pile up while the brokers are unreachable; it consumes nothing.
+    let _ = client.poll(Duration::ZERO);
     let mut out = Watermarks::default();
     let mut unknown = rdkafka::TopicPartitionList::new();
     for (topic, partition, needs_committed) in wanted {
