@@ -13,6 +13,8 @@
 //! - `engine/*`: the engine's own functions after `refetch::metrics::register()` (which keeps
 //!   handles for the hot series) and one it still looks up.
 
+#![allow(clippy::expect_used)] // set-up of a benchmark process
+
 use std::hint::black_box;
 use std::time::Duration;
 
