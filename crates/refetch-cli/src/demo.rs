@@ -143,6 +143,7 @@ pub async fn demo(args: &DemoArgs, signals: Signals) -> anyhow::Result<ExitCode>
                 fetch: stats.clone(),
                 title: format!("{GROUP} (demo)"),
                 started,
+                observed: crate::observe::Observed::from_config(&cfg),
             },
         )
         .await

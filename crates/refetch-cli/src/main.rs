@@ -9,7 +9,8 @@
 //!
 //! Modules: [`cli`] (flags), [`config`] (the file), [`wiring`] (configuration to parts),
 //! [`run`], [`validate`], [`dlq`], [`offsets`], [`backfill`], [`reconcile`] (subcommands), [`ops`] (the operations endpoint),
-//! [`observe`] (fetch latency and breakers), [`logging`], [`signals`], [`demo`] and
+//! [`observe`] (fetch and sink figures, rates, lag per partition, series registration),
+//! [`logging`] (logs and traces), [`signals`], [`demo`] and
 //! [`demo_source`] (the embedded demo).
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -86,10 +87,13 @@ fn main() -> ExitCode {
     });
     // Background tasks (the ops server, librdkafka callbacks) must not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    // The Kafka clients' last repeats and, when trace export is on, the last spans.
+    logging::shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // In JSON mode the fatal line is JSON too; it is the last line.
+            logging::fatal(&e);
             if e.downcast_ref::<exit::InvalidConfiguration>().is_some() {
                 ExitCode::from(exit::CONFIG)
             } else {

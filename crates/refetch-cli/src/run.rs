@@ -39,7 +39,7 @@ pub async fn run(arg: &ConfigArg, signals: Signals) -> anyhow::Result<ExitCode> 
         Err(code) => return Ok(code),
     };
     let mut cfg = loaded.config;
-    logging::init(&cfg.log.level, cfg.log.format);
+    logging::init_with_traces(&cfg.log.level, cfg.log.format, &cfg.traces)?;
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }
@@ -55,6 +55,7 @@ pub async fn run(arg: &ConfigArg, signals: Signals) -> anyhow::Result<ExitCode> 
     loop {
         let handle = parts.pipeline.handle();
         let _ops = serve_ops(&cfg, &parts, prometheus.clone(), started).await?;
+
         tracing::info!(
             group = %cfg.kafka.group_id,
             topics = ?cfg.kafka_config().topics,
@@ -151,6 +152,7 @@ async fn serve_ops(
         fetch: parts.stats.clone(),
         title: cfg.kafka.group_id.clone(),
         started,
+        observed: crate::observe::Observed::from_config(cfg),
     };
     // After a rebuild the previous generation's listener is closing: retry briefly.
     let mut attempt = 0;

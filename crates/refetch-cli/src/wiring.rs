@@ -42,14 +42,21 @@ pub fn build_fetcher(cfg: &HttpFetcherConfig) -> anyhow::Result<(AppFetcher, Arc
 
 /// Build (connect and check) the sink.
 pub async fn build_sink(cfg: &refetch_sinks::SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
-    match refetch_sinks::build_sink(cfg).await {
-        Ok(sink) => Ok(sink),
+    let sink = match refetch_sinks::build_sink(cfg).await {
+        Ok(sink) => sink,
         // A setting only the sink checks (a table name, a template): exit 2 like the file's.
         Err(e @ refetch_sinks::SinkBuildError::Config { .. }) => {
-            Err(crate::exit::InvalidConfiguration(format!("[sink]: {e}")).into())
+            return Err(crate::exit::InvalidConfiguration(format!("[sink]: {e}")).into());
         }
-        Err(e) => Err(e).with_context(|| format!("cannot start the {} sink", cfg.kind())),
-    }
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot start the {} sink", cfg.kind()));
+        }
+    };
+    // Batches, latency and errors for the status page; the `sink_batch` span.
+    Ok(Arc::new(crate::observe::ObservedSink::new(
+        sink,
+        cfg.kind(),
+    )))
 }
 
 /// The consuming pipeline of `refetch run`; `dead_letters`, when given, is a producer whose topic

@@ -576,6 +576,8 @@ impl Source {
             .get(url)
             .headers(self.headers.clone())
             .timeout(self.timeout);
+        // `traceparent` of the current span, when trace export is on.
+        let rb = telemetry::traced(rb);
         match &self.auth {
             None => rb,
             Some(Auth::Bearer(token)) => rb.bearer_auth(token.expose()),

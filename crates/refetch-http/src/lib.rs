@@ -86,7 +86,7 @@
 //! ## Metrics
 //!
 //! See [`telemetry`] for the series (`refetch_http_requests_total`, `refetch_http_request_seconds`,
-//! `refetch_http_rate_limited_total`, `refetch_http_breaker_open`, ...).
+//! `refetch_http_rate_limited_total`, ...; the breaker sets the engine's `refetch_breaker_open`).
 
 // Tests may panic on unexpected values; library code may not (see the workspace lints).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]

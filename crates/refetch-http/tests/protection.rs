@@ -34,7 +34,7 @@ async fn breaker_opens_answers_not_attempted_and_half_opens_for_one_probe() {
         },
         ..SourceConfig::new(template(&src))
     });
-    assert_eq!(m.gauge("refetch_http_breaker_open", &[SRC]), Some(0.0));
+    assert_eq!(m.gauge("refetch_breaker_open", &[SRC]), Some(0.0));
 
     src.set_fault(Some(Fault::Status(503)));
     for _ in 0..3 {
@@ -43,7 +43,7 @@ async fn breaker_opens_answers_not_attempted_and_half_opens_for_one_probe() {
     }
     assert!(f.breaker_open("customer"));
     let opened = Instant::now();
-    assert_eq!(m.gauge("refetch_http_breaker_open", &[SRC]), Some(1.0));
+    assert_eq!(m.gauge("refetch_breaker_open", &[SRC]), Some(1.0));
 
     let before = src.total_requests();
     let r = f.fetch(&req("1")).await;
@@ -90,7 +90,7 @@ async fn breaker_opens_answers_not_attempted_and_half_opens_for_one_probe() {
         }
     }
     assert!(!f.breaker_open("customer"));
-    assert_eq!(m.gauge("refetch_http_breaker_open", &[SRC]), Some(0.0));
+    assert_eq!(m.gauge("refetch_breaker_open", &[SRC]), Some(0.0));
     assert!(m.counter("refetch_http_not_attempted_total", &[SRC]) >= 2);
     assert_eq!(
         m.counter(

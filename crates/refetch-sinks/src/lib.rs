@@ -28,7 +28,7 @@ pub mod config;
 #[cfg(test)]
 mod crash_test;
 mod factory;
-mod metrics;
+pub mod metrics;
 pub mod secret;
 
 #[cfg(feature = "http")]

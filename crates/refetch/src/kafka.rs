@@ -294,7 +294,7 @@ impl ClientContext for DriverContext {
         if log_message.contains("reset")
             && (fac.contains("OFFSET") || log_message.contains("offset reset"))
         {
-            metrics::counter!("refetch_offset_resets_total").increment(1);
+            crate::metrics::offset_reset();
             tracing::error!(
                 facility = fac,
                 message = log_message,
@@ -302,18 +302,8 @@ impl ClientContext for DriverContext {
             );
             return;
         }
-        match level {
-            rdkafka::config::RDKafkaLogLevel::Emerg
-            | rdkafka::config::RDKafkaLogLevel::Alert
-            | rdkafka::config::RDKafkaLogLevel::Critical
-            | rdkafka::config::RDKafkaLogLevel::Error => {
-                tracing::error!(facility = fac, message = log_message, "librdkafka")
-            }
-            rdkafka::config::RDKafkaLogLevel::Warning => {
-                tracing::warn!(facility = fac, message = log_message, "librdkafka")
-            }
-            _ => tracing::debug!(facility = fac, message = log_message, "librdkafka"),
-        }
+        // Repeated lines (an unreachable broker) are de-duplicated and rate-limited.
+        crate::client_log::client_line(level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -322,7 +312,7 @@ impl ClientContext for DriverContext {
         if matches!(code, Some(RDKafkaErrorCode::AllBrokersDown)) {
             self.report_broker(false, format!("{error}: {reason}"));
         }
-        tracing::error!(error = %error, reason, "kafka client error");
+        crate::client_log::client_error(&error, reason);
         let _ = self.events.send(ConsumerEvent::Error {
             message: format!("{error}: {reason}"),
             fatal,

@@ -91,11 +91,13 @@
 //! | [`pipeline`] | builder, handle and the async runtime (shutdown, revokes, commits, backpressure) |
 //! | [`config`] | engine settings and their validation |
 //! | [`metrics`] / [`stats`] | metrics through the `metrics` facade; in-process counters |
+//! | [`client_log`] | the Kafka client's repeated log lines, de-duplicated and rate-limited |
 //! | [`clock`] | monotonic millisecond ticks (debounce runs on the wall clock, not stream time) |
 
 pub(crate) mod acked;
 pub mod action;
 pub mod assignment;
+pub mod client_log;
 pub mod clock;
 pub(crate) mod coalesce;
 pub mod config;

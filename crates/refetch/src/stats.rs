@@ -94,9 +94,7 @@ impl Counters {
     /// `n` notifications satisfied because the sink holds their version.
     pub(crate) fn add_satisfied_by_version(&mut self, n: u64) {
         self.satisfied_by_version += n;
-        for _ in 0..n {
-            crate::metrics::satisfied_by_version();
-        }
+        crate::metrics::satisfied_by_version_n(n);
     }
 
     /// A record that is not a notification.

@@ -22,6 +22,7 @@ mod fetcher;
 mod load;
 mod messages;
 mod shapes;
+mod telemetry;
 mod tree;
 
 use std::collections::BTreeMap;
@@ -49,6 +50,7 @@ pub fn load_for_command(path: &std::path::Path) -> Result<Loaded, std::process::
         }
     }
 }
+pub use telemetry::TracesSection;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -71,6 +73,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
+    /// OpenTelemetry trace export (off unless `traces.endpoint` is set).
+    #[serde(default)]
+    pub traces: TracesSection,
     /// What `refetch validate --connect` checks beyond the defaults.
     #[serde(default)]
     pub validate: ValidateSection,

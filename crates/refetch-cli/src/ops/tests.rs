@@ -46,6 +46,11 @@ async fn start(engine: EngineConfig) -> Harness {
             fetch: Arc::new(FetchStats::new(|| vec![("customer".to_owned(), false)])),
             title: "test-group <&>".to_owned(),
             started: Instant::now(),
+            observed: Observed {
+                kafka: None,
+                sources: vec!["customer".to_owned()],
+                sink: "",
+            },
         },
     )
     .await
