@@ -92,19 +92,25 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod breaker;
+pub mod concurrency;
 pub mod config;
 pub mod fetcher;
 pub mod listing;
+pub mod rate;
 pub mod response;
 pub mod secret;
 pub mod telemetry;
 pub mod template;
 
+pub use breaker::BreakerStatus;
 pub use config::{
     AuthConfig, BatchConfig, BreakerConfig, HttpFetcherConfig, MissingKey, NotFoundConfig,
-    SourceConfig, VersionConfig,
+    RateLimit, RateScope, SourceConfig, VersionConfig,
 };
-pub use fetcher::{ConfigError, HttpFetcher, HttpFetcherBuilder};
-pub use listing::{ListPage, ListedItem, ListingConfig, ListingInfo, PageToken, Paging};
+pub use fetcher::{ConfigError, HttpFetcher, HttpFetcherBuilder, ReconfigureError};
+pub use listing::{
+    ListPage, ListedItem, ListingConfig, ListingInfo, ListingTotal, PageToken, Paging,
+};
+pub use rate::RateStatus;
 pub use secret::{Secret, SecretString};
 pub use template::{RenderError, TemplateError, UrlTemplate, encode_component};
