@@ -111,7 +111,9 @@ async fn listing_shares_the_concurrency_limit_and_the_breaker_with_fetches() {
         concurrency: 1,
         breaker: BreakerConfig {
             failures: 2,
+            min_calls: 2,
             cooldown: Duration::from_secs(60),
+            ..BreakerConfig::default()
         },
         listing: Some(listing(&src, Paging::Cursor)),
         ..SourceConfig::new(template(&src))
@@ -132,10 +134,12 @@ async fn listing_shares_the_concurrency_limit_and_the_breaker_with_fetches() {
         "one request at a time in all"
     );
 
-    // Failing listings open the breaker that fetches obey, and the other way round.
+    // Failing listings open the breaker that fetches obey, and the other way round: the window
+    // holds the 7 successes above, so the 7th failure makes half of the calls failed.
     src.set_latency(Duration::ZERO);
     src.set_fault(Some(Fault::Status(503)));
-    for _ in 0..2 {
+    for _ in 0..7 {
+        assert!(!f.breaker_open("customer"));
         let e = f.list_page("customer", None).await.unwrap_err();
         assert!(matches!(e, FetchError::Transient { .. }), "{e:?}");
     }
