@@ -438,4 +438,64 @@ mod tests {
             assert!(toml::from_str::<HttpFetcherConfig>(bad).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn rate_limits_read_in_both_shapes_and_round_trip() {
+        let read = |v: &str| {
+            toml::from_str::<HttpFetcherConfig>(&format!(
+                "[sources.c]\nurl = \"http://h/{{id}}\"\nrate_limit = {v}\n"
+            ))
+            .map(|c| c.sources["c"].rate_limit)
+        };
+        assert_eq!(read("50.0").unwrap(), Some(RateLimit::per_instance(50.0)));
+        assert_eq!(read("7").unwrap(), Some(RateLimit::per_instance(7.0)));
+        assert_eq!(
+            read(r#"{ per_second = 100, burst = 20, scope = "group" }"#).unwrap(),
+            Some(RateLimit {
+                per_second: 100.0,
+                burst: Some(20),
+                scope: RateScope::Group
+            })
+        );
+        assert_eq!(
+            read("{ per_second = 2.5 }").unwrap(),
+            Some(RateLimit::per_instance(2.5))
+        );
+        for (bad, says) in [
+            (
+                r#""fast""#,
+                "requests per second (a number such as 50.0), or a table",
+            ),
+            (
+                r#"{ per_second = 1, scope = "cluster" }"#,
+                "unknown variant `cluster`",
+            ),
+            ("{ per_sec = 1 }", "unknown field `per_sec`"),
+            ("{ scope = \"group\" }", "missing field `per_second`"),
+        ] {
+            let e = read(bad).expect_err(bad).to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(e.contains("line 3"), "{e}");
+        }
+        for limit in [
+            RateLimit::per_instance(50.0),
+            RateLimit::per_group(10.0),
+            RateLimit {
+                burst: Some(4),
+                ..RateLimit::per_instance(1.0)
+            },
+        ] {
+            let mut cfg = HttpFetcherConfig::default();
+            cfg.sources.insert(
+                "c".into(),
+                SourceConfig {
+                    rate_limit: Some(limit),
+                    ..SourceConfig::new("http://h/{id}")
+                },
+            );
+            let text = toml::to_string(&cfg).expect("serializes");
+            let back: HttpFetcherConfig = toml::from_str(&text).expect("reads back");
+            assert_eq!(back, cfg, "{text}");
+        }
+    }
 }
