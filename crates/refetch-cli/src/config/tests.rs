@@ -384,7 +384,7 @@ fn full_configs() -> Vec<Config> {
         },
     ];
     let mut source = SourceConfig {
-        rate_limit: Some(1.0),
+        rate_limit: Some(1.0.into()),
         burst: Some(1),
         version: Some(VersionConfig {
             pointer: Some("/v".into()),
