@@ -147,10 +147,10 @@ type EnvLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 /// Builds an [`HttpFetcher`] from Rust.
 ///
 /// ```
-/// use refetch_http::{HttpFetcher, SourceConfig};
+/// use refetch_http::{HttpFetcher, RateLimit, SourceConfig};
 /// let fetcher = HttpFetcher::builder()
 ///     .source("customer", SourceConfig {
-///         rate_limit: Some(20.0),
+///         rate_limit: Some(RateLimit::per_instance(20.0)),
 ///         ..SourceConfig::new("https://crm.example/api/customers/{id}")
 ///     })
 ///     .build()
