@@ -279,9 +279,6 @@ impl RateBudget {
     pub(crate) async fn acquire(&self) -> Result<bool, Refusal> {
         let mut waited = false;
         loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
             let current = self.current();
             let wait = match &current.limit {
                 Limit::Unlimited => return Ok(waited),
@@ -292,6 +289,14 @@ impl RateBudget {
                 },
             };
             waited = true;
+            // Register for a swap before checking that none happened since the limit was read,
+            // so a swap in between is not missed.
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.current().generation != current.generation {
+                continue;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(wait.max(Duration::from_micros(100))) => {}
                 _ = &mut notified => {
