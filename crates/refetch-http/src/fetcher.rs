@@ -268,6 +268,9 @@ impl HttpFetcher {
     /// such setting. An invalid new value of a live setting is refused the same way
     /// ([`ReconfigureError::Invalid`]), so a failed reload changes nothing. Returns the settings
     /// that changed (empty when none did).
+    ///
+    /// Only the live settings are checked here; a configuration refused with `NeedsRestart` is
+    /// checked when the new fetcher is built ([`HttpFetcher::from_config`]).
     pub fn reconfigure(&self, new: &HttpFetcherConfig) -> Result<Vec<String>, ReconfigureError> {
         let mut restart = Vec::new();
         if new.user_agent != self.user_agent {
