@@ -7,6 +7,11 @@
 //! same run: a bare `reqwest` client keeping `C` requests in flight against the same server
 //! (`raw/ideal`), and the fetcher relative to it (`fetcher/raw`), which separates the fetcher's
 //! own cost from the test server's and the machine's.
+//!
+//! The last configuration (`guarded`) runs the same load with every protection switched on: the
+//! default circuit breaker (its window counts every call) and a rate limit far above the load
+//! (every call passes through the limiter), so its `fetcher/raw` against the plain one shows what
+//! the protections cost.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,7 +21,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::future::join_all;
 use refetch::{EntityKey, FetchOutcome, FetchRequest, Fetcher};
-use refetch_http::{BreakerConfig, HttpFetcher, SourceConfig};
+use refetch_http::{BreakerConfig, HttpFetcher, RateLimit, SourceConfig};
 use refetch_testkit::http_source::{HttpSource, HttpSourceOptions};
 use serde_json::json;
 
@@ -29,7 +34,7 @@ struct Setup {
     requests: Arc<Vec<FetchRequest>>,
 }
 
-fn setup(latency: Duration, concurrency: usize) -> Setup {
+fn setup(latency: Duration, concurrency: usize, guarded: bool) -> Setup {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -51,10 +56,15 @@ fn setup(latency: Duration, concurrency: usize) -> Setup {
             "customer",
             SourceConfig {
                 concurrency,
-                breaker: BreakerConfig {
-                    failures: 0,
-                    ..BreakerConfig::default()
+                breaker: if guarded {
+                    BreakerConfig::default()
+                } else {
+                    BreakerConfig {
+                        failures: 0,
+                        ..BreakerConfig::default()
+                    }
                 },
+                rate_limit: guarded.then(|| RateLimit::per_instance(1_000_000.0)),
                 ..SourceConfig::new(format!("{}/customer/{{id}}", source.base_url()))
             },
         )
@@ -100,9 +110,15 @@ fn throughput(c: &mut Criterion) {
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(8));
     group.throughput(Throughput::Elements(KEYS as u64));
-    for (latency_ms, concurrency) in [(10u64, 8usize), (20, 32)] {
+    for (latency_ms, concurrency, guarded) in
+        [(10u64, 8usize, false), (20, 32, false), (20, 32, true)]
+    {
         let latency = Duration::from_millis(latency_ms);
-        let s = setup(latency, concurrency);
+        let s = setup(latency, concurrency, guarded);
+        let name = format!(
+            "L{latency_ms}ms_C{concurrency}{}",
+            if guarded { "_guarded" } else { "" }
+        );
         // Warm the connection pool, then measure one round for the printed ratio.
         s.runtime.block_on(round(&s.fetcher, &s.requests));
         let started = Instant::now();
@@ -117,12 +133,12 @@ fn throughput(c: &mut Criterion) {
         s.runtime.block_on(raw_round(&client, &base, concurrency));
         let raw = KEYS as f64 / started.elapsed().as_secs_f64();
         println!(
-            "L={latency_ms}ms C={concurrency}: {achieved:.0} req/s, ideal C/L = {ideal:.0} req/s, achieved/ideal = {:.2}; bare client {raw:.0} req/s (raw/ideal = {:.2}), fetcher/raw = {:.2}",
+            "{name}: {achieved:.0} req/s, ideal C/L = {ideal:.0} req/s, achieved/ideal = {:.2}; bare client {raw:.0} req/s (raw/ideal = {:.2}), fetcher/raw = {:.2}",
             achieved / ideal,
             raw / ideal,
             achieved / raw
         );
-        group.bench_function(format!("L{latency_ms}ms_C{concurrency}"), |b| {
+        group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let started = Instant::now();
                 for _ in 0..iters {

@@ -9,7 +9,7 @@
 //! [sources.customer]
 //! url = "https://crm.example/api/customers/{id}"
 //! timeout = "5s"
-//! rate_limit = 50.0
+//! rate_limit = 50.0                     # or { per_second = 200, scope = "group" }
 //! burst = 10
 //! concurrency = 16
 //! headers = { "X-Api-Key" = "${CRM_API_KEY}" }
@@ -17,7 +17,7 @@
 //! version = { pointer = "/version", kind = "integer" }
 //! envelope = "/data"
 //! not_found = { pointer = "/error", equals = "not_found" }
-//! breaker = { failures = 5, cooldown = "10s" }
+//! breaker = { failure_ratio = 0.5, min_calls = 10, window = "30s", cooldown = "10s" }
 //! batch = { url = "https://crm.example/api/customers?ids={ids}", max = 50, items = "/items", id = "/id" }
 //! ```
 
@@ -74,9 +74,12 @@ pub struct SourceConfig {
     /// Timeout of establishing a connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Requests per second to this source (fractions allowed); unset: no rate limit.
-    pub rate_limit: Option<f64>,
+    /// Requests per second to this source: a number for this process alone (fractions
+    /// allowed), or `{ per_second = 100, scope = "group" }` for a budget the whole consumer group
+    /// shares (see [`RateLimit`]). Unset: no rate limit.
+    pub rate_limit: Option<RateLimit>,
     /// How many requests may go out at once above the steady rate (default: one second's worth).
+    /// May also be given inside the `rate_limit` table, not in both places.
     pub burst: Option<u32>,
     /// Most requests in flight to this source at once (0: unlimited).
     pub concurrency: usize,
@@ -166,25 +169,170 @@ pub enum AuthConfig {
     },
 }
 
-/// The circuit breaker of a source.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The circuit breaker of a source: it judges the *share* of failed calls over a time window,
+/// not a run of consecutive failures, so a flaky source whose errors come back faster than its
+/// successes does not trip it.
+///
+/// It opens when, within `window`, at least `failures` calls failed, at least `min_calls` calls
+/// were made (calls still in flight count, as calls that have not failed), and the failed share
+/// is at least `failure_ratio`. Throttling (429) counts neither way. While open, fetches are not
+/// attempted (no request, no retry budget spent) and carry the time until it half-opens; after
+/// `cooldown` it lets `probes` calls through: that many successes close it, one failure opens it
+/// again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
-    /// Consecutive transient failures (5xx, 429, timeouts, connection errors) that open the
-    /// breaker (0: never open). While open, fetches are not attempted and do not spend retry
-    /// budget.
+    /// Fewest failed calls in the window before the breaker may open (0: it never opens).
     pub failures: u32,
-    /// How long the breaker stays open before one probe request is let through.
+    /// The failed share of the window's calls (in flight included) at which it opens, in
+    /// `(0, 1]`.
+    pub failure_ratio: f64,
+    /// Fewest calls in the window (in flight included) before the share is judged at all.
+    pub min_calls: u32,
+    /// How far back calls are counted.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// How long the breaker stays open before it lets probes through.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
+    /// Probe calls let through while half-open; that many successes close the breaker.
+    pub probes: u32,
 }
 
 impl Default for BreakerConfig {
     fn default() -> Self {
         BreakerConfig {
             failures: 5,
+            failure_ratio: 0.5,
+            min_calls: 10,
+            window: Duration::from_secs(30),
             cooldown: Duration::from_secs(10),
+            probes: 3,
         }
+    }
+}
+
+/// A source's rate limit: requests per second for this process, or a budget shared by the
+/// consumer group.
+///
+/// In TOML either a number (`rate_limit = 50.0`: this process alone, the old shape) or a table:
+///
+/// ```toml
+/// rate_limit = { per_second = 100, burst = 20, scope = "group" }
+/// ```
+///
+/// With `scope = "group"` every instance of the group takes the share of the budget that
+/// matches the partitions it owns of the subscribed topics (see
+/// [`refetch::Fetcher::ownership_changed`]): two of six partitions give a third of `per_second`
+/// (and of `burst`). An instance that owns no partition sends nothing. A process that never
+/// joins the group (`refetch backfill`, `refetch fetch`) takes the whole budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Requests per second (fractions allowed).
+    pub per_second: f64,
+    /// Requests that may go out at once above the steady rate; unset: the source's `burst`, or
+    /// one second's worth.
+    pub burst: Option<u32>,
+    /// Who shares the budget.
+    pub scope: RateScope,
+}
+
+impl RateLimit {
+    /// `per_second` for this process alone.
+    pub fn per_instance(per_second: f64) -> Self {
+        RateLimit {
+            per_second,
+            burst: None,
+            scope: RateScope::Instance,
+        }
+    }
+
+    /// `per_second` shared by the consumer group.
+    pub fn per_group(per_second: f64) -> Self {
+        RateLimit {
+            per_second,
+            burst: None,
+            scope: RateScope::Group,
+        }
+    }
+}
+
+impl From<f64> for RateLimit {
+    fn from(per_second: f64) -> Self {
+        RateLimit::per_instance(per_second)
+    }
+}
+
+/// Who shares a [`RateLimit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateScope {
+    /// This process alone: every instance sends up to the whole rate.
+    #[default]
+    Instance,
+    /// The whole consumer group: each instance takes the share of the partitions it owns.
+    Group,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitTable {
+    per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    burst: Option<u32>,
+    #[serde(default)]
+    scope: RateScope,
+}
+
+impl Serialize for RateLimit {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.scope == RateScope::Instance && self.burst.is_none() {
+            serializer.serialize_f64(self.per_second)
+        } else {
+            RateLimitTable {
+                per_second: self.per_second,
+                burst: self.burst,
+                scope: self.scope,
+            }
+            .serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RateLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RateLimit;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "requests per second (a number such as 50.0), or a table such as \
+                     { per_second = 100, scope = \"group\" }",
+                )
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<RateLimit, E> {
+                Ok(RateLimit::per_instance(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RateLimit, E> {
+                Ok(RateLimit::per_instance(v as f64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RateLimit, E> {
+                Ok(RateLimit::per_instance(v as f64))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RateLimit, A::Error> {
+                let t =
+                    RateLimitTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RateLimit {
+                    per_second: t.per_second,
+                    burst: t.burst,
+                    scope: t.scope,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visit)
     }
 }
 
@@ -288,6 +436,66 @@ mod tests {
             "nope = 1",
         ] {
             assert!(toml::from_str::<HttpFetcherConfig>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rate_limits_read_in_both_shapes_and_round_trip() {
+        let read = |v: &str| {
+            toml::from_str::<HttpFetcherConfig>(&format!(
+                "[sources.c]\nurl = \"http://h/{{id}}\"\nrate_limit = {v}\n"
+            ))
+            .map(|c| c.sources["c"].rate_limit)
+        };
+        assert_eq!(read("50.0").unwrap(), Some(RateLimit::per_instance(50.0)));
+        assert_eq!(read("7").unwrap(), Some(RateLimit::per_instance(7.0)));
+        assert_eq!(
+            read(r#"{ per_second = 100, burst = 20, scope = "group" }"#).unwrap(),
+            Some(RateLimit {
+                per_second: 100.0,
+                burst: Some(20),
+                scope: RateScope::Group
+            })
+        );
+        assert_eq!(
+            read("{ per_second = 2.5 }").unwrap(),
+            Some(RateLimit::per_instance(2.5))
+        );
+        for (bad, says) in [
+            (
+                r#""fast""#,
+                "requests per second (a number such as 50.0), or a table",
+            ),
+            (
+                r#"{ per_second = 1, scope = "cluster" }"#,
+                "unknown variant `cluster`",
+            ),
+            ("{ per_sec = 1 }", "unknown field `per_sec`"),
+            ("{ scope = \"group\" }", "missing field `per_second`"),
+        ] {
+            let e = read(bad).expect_err(bad).to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(e.contains("line 3"), "{e}");
+        }
+        for limit in [
+            RateLimit::per_instance(50.0),
+            RateLimit::per_group(10.0),
+            RateLimit {
+                burst: Some(4),
+                ..RateLimit::per_instance(1.0)
+            },
+        ] {
+            let mut cfg = HttpFetcherConfig::default();
+            cfg.sources.insert(
+                "c".into(),
+                SourceConfig {
+                    rate_limit: Some(limit),
+                    ..SourceConfig::new("http://h/{id}")
+                },
+            );
+            let text = toml::to_string(&cfg).expect("serializes");
+            let back: HttpFetcherConfig = toml::from_str(&text).expect("reads back");
+            assert_eq!(back, cfg, "{text}");
         }
     }
 }

@@ -1,35 +1,41 @@
 //! [`HttpFetcher`]: the built-in [`refetch::Fetcher`] for REST sources.
 //!
 //! One compiled source per entity type holds its HTTP client (with its own redirect policy),
-//! URL templates, secrets, rate limiter, concurrency limit and circuit breaker. A fetch goes
-//! through these steps, and stops at the first that refuses:
+//! URL templates, secrets, rate limit ([`crate::rate`]), concurrency limit
+//! ([`crate::concurrency`]) and circuit breaker ([`crate::breaker`]). A fetch goes through these
+//! steps, and stops at the first that refuses:
 //!
 //! 1. render the URL (an id that cannot be placed safely is a permanent error; no request);
-//! 2. take a concurrency permit;
-//! 3. ask the circuit breaker (open: [`FetchError::NotAttempted`], no retry budget spent);
-//! 4. wait for the rate limiter (waits are counted);
-//! 5. send, read the body under the size limit, classify (see [`crate::response`]).
+//! 2. take a concurrency slot;
+//! 3. ask the circuit breaker whether it is open (open: [`FetchError::NotAttempted`] with the
+//!    time until it half-opens; no request, no retry budget spent);
+//! 4. wait for the rate limit (waits are counted; an instance that owns no partition of a
+//!    group budget gets [`FetchError::NotAttempted`]);
+//! 5. take the breaker's admission (it counts the call as in flight from here on);
+//! 6. send, read the body under the size limit, classify (see [`crate::response`]).
+//!
+//! Rate limits, concurrency limits and breaker settings change live with
+//! [`HttpFetcher::reconfigure`]; everything else needs a new fetcher.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::join_all;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use refetch::{FailureCause, FetchError, FetchOutcome, FetchRequest, Fetcher};
+use refetch::{FailureCause, FetchError, FetchOutcome, FetchRequest, Fetcher, OwnershipShare};
 use reqwest::header::{
-    ACCEPT, HeaderMap, HeaderName, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LOCATION,
+    ACCEPT, HeaderMap, HeaderName, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH,
 };
 use serde_json::Value;
-use tokio::sync::Semaphore;
 use url::Url;
 
-use crate::breaker::Breaker;
-use crate::config::{AuthConfig, HttpFetcherConfig, MissingKey, SourceConfig};
+use crate::breaker::{Breaker, BreakerStatus, CallOutcome};
+use crate::concurrency::ConcurrencyLimit;
+use crate::config::{AuthConfig, BreakerConfig, HttpFetcherConfig, MissingKey, SourceConfig};
 use crate::listing::{Listing, read_listing};
+use crate::rate::{self, RateBudget, RateStatus, Refusal};
 use crate::response::{self, BodyRules, VersionAt};
 use crate::secret::{MissingVar, Secret};
 use crate::telemetry;
@@ -81,27 +87,46 @@ struct Batch {
     missing: MissingKey,
 }
 
+/// Why [`HttpFetcher::reconfigure`] refused a new configuration. Nothing was applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReconfigureError {
+    /// Settings changed that a running fetcher cannot take: build a new fetcher (and the
+    /// pipeline around it) to apply them.
+    #[error("these settings cannot change while the fetcher runs (a restart applies them): {}", settings.join(", "))]
+    NeedsRestart {
+        /// The settings, as paths in the fetcher's configuration (for example
+        /// `sources.customer.url`, `sources.order` for a source added or removed).
+        settings: Vec<String>,
+    },
+    /// A setting that may change live has an invalid new value.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
 /// One compiled source.
 struct Source {
-    name: String,
+    name: Arc<str>,
     client: reqwest::Client,
     url: UrlTemplate,
     batch: Option<Batch>,
     headers: HeaderMap,
     auth: Option<Auth>,
     timeout: Duration,
-    limiter: Option<DefaultDirectRateLimiter>,
-    permits: Option<Arc<Semaphore>>,
+    rate: RateBudget,
+    permits: ConcurrencyLimit,
     breaker: Arc<Breaker>,
     rules: BodyRules,
     fields: Vec<String>,
     listing: Option<Listing>,
+    /// The configuration in force (live changes included), for [`HttpFetcher::reconfigure`].
+    config: Mutex<SourceConfig>,
 }
 
 /// The built-in HTTP fetcher. Build it with [`HttpFetcher::from_config`] or
 /// [`HttpFetcher::builder`]; share it as `Arc<HttpFetcher>`.
 pub struct HttpFetcher {
     sources: HashMap<String, Arc<Source>>,
+    user_agent: String,
 }
 
 impl fmt::Debug for HttpFetcher {
@@ -122,10 +147,10 @@ type EnvLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 /// Builds an [`HttpFetcher`] from Rust.
 ///
 /// ```
-/// use refetch_http::{HttpFetcher, SourceConfig};
+/// use refetch_http::{HttpFetcher, RateLimit, SourceConfig};
 /// let fetcher = HttpFetcher::builder()
 ///     .source("customer", SourceConfig {
-///         rate_limit: Some(20.0),
+///         rate_limit: Some(RateLimit::per_instance(20.0)),
 ///         ..SourceConfig::new("https://crm.example/api/customers/{id}")
 ///     })
 ///     .build()
@@ -169,9 +194,14 @@ impl HttpFetcherBuilder {
         let mut sources = HashMap::new();
         for (entity_type, cfg) in &self.config.sources {
             let source = compile(entity_type, cfg, &self.config.user_agent, &*self.env)?;
+            let name = source.name.clone();
+            telemetry::breaker_state(&name, false);
             sources.insert(entity_type.clone(), Arc::new(source));
         }
-        Ok(HttpFetcher { sources })
+        Ok(HttpFetcher {
+            sources,
+            user_agent: self.config.user_agent,
+        })
     }
 }
 
@@ -212,6 +242,84 @@ impl HttpFetcher {
             .is_some_and(|s| s.breaker.is_open())
     }
 
+    /// The circuit breaker of `entity_type`'s source: its state and the window's counts.
+    pub fn breaker_status(&self, entity_type: &str) -> Option<BreakerStatus> {
+        self.sources.get(entity_type).map(|s| s.breaker.status())
+    }
+
+    /// The rate limit of `entity_type`'s source now: configured, this instance's share of a
+    /// group budget, and the resulting rate.
+    pub fn rate_status(&self, entity_type: &str) -> Option<RateStatus> {
+        self.sources.get(entity_type).map(|s| s.rate.status())
+    }
+
+    /// The concurrency limit of `entity_type`'s source now (0: unlimited).
+    pub fn concurrency_limit(&self, entity_type: &str) -> Option<usize> {
+        self.sources.get(entity_type).map(|s| s.permits.limit())
+    }
+
+    /// Apply a new configuration to the running fetcher, for a reload (SIGHUP).
+    ///
+    /// Applied live, per source: `rate_limit` (its rate, burst and scope), `burst`,
+    /// `concurrency` and every `breaker` setting; calls already waiting move to the new limits.
+    /// Every other setting (the URL templates, headers and auth, timeouts, TLS, redirects, body
+    /// rules, batch and listing endpoints, the user agent, adding or removing a source) needs a
+    /// new fetcher: then nothing is applied and [`ReconfigureError::NeedsRestart`] names each
+    /// such setting. An invalid new value of a live setting is refused the same way
+    /// ([`ReconfigureError::Invalid`]), so a failed reload changes nothing. Returns the settings
+    /// that changed (empty when none did).
+    ///
+    /// Only the live settings are checked here; a configuration refused with `NeedsRestart` is
+    /// checked when the new fetcher is built ([`HttpFetcher::from_config`]).
+    pub fn reconfigure(&self, new: &HttpFetcherConfig) -> Result<Vec<String>, ReconfigureError> {
+        let mut restart = Vec::new();
+        if new.user_agent != self.user_agent {
+            restart.push("user_agent".to_owned());
+        }
+        let mut names: Vec<&String> = self.sources.keys().chain(new.sources.keys()).collect();
+        names.sort();
+        names.dedup();
+        let mut plans = Vec::new();
+        for entity_type in names {
+            match (self.sources.get(entity_type), new.sources.get(entity_type)) {
+                (Some(source), Some(next)) => {
+                    let current = source.current_config();
+                    let fixed = restart_settings(&current, next);
+                    if fixed.is_empty() {
+                        let plan = LivePlan::check(entity_type, next)?;
+                        let changed = live_settings(&current, next);
+                        if !changed.is_empty() {
+                            plans.push((source, next, plan, changed, entity_type));
+                        }
+                    } else {
+                        restart.extend(
+                            fixed
+                                .into_iter()
+                                .map(|f| format!("sources.{entity_type}.{f}")),
+                        );
+                    }
+                }
+                (Some(_), None) => restart.push(format!("sources.{entity_type} (removed)")),
+                (None, Some(_)) => restart.push(format!("sources.{entity_type} (added)")),
+                (None, None) => {}
+            }
+        }
+        if !restart.is_empty() {
+            return Err(ReconfigureError::NeedsRestart { settings: restart });
+        }
+        let mut applied = Vec::new();
+        for (source, next, plan, changed, entity_type) in plans {
+            source.apply(next, plan);
+            tracing::info!(source = %source.name, settings = ?changed, "source reconfigured live");
+            applied.extend(
+                changed
+                    .into_iter()
+                    .map(|c| format!("sources.{entity_type}.{c}")),
+            );
+        }
+        Ok(applied)
+    }
+
     pub(crate) fn listing_of(&self, entity_type: &str) -> Option<&Listing> {
         self.sources
             .get(entity_type)
@@ -219,15 +327,15 @@ impl HttpFetcher {
     }
 
     /// One listing request to `entity_type`'s source, under its concurrency limit, breaker and
-    /// rate limit; `parse` gets the `Link` header and the body.
+    /// rate limit; `parse` gets the response headers and the body.
     pub(crate) async fn list_request<T>(
         &self,
         entity_type: &str,
         url: Url,
-        parse: impl FnOnce(Option<&str>, &bytes::Bytes) -> Result<T, FetchError>,
+        parse: impl FnOnce(&HeaderMap, &bytes::Bytes) -> Result<T, FetchError>,
     ) -> Result<T, FetchError> {
         let source = self.source(entity_type)?;
-        let (link, body) = source
+        let (headers, body) = source
             .guarded(
                 |r| match r {
                     Ok(_) => "listing",
@@ -237,11 +345,11 @@ impl HttpFetcher {
                     let resp = source.request(url).send().await.map_err(|e| {
                         response::transport_error(&e, "sending the listing request")
                     })?;
-                    read_listing(resp, source.rules.body_limit).await
+                    read_listing(resp, source.rules.body_limit, source.rules.expect_json).await
                 },
             )
             .await?;
-        parse(link.as_deref(), &body)
+        parse(&headers, &body)
     }
 
     fn source(&self, entity_type: &str) -> Result<&Arc<Source>, FetchError> {
@@ -269,6 +377,115 @@ fn check_pointer(entity_type: &str, setting: &str, p: &str) -> Result<(), Config
             format!("{setting} {p:?} is not a JSON pointer (it must start with '/')"),
         ))
     }
+}
+
+/// The settings of `new` that differ from `old` and need a new fetcher.
+fn restart_settings(old: &SourceConfig, new: &SourceConfig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    macro_rules! fixed {
+        ($($field:ident),* $(,)?) => {
+            $(if old.$field != new.$field { out.push(stringify!($field)); })*
+        };
+    }
+    fixed!(
+        url,
+        fields,
+        headers,
+        auth,
+        timeout,
+        connect_timeout,
+        body_limit,
+        expect_json,
+        version,
+        envelope,
+        not_found,
+        follow_redirects_to_other_hosts,
+        max_redirects,
+        ca_file,
+        batch,
+        listing,
+    );
+    // A field added to SourceConfig and not sorted into live or fixed above needs a restart.
+    let mut same = new.clone();
+    same.rate_limit = old.rate_limit;
+    same.burst = old.burst;
+    same.concurrency = old.concurrency;
+    same.breaker = old.breaker.clone();
+    if out.is_empty() && same != *old {
+        out.push("(a setting that cannot change live)");
+    }
+    out
+}
+
+/// The live settings of `new` that differ from `old`.
+fn live_settings(old: &SourceConfig, new: &SourceConfig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if old.rate_limit != new.rate_limit {
+        out.push("rate_limit");
+    }
+    if old.burst != new.burst {
+        out.push("burst");
+    }
+    if old.concurrency != new.concurrency {
+        out.push("concurrency");
+    }
+    if old.breaker != new.breaker {
+        out.push("breaker");
+    }
+    out
+}
+
+/// The checked live settings of a source.
+struct LivePlan {
+    rate: Option<crate::config::RateLimit>,
+}
+
+impl LivePlan {
+    fn check(entity_type: &str, cfg: &SourceConfig) -> Result<LivePlan, ConfigError> {
+        check_breaker(entity_type, &cfg.breaker)?;
+        Ok(LivePlan {
+            rate: check_rate(entity_type, cfg)?,
+        })
+    }
+}
+
+fn check_rate(
+    entity_type: &str,
+    cfg: &SourceConfig,
+) -> Result<Option<crate::config::RateLimit>, ConfigError> {
+    match (&cfg.rate_limit, cfg.burst) {
+        (None, Some(_)) => return Err(invalid(entity_type, "burst needs rate_limit")),
+        (Some(r), Some(_)) if r.burst.is_some() => {
+            return Err(invalid(
+                entity_type,
+                "burst is set both in rate_limit and beside it; keep one",
+            ));
+        }
+        _ => {}
+    }
+    rate::resolve(cfg.rate_limit, cfg.burst).map_err(|e| invalid(entity_type, e.to_string()))
+}
+
+fn check_breaker(entity_type: &str, b: &BreakerConfig) -> Result<(), ConfigError> {
+    if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+        return Err(invalid(
+            entity_type,
+            "breaker.failure_ratio must be above 0 and at most 1",
+        ));
+    }
+    if b.window.is_zero() || b.cooldown.is_zero() {
+        return Err(invalid(
+            entity_type,
+            "breaker.window and breaker.cooldown must be positive",
+        ));
+    }
+    if b.min_calls == 0 || b.probes == 0 {
+        return Err(invalid(
+            entity_type,
+            "breaker.min_calls and breaker.probes must be at least 1",
+        ));
+    }
+    Ok(())
 }
 
 fn compile(
@@ -383,24 +600,7 @@ fn compile(
     if cfg.body_limit == 0 {
         return Err(invalid(entity_type, "body_limit must be positive"));
     }
-    let limiter = match cfg.rate_limit {
-        None => None,
-        Some(rate) if !(rate.is_finite() && rate > 0.0) => {
-            return Err(invalid(entity_type, "rate_limit must be a positive number"));
-        }
-        Some(rate) => {
-            let burst = cfg.burst.unwrap_or(rate.ceil().max(1.0) as u32);
-            let burst = NonZeroU32::new(burst)
-                .ok_or_else(|| invalid(entity_type, "burst must be at least 1"))?;
-            let quota = Quota::with_period(Duration::from_secs_f64(1.0 / rate))
-                .ok_or_else(|| invalid(entity_type, "rate_limit is too high"))?
-                .allow_burst(burst);
-            Some(RateLimiter::direct(quota))
-        }
-    };
-    if cfg.rate_limit.is_none() && cfg.burst.is_some() {
-        return Err(invalid(entity_type, "burst needs rate_limit"));
-    }
+    let live = LivePlan::check(entity_type, cfg)?;
 
     let version = match &cfg.version {
         None => None,
@@ -503,23 +703,17 @@ fn compile(
         .build()
         .map_err(|e| invalid(entity_type, format!("building the HTTP client: {e}")))?;
 
-    let name = entity_type.to_owned();
+    let name: Arc<str> = Arc::from(entity_type);
     let gauge_name = name.clone();
-    let breaker = Arc::new(Breaker::new(
-        cfg.breaker.failures,
-        cfg.breaker.cooldown,
-        move |open| {
-            telemetry::breaker_state(&gauge_name, open);
-            if open {
-                tracing::warn!(source = %gauge_name, "circuit breaker opened");
-            } else {
-                tracing::info!(source = %gauge_name, "circuit breaker closed");
-            }
-        },
-    ));
-    telemetry::breaker_state(&name, false);
+    let breaker = Arc::new(Breaker::new(name.clone(), &cfg.breaker, move |open| {
+        telemetry::breaker_state(&gauge_name, open);
+        if !open {
+            tracing::info!(source = %gauge_name, "circuit breaker closed");
+        }
+    }));
 
     Ok(Source {
+        rate: RateBudget::new(name.clone(), live.rate),
         name,
         client,
         url,
@@ -527,8 +721,7 @@ fn compile(
         headers,
         auth,
         timeout: cfg.timeout,
-        limiter,
-        permits: (cfg.concurrency > 0).then(|| Arc::new(Semaphore::new(cfg.concurrency))),
+        permits: ConcurrencyLimit::new(cfg.concurrency),
         breaker,
         rules: BodyRules {
             expect_json: cfg.expect_json,
@@ -539,20 +732,36 @@ fn compile(
         },
         fields: cfg.fields.clone(),
         listing,
+        config: Mutex::new(cfg.clone()),
     })
 }
 
-fn same_origin(a: &Url, b: &Url) -> bool {
-    a.scheme() == b.scheme()
-        && a.host_str() == b.host_str()
-        && a.port_or_known_default() == b.port_or_known_default()
-}
+use response::same_origin;
 
 fn refused(e: RenderError) -> FetchError {
     FetchError::permanent(format!("id cannot be placed in the URL: {e}"))
 }
 
 impl Source {
+    fn current_config(&self) -> SourceConfig {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Apply checked live settings.
+    fn apply(&self, cfg: &SourceConfig, plan: LivePlan) {
+        self.rate.set_limit(plan.rate);
+        self.permits.resize(cfg.concurrency);
+        self.breaker.update(&cfg.breaker);
+        let mut held = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        held.rate_limit = cfg.rate_limit;
+        held.burst = cfg.burst;
+        held.concurrency = cfg.concurrency;
+        held.breaker = cfg.breaker.clone();
+    }
+
     fn field<'a>(&self, request: &'a FetchRequest, name: &str) -> Option<template::Value<'a>> {
         match name {
             "id" => Some(template::Value::Raw(request.key.id())),
@@ -596,39 +805,43 @@ impl Source {
     where
         F: Future<Output = Result<T, FetchError>>,
     {
-        let _permit =
-            match &self.permits {
-                Some(sem) => Some(sem.clone().acquire_owned().await.map_err(|_| {
-                    FetchError::NotAttempted {
-                        message: "fetcher is shutting down".into(),
-                        retry_after: None,
-                    }
-                })?),
-                None => None,
-            };
-        let pass = match self.breaker.admit() {
-            Ok(pass) => pass,
-            Err(wait) => {
-                telemetry::not_attempted(&self.name);
-                return Err(FetchError::NotAttempted {
-                    message: format!("circuit breaker for {} is open", self.name),
-                    retry_after: Some(wait),
-                });
-            }
+        let Some(_slot) = self.permits.acquire().await else {
+            return Err(FetchError::not_attempted("fetcher is shutting down", None));
         };
-        if let Some(limiter) = &self.limiter
-            && limiter.check().is_err()
-        {
-            telemetry::rate_limited(&self.name);
-            limiter.until_ready().await;
+        let breaker_open = |wait: Duration| {
+            telemetry::not_attempted(&self.name);
+            FetchError::not_attempted(
+                format!("circuit breaker for {} is open", self.name),
+                Some(wait),
+            )
+        };
+        // Ask before waiting for the rate limit (an open breaker answers at once), admit after
+        // (a call waiting for its turn is not yet in flight at the source).
+        if let Some(wait) = self.breaker.refusal() {
+            return Err(breaker_open(wait));
         }
+        match self.rate.acquire().await {
+            Ok(false) => {}
+            Ok(true) => telemetry::rate_limited(&self.name),
+            Err(Refusal::ZeroShare(wait)) => {
+                telemetry::not_attempted(&self.name);
+                return Err(FetchError::not_attempted(
+                    format!(
+                        "this instance owns no partition, so no share of {}'s group rate limit",
+                        self.name
+                    ),
+                    Some(wait),
+                ));
+            }
+        }
+        let pass = self.breaker.admit().map_err(breaker_open)?;
         let started = Instant::now();
         let result = call.await;
         let elapsed = started.elapsed();
         let outcome = label(&result);
         telemetry::request(&self.name, outcome, elapsed);
-        tracing::debug!(source = %self.name, outcome, elapsed_ms = elapsed.as_millis() as u64, "http request");
-        pass.record(!matches!(result, Err(FetchError::Transient { .. })));
+        tracing::debug!(source = %self.name, outcome, cause = result.as_ref().err().and_then(FetchError::cause).map(|c| c.label()), elapsed_ms = elapsed.as_millis() as u64, "http request");
+        pass.record(CallOutcome::of(&result));
         result
     }
 
@@ -666,9 +879,10 @@ impl Source {
                     .map(FetchOutcome::Found)
             }
             304 if validators.is_some() => Ok(FetchOutcome::Unchanged),
-            304 => Err(FetchError::transient(
-                "304 Not Modified to a request without validators",
-            )),
+            304 => Err(
+                FetchError::transient("304 Not Modified to a request without validators")
+                    .with_cause(FailureCause::Server),
+            ),
             404 | 410 => match &self.rules.not_found {
                 None => Ok(FetchOutcome::Gone),
                 Some(matcher) => {
@@ -681,42 +895,12 @@ impl Source {
                         Err(FetchError::transient(format!(
                             "HTTP {} whose body is not the source's not-found answer (a gateway or a misrouted request?)",
                             status.as_u16()
-                        )))
+                        ))
+                        .with_cause(FailureCause::Server))
                     }
                 }
             },
-            _ => Err(self.failure(&resp)),
-        }
-    }
-
-    /// Classify an answer that is neither success nor not-found.
-    fn failure(&self, resp: &reqwest::Response) -> FetchError {
-        let status = resp.status();
-        let code = status.as_u16();
-        match code {
-            408 | 429 | 500..=599 => FetchError::transient(format!("HTTP {code}"))
-                .with_retry_after(response::retry_after(resp.headers()))
-                .with_cause(match code {
-                    429 => FailureCause::Throttled,
-                    408 => FailureCause::Timeout,
-                    _ => FailureCause::Server,
-                }),
-            300..=399 => {
-                let location = resp
-                    .headers()
-                    .get(LOCATION)
-                    .and_then(|l| l.to_str().ok())
-                    .and_then(|l| resp.url().join(l).ok());
-                match location {
-                    Some(to) if !same_origin(resp.url(), &to) => FetchError::permanent(format!(
-                        "HTTP {code}: redirect to another host ({}) not followed",
-                        to.host_str().unwrap_or("?")
-                    )),
-                    _ => FetchError::permanent(format!("HTTP {code}: too many redirects")),
-                }
-            }
-            400..=499 => FetchError::permanent(format!("HTTP {code}")),
-            _ => FetchError::transient(format!("unexpected HTTP {code}")),
+            _ => Err(response::status_error(&resp, "HTTP")),
         }
     }
 
@@ -736,9 +920,10 @@ impl Source {
             404 | 410 => {
                 return Err(FetchError::transient(format!(
                     "the batch endpoint answered HTTP {code}"
-                )));
+                ))
+                .with_cause(FailureCause::Server));
             }
-            _ => return Err(self.failure(&resp)),
+            _ => return Err(response::status_error(&resp, "HTTP")),
         }
         let headers = resp.headers().clone();
         let body = response::read_body(&mut resp, self.rules.body_limit).await?;
@@ -747,14 +932,15 @@ impl Source {
         {
             return Err(FetchError::permanent(format!(
                 "batch answer has content type {ct:?} where JSON is expected"
-            )));
+            ))
+            .with_cause(FailureCause::ContentType));
         }
         let doc: Value = serde_json::from_slice(&body)
-            .map_err(|e| FetchError::permanent(format!("batch body is not valid JSON: {e}")))?;
+            .map_err(|e| response::decode_error(format!("batch body is not valid JSON: {e}")))?;
         let items = match doc.pointer(&batch.items) {
             Some(Value::Array(items)) => items,
             _ => {
-                return Err(FetchError::permanent(format!(
+                return Err(response::decode_error(format!(
                     "batch body has no array at {:?}",
                     batch.items
                 )));
@@ -885,6 +1071,21 @@ impl Fetcher for HttpFetcher {
             .get(entity_type)
             .and_then(|s| s.batch.as_ref())
             .map_or(1, |b| b.max)
+    }
+
+    /// The configured source that serves `entity_type` (`[sources.<type>]`): each type has its
+    /// own source, so its own health, breaker and budget.
+    fn source_name(&self, entity_type: &str) -> Arc<str> {
+        self.sources
+            .get(entity_type)
+            .map_or_else(|| Arc::from(entity_type), |s| s.name.clone())
+    }
+
+    /// Every source with a group-wide `rate_limit` takes `share` of it from now on.
+    fn ownership_changed(&self, share: OwnershipShare) {
+        for source in self.sources.values() {
+            source.rate.set_share(share);
+        }
     }
 
     async fn fetch_batch(

@@ -13,7 +13,7 @@
 //!     [sources.customer]
 //!     url = "https://crm.example/api/customers/{id}"
 //!     timeout = "5s"
-//!     rate_limit = 50.0                      # requests per second
+//!     rate_limit = 50.0                      # requests per second (or { per_second = 200, scope = "group" })
 //!     burst = 10
 //!     concurrency = 16
 //!     auth = { kind = "bearer", token = "${CRM_TOKEN}" }
@@ -47,21 +47,32 @@
 //!
 //! ## What an answer means
 //!
-//! | answer | outcome |
-//! |---|---|
-//! | 2xx | [`FetchOutcome::Found`](refetch::FetchOutcome::Found): body (or the envelope's inner value), content type, version, `ETag`/`Last-Modified` validators |
-//! | 304 (to a conditional request) | `Unchanged` |
-//! | 404, 410 | `Gone`; with `not_found` configured, only when the body is the source's own not-found answer (otherwise transient: a gateway's 404 is not a deletion) |
-//! | 429, 5xx, 408, timeout, connection error, a body cut short | transient, honouring `Retry-After` (seconds or HTTP date) |
-//! | a redirect to another host (not followed unless configured), too many redirects | permanent |
-//! | other 4xx, body over `body_limit`, non-JSON content type or unparsable JSON where JSON is expected | permanent |
+//! Every failure carries its class (transient: retried; permanent: dead-lettered) and a
+//! [`FailureCause`](refetch::FailureCause), by which the engine judges the source's health: a
+//! cause that most keys of a source meet at once (401 everywhere, a maintenance page) is an
+//! outage, not poison. The full table is in [`response`]; in short:
+//!
+//! | answer | outcome | cause |
+//! |---|---|---|
+//! | 2xx | [`FetchOutcome::Found`](refetch::FetchOutcome::Found): body (or the envelope's inner value), content type, version, `ETag`/`Last-Modified` validators | |
+//! | 304 (to a conditional request) | `Unchanged` | |
+//! | 404, 410 | `Gone`; with `not_found` configured, only when the body is the source's own not-found answer (otherwise transient: a gateway's 404 is not a deletion) | `Server` when transient |
+//! | 401, 403 | permanent | `Auth` |
+//! | 429 / 5xx / 408, a timeout / a connection, DNS or TLS error, a body cut short | transient, honouring `Retry-After` (seconds or HTTP date) | `Throttled` / `Server` / `Timeout` / `Connect` |
+//! | non-JSON content type / unparsable JSON, missing version or envelope, where JSON is expected | permanent | `ContentType` / `Decode` |
+//! | other 4xx, a body over `body_limit`, a redirect to another host (not followed unless configured), too many redirects | permanent | `Other` |
 //!
 //! ## Protecting the source
 //!
-//! Per source: a rate limit with burst (`governor`; waits are counted), a concurrency limit, and a
-//! circuit breaker ([`breaker`]) that opens after consecutive transient failures and then answers
+//! Per source: a rate limit with burst ([`rate`]; waits are counted), optionally a budget shared
+//! by the whole consumer group and split by the partitions each instance owns
+//! (`rate_limit = { per_second = 100, scope = "group" }`); a concurrency limit ([`concurrency`]);
+//! and a circuit breaker ([`breaker`]) that opens when most calls of a recent time window fail
+//! (not on a burst of fast errors; 429 is not a failure) and then answers
 //! [`FetchError::NotAttempted`](refetch::FetchError::NotAttempted) (no request, no retry budget
-//! spent) until one probe succeeds after the cooldown.
+//! spent) with the time until it half-opens. Rate limits, concurrency limits and breaker settings
+//! change live with [`HttpFetcher::reconfigure`] (a SIGHUP reload); anything else is refused by
+//! name and needs a new fetcher.
 //!
 //! ## Conditional and batched fetches
 //!
@@ -92,19 +103,25 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod breaker;
+pub mod concurrency;
 pub mod config;
 pub mod fetcher;
 pub mod listing;
+pub mod rate;
 pub mod response;
 pub mod secret;
 pub mod telemetry;
 pub mod template;
 
+pub use breaker::BreakerStatus;
 pub use config::{
     AuthConfig, BatchConfig, BreakerConfig, HttpFetcherConfig, MissingKey, NotFoundConfig,
-    SourceConfig, VersionConfig,
+    RateLimit, RateScope, SourceConfig, VersionConfig,
 };
-pub use fetcher::{ConfigError, HttpFetcher, HttpFetcherBuilder};
-pub use listing::{ListPage, ListedItem, ListingConfig, ListingInfo, PageToken, Paging};
+pub use fetcher::{ConfigError, HttpFetcher, HttpFetcherBuilder, ReconfigureError};
+pub use listing::{
+    ListPage, ListedItem, ListingConfig, ListingInfo, ListingTotal, PageToken, Paging,
+};
+pub use rate::RateStatus;
 pub use secret::{Secret, SecretString};
 pub use template::{RenderError, TemplateError, UrlTemplate, encode_component};

@@ -7,7 +7,9 @@
 //! A listing is configured per source (`[fetcher.sources.T.listing]`, see [`ListingConfig`]) and
 //! pages in one of four styles ([`Paging`]): offset/limit, page number, cursor (a JSON pointer to
 //! the next cursor in the body), or the `Link: <...>; rel="next"` header. Each item yields an id,
-//! optionally a version, and (when the listing's items are complete entities) a body.
+//! optionally a version, and (when the listing's items are complete entities) a body. The total
+//! number of items, for progress and an ETA, comes from the body (`total = "/total"`) or from a
+//! response header (`total = { header = "X-Total-Count" }`), see [`ListingTotal`].
 //!
 //! Every listing request goes through the *same* concurrency limit, rate limit and circuit
 //! breaker as the entity type's fetches ([`HttpFetcher::list_page`]): a backfill takes its share
@@ -22,7 +24,7 @@
 use bytes::Bytes;
 use refetch::decode::parse_version;
 use refetch::{Entity, FetchError, Version, VersionKind};
-use reqwest::header::LINK;
+use reqwest::header::{HeaderMap, HeaderName, LINK};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use url::Url;
@@ -76,9 +78,10 @@ pub struct ListingConfig {
     pub version_kind: Option<VersionKind>,
     /// With `paging = "cursor"`: JSON pointer to the next cursor in the body.
     pub next_cursor: String,
-    /// JSON pointer to the total number of items, if the listing reports it (for progress and
-    /// ETA).
-    pub total: Option<String>,
+    /// Where the listing reports the total number of items, if it does (for progress and an
+    /// ETA): a JSON pointer into the body (`total = "/total"`) or a response header
+    /// (`total = { header = "X-Total-Count" }`). See [`ListingTotal`].
+    pub total: Option<ListingTotal>,
     /// The items are complete entity states (the same JSON a fetch of the id returns), so a
     /// backfill may write them directly instead of fetching each id. Only items that carry a
     /// version are written directly; the others are fetched.
@@ -101,6 +104,111 @@ impl Default for ListingConfig {
             total: None,
             complete: false,
         }
+    }
+}
+
+/// Where a listing reports its total number of items.
+///
+/// In TOML a string is a JSON pointer into each page's body; a table names a response header
+/// (or, spelled out, a pointer):
+///
+/// ```toml
+/// total = "/total"                      # {"items": [...], "total": 1234}
+/// total = { header = "X-Total-Count" }  # X-Total-Count: 1234
+/// total = { pointer = "/meta/count" }
+/// ```
+///
+/// The value is a non-negative integer (a JSON number, or a string of digits). A page whose total
+/// is missing or unreadable simply has none; the listing goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListingTotal {
+    /// A JSON pointer into the page's body, for example `/total`.
+    Pointer(String),
+    /// A response header, for example `X-Total-Count`.
+    Header(String),
+}
+
+impl From<&str> for ListingTotal {
+    /// A JSON pointer.
+    fn from(pointer: &str) -> Self {
+        ListingTotal::Pointer(pointer.to_owned())
+    }
+}
+
+const TOTAL_SHAPE: &str = "a JSON pointer such as \"/total\", or a table such as \
+     { header = \"X-Total-Count\" } or { pointer = \"/total\" }";
+
+fn check_total_pointer(p: &str) -> Result<(), String> {
+    if p.starts_with('/') {
+        Ok(())
+    } else {
+        Err(format!(
+            "listing.total {p:?} is not a JSON pointer (it must start with '/'); for a response \
+             header write total = {{ header = \"{p}\" }}"
+        ))
+    }
+}
+
+fn check_total_header(h: &str) -> Result<(), String> {
+    HeaderName::from_bytes(h.as_bytes())
+        .map(|_| ())
+        .map_err(|_| format!("listing.total.header {h:?} is not a valid header name"))
+}
+
+impl Serialize for ListingTotal {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            ListingTotal::Pointer(p) => serializer.serialize_str(p),
+            ListingTotal::Header(h) => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry("header", h)?;
+                map.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListingTotal {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            header: Option<String>,
+            pointer: Option<String>,
+        }
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = ListingTotal;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(TOTAL_SHAPE)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ListingTotal, E> {
+                check_total_pointer(v).map_err(E::custom)?;
+                Ok(ListingTotal::Pointer(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ListingTotal, A::Error> {
+                use serde::de::Error;
+                let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                match (t.header, t.pointer) {
+                    (Some(h), None) => {
+                        check_total_header(&h).map_err(A::Error::custom)?;
+                        Ok(ListingTotal::Header(h))
+                    }
+                    (None, Some(p)) => {
+                        check_total_pointer(&p).map_err(A::Error::custom)?;
+                        Ok(ListingTotal::Pointer(p))
+                    }
+                    _ => Err(A::Error::custom(format!(
+                        "listing.total needs exactly one of header and pointer: {TOTAL_SHAPE}"
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visit)
     }
 }
 
@@ -164,8 +272,15 @@ pub(crate) struct Listing {
     id: String,
     version: Option<(String, VersionKind)>,
     next_cursor: String,
-    total: Option<String>,
+    total: Option<TotalAt>,
     complete: bool,
+}
+
+/// A compiled [`ListingTotal`].
+#[derive(Debug)]
+enum TotalAt {
+    Pointer(String),
+    Header(HeaderName),
 }
 
 fn invalid(entity_type: &str, message: impl Into<String>) -> ConfigError {
@@ -262,11 +377,21 @@ impl Listing {
             id: pointer(entity_type, "id", &cfg.id)?,
             version: version_pointer.map(|p| (p, kind)),
             next_cursor: pointer(entity_type, "next_cursor", &cfg.next_cursor)?,
-            total: cfg
-                .total
-                .as_deref()
-                .map(|p| pointer(entity_type, "total", p))
-                .transpose()?,
+            total: match &cfg.total {
+                None => None,
+                Some(ListingTotal::Pointer(p)) => {
+                    check_total_pointer(p).map_err(|m| invalid(entity_type, m))?;
+                    Some(TotalAt::Pointer(p.clone()))
+                }
+                Some(ListingTotal::Header(h)) => Some(TotalAt::Header(
+                    HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                        invalid(
+                            entity_type,
+                            format!("listing.total.header {h:?} is not a valid header name"),
+                        )
+                    })?,
+                )),
+            },
             complete: cfg.complete,
         })
     }
@@ -335,13 +460,20 @@ impl Listing {
         &self,
         at: Option<&PageToken>,
         url: &Url,
-        link: Option<&str>,
+        headers: &HeaderMap,
         body: &Bytes,
     ) -> Result<ListPage, FetchError> {
+        let link = headers
+            .get_all(LINK)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let link = (!link.is_empty()).then_some(link);
         let doc: Value = serde_json::from_slice(body)
-            .map_err(|e| FetchError::permanent(format!("listing body is not valid JSON: {e}")))?;
+            .map_err(|e| response::decode_error(format!("listing body is not valid JSON: {e}")))?;
         let Some(Value::Array(raw_items)) = doc.pointer(&self.items) else {
-            return Err(FetchError::permanent(format!(
+            return Err(response::decode_error(format!(
                 "listing body has no array at {:?}",
                 self.items
             )));
@@ -398,7 +530,7 @@ impl Listing {
                 Some(Value::Number(n)) => Some(PageToken::Cursor(n.to_string())),
                 _ => None,
             },
-            Paging::Link => match link.and_then(next_link) {
+            Paging::Link => match link.as_deref().and_then(next_link) {
                 _ if raw_items.is_empty() => None,
                 Some(target) => Some(PageToken::Url(
                     url.join(&target)
@@ -410,11 +542,17 @@ impl Listing {
                 None => None,
             },
         };
-        let total = self
-            .total
-            .as_ref()
-            .and_then(|p| doc.pointer(p))
-            .and_then(Value::as_u64);
+        let total = match &self.total {
+            None => None,
+            Some(TotalAt::Pointer(p)) => doc.pointer(p).and_then(|v| match v {
+                Value::String(s) => s.trim().parse().ok(),
+                v => v.as_u64(),
+            }),
+            Some(TotalAt::Header(h)) => headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok()),
+        };
         Ok(ListPage { items, next, total })
     }
 }
@@ -469,35 +607,38 @@ impl HttpFetcher {
             )));
         };
         let url = listing.page_url(entity_type, at)?;
-        self.list_request(entity_type, url.clone(), |resp_link, body| {
-            listing.parse_page(at, &url, resp_link, body)
+        self.list_request(entity_type, url.clone(), |headers, body| {
+            listing.parse_page(at, &url, headers, body)
         })
         .await
     }
 }
 
-/// Read a listing answer: the `Link` header and the body, under the body limit.
+/// Read a listing answer: the headers and the body, under the body limit. A status other than
+/// 2xx is classified like a fetch's (see [`crate::response`]); a 404 is permanent (a listing
+/// endpoint that is not there); with `expect_json`, a content type other than JSON is a
+/// permanent `ContentType` error.
 pub(crate) async fn read_listing(
     mut resp: reqwest::Response,
     body_limit: usize,
-) -> Result<(Option<String>, Bytes), FetchError> {
+    expect_json: bool,
+) -> Result<(HeaderMap, Bytes), FetchError> {
     let code = resp.status().as_u16();
     if !(200..=299).contains(&code) {
-        return Err(match code {
-            408 | 429 | 500..=599 => FetchError::transient(format!("listing answered HTTP {code}"))
-                .with_retry_after(response::retry_after(resp.headers())),
-            _ => FetchError::permanent(format!("listing answered HTTP {code}")),
-        });
+        return Err(response::status_error(&resp, "listing answered HTTP"));
     }
-    let link = resp
-        .headers()
-        .get_all(LINK)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let headers = resp.headers().clone();
+    if expect_json
+        && let Some(ct) = response::content_type(&headers)
+        && !response::is_json_content_type(&ct)
+    {
+        return Err(FetchError::permanent(format!(
+            "listing answered with content type {ct:?} where JSON is expected"
+        ))
+        .with_cause(refetch::FailureCause::ContentType));
+    }
     let body = response::read_body(&mut resp, body_limit).await?;
-    Ok(((!link.is_empty()).then_some(link), body))
+    Ok((headers, body))
 }
 
 #[cfg(test)]
@@ -567,7 +708,7 @@ total = "/total""#,
         )
         .unwrap();
         let p = offset
-            .parse_page(Some(&PageToken::Offset(4)), &url, None, &body)
+            .parse_page(Some(&PageToken::Offset(4)), &url, &HeaderMap::new(), &body)
             .unwrap();
         assert_eq!(p.items.len(), 2, "the item without an id is skipped");
         assert_eq!(p.items[1].id, "7");
@@ -583,7 +724,9 @@ page_size = 5
 complete = true"#,
         )
         .unwrap();
-        let p = short.parse_page(None, &url, None, &body).unwrap();
+        let p = short
+            .parse_page(None, &url, &HeaderMap::new(), &body)
+            .unwrap();
         assert_eq!(p.next, None, "a short page is the last");
         assert!(p.items[0].entity.is_some());
         assert_eq!(
@@ -600,7 +743,9 @@ paging = "cursor"
 cursor_url = "http://h/c?cursor={cursor}&limit={limit}""#,
         )
         .unwrap();
-        let p = cursor.parse_page(None, &url, None, &body).unwrap();
+        let p = cursor
+            .parse_page(None, &url, &HeaderMap::new(), &body)
+            .unwrap();
         assert_eq!(p.next, Some(PageToken::Cursor("7".into())));
         assert_eq!(
             cursor
@@ -616,9 +761,9 @@ cursor_url = "http://h/c?cursor={cursor}&limit={limit}""#,
 paging = "link""#,
         )
         .unwrap();
-        let p = link
-            .parse_page(None, &url, Some(r#"</c?cursor=7>; rel="next""#), &body)
-            .unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(LINK, r#"</c?cursor=7>; rel="next""#.parse().unwrap());
+        let p = link.parse_page(None, &url, &headers, &body).unwrap();
         assert_eq!(p.next, Some(PageToken::Url("http://h/c?cursor=7".into())));
         let away = PageToken::Url("http://elsewhere/c?cursor=7".into());
         assert!(link.page_url("c", Some(&away)).is_err(), "no other origin");

@@ -1,13 +1,30 @@
-//! Turning HTTP responses into fetch outcomes.
+//! Turning HTTP responses into fetch outcomes, and failures into an error class and a
+//! [`FailureCause`].
 //!
-//! | answer | outcome |
-//! |---|---|
-//! | 2xx | `Found`: body (optionally taken out of an envelope), content type, version, validators |
-//! | 304 | `Unchanged` (only to a conditional request; otherwise transient) |
-//! | 404, 410 | `Gone`, or transient when a not-found matcher is configured and the body does not match |
-//! | 429, 5xx, 408, timeouts, connection errors, a body cut short | transient, with `Retry-After` |
-//! | a redirect that was not followed | permanent |
-//! | other 4xx, a body over the limit, a wrong content type, an unparsable body | permanent |
+//! The engine acts on the class (transient: retry; permanent: dead-letter) and judges source
+//! health by the cause: when most recent outcomes of a source share one cause (every key answers
+//! 401, every key gets a login page) the source is in outage and nothing is dead-lettered,
+//! whatever the class. So the cause says what kind of failure it was, precisely:
+//!
+//! | answer | outcome or class | cause |
+//! |---|---|---|
+//! | 2xx | `Found`: body (optionally taken out of an envelope), content type, version, validators | |
+//! | 304 to a conditional request | `Unchanged` | |
+//! | 404, 410 | `Gone` (with `not_found` set: only when the body is the source's own answer) | |
+//! | 404, 410 whose body is not the source's not-found answer (`not_found` set) | transient | `Server` |
+//! | 304 to a request without validators | transient | `Server` |
+//! | 401, 403 | permanent | `Auth` |
+//! | 408 | transient, `Retry-After` | `Timeout` |
+//! | 429 | transient, `Retry-After` | `Throttled` |
+//! | 5xx | transient, `Retry-After` | `Server` |
+//! | any other status (1xx, unknown) | transient | `Server` |
+//! | request or body timed out | transient | `Timeout` |
+//! | connection refused or reset, DNS, TLS, a body cut short | transient | `Connect` |
+//! | 2xx with a content type other than JSON where JSON is expected | permanent | `ContentType` |
+//! | 2xx body that is not JSON; no version, envelope, item array or id where configured | permanent | `Decode` |
+//! | body over `body_limit` | permanent | `Other` |
+//! | a redirect to another host not followed, too many redirects | permanent | `Other` |
+//! | another 4xx | permanent | `Other` |
 //!
 //! Error messages name the status and the reason, never a header value or a URL's secrets.
 
@@ -15,8 +32,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use refetch::decode::{parse_timestamp, parse_version};
-use refetch::{Entity, FetchError, Validators, Version, VersionKind};
-use reqwest::header::{CONTENT_TYPE, ETAG, HeaderMap, LAST_MODIFIED, RETRY_AFTER};
+use refetch::{Entity, FailureCause, FetchError, Validators, Version, VersionKind};
+use reqwest::header::{CONTENT_TYPE, ETAG, HeaderMap, LAST_MODIFIED, LOCATION, RETRY_AFTER};
 use serde_json::Value;
 
 use crate::config::NotFoundConfig;
@@ -82,6 +99,49 @@ pub(crate) fn content_type(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Classify an answer whose status is neither success, not-found nor not-modified. `what`
+/// prefixes the message (`"HTTP"`, `"listing answered HTTP"`).
+pub(crate) fn status_error(resp: &reqwest::Response, what: &str) -> FetchError {
+    let code = resp.status().as_u16();
+    let retry_after = || retry_after(resp.headers());
+    match code {
+        401 | 403 => FetchError::permanent(format!("{what} {code}")).with_cause(FailureCause::Auth),
+        408 => FetchError::transient(format!("{what} {code}"))
+            .with_retry_after(retry_after())
+            .with_cause(FailureCause::Timeout),
+        429 => FetchError::transient(format!("{what} {code}"))
+            .with_retry_after(retry_after())
+            .with_cause(FailureCause::Throttled),
+        500..=599 => FetchError::transient(format!("{what} {code}"))
+            .with_retry_after(retry_after())
+            .with_cause(FailureCause::Server),
+        300..=399 => {
+            let location = resp
+                .headers()
+                .get(LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| resp.url().join(l).ok());
+            match location {
+                Some(to) if !same_origin(resp.url(), &to) => FetchError::permanent(format!(
+                    "{what} {code}: redirect to another host ({}) not followed",
+                    to.host_str().unwrap_or("?")
+                )),
+                _ => FetchError::permanent(format!("{what} {code}: too many redirects")),
+            }
+        }
+        400..=499 => FetchError::permanent(format!("{what} {code}")),
+        _ => FetchError::transient(format!("unexpected {what} {code}"))
+            .with_cause(FailureCause::Server),
+    }
+}
+
+/// Same scheme, host and port.
+pub(crate) fn same_origin(a: &url::Url, b: &url::Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
 /// Read a body up to `limit` bytes. Too large: permanent; cut short: transient.
 pub(crate) async fn read_body(
     response: &mut reqwest::Response,
@@ -108,18 +168,20 @@ pub(crate) async fn read_body(
     }
 }
 
-/// Classify a transport-level error (no HTTP answer, or a body cut short): always transient.
+/// Classify a transport-level error (no HTTP answer, or a body cut short): always transient;
+/// a timeout is `Timeout`, anything else about reaching the source (refused, reset, DNS, TLS, a
+/// body cut short) `Connect`.
 pub(crate) fn transport_error(e: &reqwest::Error, during: &str) -> FetchError {
-    let what = if e.is_timeout() {
-        "timed out"
+    let (what, class) = if e.is_timeout() {
+        ("timed out", FailureCause::Timeout)
     } else if e.is_connect() {
-        "connection failed"
+        ("connection failed", FailureCause::Connect)
     } else if e.is_body() || e.is_decode() {
-        "connection dropped mid-body"
+        ("connection dropped mid-body", FailureCause::Connect)
     } else if e.is_redirect() {
-        "redirect failed"
+        ("redirect failed", FailureCause::Other)
     } else {
-        "request failed"
+        ("request failed", FailureCause::Connect)
     };
     // The source chain explains the cause (refused, reset, ...); reqwest's own Display would
     // add the URL, which is not needed here.
@@ -134,7 +196,11 @@ pub(crate) fn transport_error(e: &reqwest::Error, during: &str) -> FetchError {
     } else {
         format!("{what} while {during}: {cause}")
     };
-    FetchError::transient(message)
+    FetchError::transient(message).with_cause(class)
+}
+
+pub(crate) fn decode_error(message: String) -> FetchError {
+    FetchError::permanent(message).with_cause(FailureCause::Decode)
 }
 
 fn version_from_header(
@@ -144,10 +210,10 @@ fn version_from_header(
 ) -> Result<Version, FetchError> {
     let raw = headers
         .get(name)
-        .ok_or_else(|| FetchError::permanent(format!("version header {name} missing")))?
+        .ok_or_else(|| decode_error(format!("version header {name} missing")))?
         .to_str()
-        .map_err(|_| FetchError::permanent(format!("version header {name} is not text")))?;
-    let bad = || FetchError::permanent(format!("version header {name} is not a valid {kind:?}"));
+        .map_err(|_| decode_error(format!("version header {name} is not text")))?;
+    let bad = || decode_error(format!("version header {name} is not a valid {kind:?}"));
     match kind {
         VersionKind::Integer => raw
             .trim()
@@ -168,8 +234,8 @@ fn version_from_body(doc: &Value, pointer: &str, kind: VersionKind) -> Result<Ve
     let v = doc
         .pointer(pointer)
         .filter(|v| !v.is_null())
-        .ok_or_else(|| FetchError::permanent(format!("version missing at {pointer}")))?;
-    parse_version(v, kind).map_err(|e| FetchError::permanent(format!("version at {pointer}: {e}")))
+        .ok_or_else(|| decode_error(format!("version missing at {pointer}")))?;
+    parse_version(v, kind).map_err(|e| decode_error(format!("version at {pointer}: {e}")))
 }
 
 /// Build the entity of a successful answer (`headers` absent for batch items).
@@ -187,15 +253,16 @@ pub(crate) fn entity(
         && let Some(ct) = &content_type
         && !is_json_content_type(ct)
     {
-        return Err(FetchError::permanent(format!(
-            "content type {ct:?} where JSON is expected"
-        )));
+        return Err(
+            FetchError::permanent(format!("content type {ct:?} where JSON is expected"))
+                .with_cause(FailureCause::ContentType),
+        );
     }
     let doc = match parsed {
         Some(doc) => Some(doc),
         None if needs_parse => Some(
             serde_json::from_slice::<Value>(&body)
-                .map_err(|e| FetchError::permanent(format!("body is not valid JSON: {e}")))?,
+                .map_err(|e| decode_error(format!("body is not valid JSON: {e}")))?,
         ),
         None => None,
     };
@@ -211,15 +278,15 @@ pub(crate) fn entity(
         (Some(p), Some(doc)) => {
             let inner = doc
                 .pointer(p)
-                .ok_or_else(|| FetchError::permanent(format!("envelope has nothing at {p}")))?;
+                .ok_or_else(|| decode_error(format!("envelope has nothing at {p}")))?;
             let bytes = serde_json::to_vec(inner)
-                .map_err(|e| FetchError::permanent(format!("re-encoding the envelope: {e}")))?;
+                .map_err(|e| decode_error(format!("re-encoding the envelope: {e}")))?;
             (Bytes::from(bytes), Some("application/json".to_owned()))
         }
         (None, Some(doc)) if headers.is_none() => {
             // A batch item: its own JSON text.
             let bytes = serde_json::to_vec(doc)
-                .map_err(|e| FetchError::permanent(format!("re-encoding an item: {e}")))?;
+                .map_err(|e| decode_error(format!("re-encoding an item: {e}")))?;
             (Bytes::from(bytes), Some("application/json".to_owned()))
         }
         _ => (body, content_type),

@@ -111,7 +111,9 @@ async fn listing_shares_the_concurrency_limit_and_the_breaker_with_fetches() {
         concurrency: 1,
         breaker: BreakerConfig {
             failures: 2,
+            min_calls: 2,
             cooldown: Duration::from_secs(60),
+            ..BreakerConfig::default()
         },
         listing: Some(listing(&src, Paging::Cursor)),
         ..SourceConfig::new(template(&src))
@@ -132,10 +134,12 @@ async fn listing_shares_the_concurrency_limit_and_the_breaker_with_fetches() {
         "one request at a time in all"
     );
 
-    // Failing listings open the breaker that fetches obey, and the other way round.
+    // Failing listings open the breaker that fetches obey, and the other way round: the window
+    // holds the 7 successes above, so the 7th failure makes half of the calls failed.
     src.set_latency(Duration::ZERO);
     src.set_fault(Some(Fault::Status(503)));
-    for _ in 0..2 {
+    for _ in 0..7 {
+        assert!(!f.breaker_open("customer"));
         let e = f.list_page("customer", None).await.unwrap_err();
         assert!(matches!(e, FetchError::Transient { .. }), "{e:?}");
     }
@@ -165,4 +169,96 @@ async fn a_listing_that_is_not_there_is_permanent() {
     assert!(matches!(e, FetchError::Permanent { .. }), "{e:?}");
     let e = f.list_page("order", None).await.unwrap_err();
     assert!(e.to_string().contains("no listing"), "{e}");
+}
+
+#[tokio::test]
+async fn the_total_may_come_from_a_response_header() {
+    let src = source().await;
+    for i in 0..13 {
+        src.put("customer", &format!("{i:02}"), json!({}));
+    }
+    let by_header = |total: &str| {
+        let cfg: ListingConfig = toml::from_str(&format!(
+            "url = \"{}/customer?offset={{offset}}&limit={{limit}}\"\npage_size = 5\ntotal = {total}\n",
+            src.base_url()
+        ))
+        .expect("valid");
+        fetcher(SourceConfig {
+            listing: Some(cfg),
+            ..SourceConfig::new(template(&src))
+        })
+    };
+    let header = by_header(r#"{ header = "X-Total-Count" }"#);
+    let body = by_header(r#""/total""#);
+
+    // The source reports the total in the body.
+    assert_eq!(
+        body.list_page("customer", None).await.unwrap().total,
+        Some(13)
+    );
+    assert_eq!(
+        header.list_page("customer", None).await.unwrap().total,
+        None
+    );
+
+    // The source reports it only in a header (the body has no "total").
+    src.set_total_header(Some("X-Total-Count"));
+    let mut at = None;
+    let mut totals = Vec::new();
+    loop {
+        let page = header.list_page("customer", at.as_ref()).await.unwrap();
+        totals.push(page.total);
+        match page.next {
+            Some(next) => at = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(totals, [Some(13); 3], "on every page");
+    assert_eq!(body.list_page("customer", None).await.unwrap().total, None);
+}
+
+#[test]
+fn a_total_of_the_wrong_shape_is_a_clear_error() {
+    let parse = |total: &str| {
+        toml::from_str::<ListingConfig>(&format!(
+            "url = \"http://h/c?offset={{offset}}\"\ntotal = {total}\n"
+        ))
+        .map(|c| c.total)
+    };
+    assert_eq!(
+        parse(r#"{ header = "X-Total-Count" }"#).unwrap(),
+        Some(refetch_http::ListingTotal::Header("X-Total-Count".into()))
+    );
+    assert_eq!(
+        parse(r#"{ pointer = "/meta/count" }"#).unwrap(),
+        Some(refetch_http::ListingTotal::Pointer("/meta/count".into()))
+    );
+    for (bad, says) in [
+        (
+            "42",
+            "a JSON pointer such as \"/total\", or a table such as { header = \"X-Total-Count\" }",
+        ),
+        (
+            r#""total""#,
+            "for a response header write total = { header = \"total\" }",
+        ),
+        (r#"{ heder = "X-Total-Count" }"#, "unknown field `heder`"),
+        (
+            r#"{ header = "X Total" }"#,
+            "\"X Total\" is not a valid header name",
+        ),
+        (
+            r#"{ header = "X-Total-Count", pointer = "/total" }"#,
+            "exactly one of header and pointer",
+        ),
+        ("{}", "exactly one of header and pointer"),
+    ] {
+        let e = parse(bad).expect_err(bad).to_string();
+        assert!(e.contains(says), "{bad}: {e}");
+        assert!(e.contains("line 2"), "the error points at the key: {e}");
+        assert!(
+            !e.contains("ListingTotal"),
+            "no Rust type in the message: {e}"
+        );
+    }
 }

@@ -26,8 +26,13 @@
 //! The source is `Clone` (a shared handle): switch faults while a test runs.
 //! Per request, in this order: the fixed latency ([`HttpSource::set_latency`]), then the next queued
 //! fault ([`HttpSource::fail_next`]), then a fault for a poisoned id ([`HttpSource::poison`]; a
-//! batch request that names a poisoned id gets it too), then the standing fault
-//! ([`HttpSource::set_fault`]). [`HttpSource::set_down`] closes and re-opens the listener.
+//! batch request that names a poisoned id gets it too), then a fault drawn at random for an
+//! entity request ([`HttpSource::set_random_faults`], optionally answered at once, before the
+//! latency: a flaky source whose errors come back faster than its successes), then the standing
+//! fault ([`HttpSource::set_fault`]). [`HttpSource::set_down`] closes and re-opens the listener.
+//!
+//! Listing pages report their total in the body; [`HttpSource::set_total_header`] moves it to a
+//! response header (for example `X-Total-Count`).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -115,6 +120,18 @@ pub enum Fault {
     Redirect(String),
 }
 
+/// Faults drawn at random per entity request (single or batch); see
+/// [`HttpSource::set_random_faults`].
+#[derive(Debug, Clone)]
+pub struct RandomFaults {
+    /// Each fault with the share of requests that get it (the shares add up to at most 1).
+    pub faults: Vec<(f64, Fault)>,
+    /// Answer a drawn fault at once, without waiting out the latency.
+    pub instant: bool,
+    /// Seed of the draws (runs are repeatable).
+    pub seed: u64,
+}
+
 /// One request as the source received it.
 #[derive(Debug, Clone)]
 pub struct RecordedRequest {
@@ -181,6 +198,8 @@ struct FaultState {
     next: VecDeque<(u64, Fault)>,
     standing: Option<Fault>,
     poisoned: HashMap<(String, String), Fault>,
+    random: Option<(RandomFaults, rand::rngs::StdRng)>,
+    total_header: Option<HeaderName>,
 }
 
 #[derive(Debug, Default)]
@@ -457,12 +476,30 @@ impl HttpSource {
             .insert((entity_type.to_owned(), id.to_owned()), fault);
     }
 
-    /// Remove queued, standing and poison faults (latency stays).
+    /// Answer a random share of entity requests (single and batch) with faults, until called
+    /// with `None` (or [`HttpSource::clear_faults`]).
+    pub fn set_random_faults(&self, faults: Option<RandomFaults>) {
+        lock(&self.shared.faults).random = faults.map(|f| {
+            let rng = rand::rngs::StdRng::seed_from_u64(f.seed);
+            (f, rng)
+        });
+    }
+
+    /// Report a listing page's total in response header `name` instead of the body's `total`
+    /// (`None`: in the body again). Panics on an invalid header name.
+    pub fn set_total_header(&self, name: Option<&str>) {
+        lock(&self.shared.faults).total_header = name.map(|n| {
+            HeaderName::from_bytes(n.as_bytes()).unwrap_or_else(|_| panic!("header name {n:?}"))
+        });
+    }
+
+    /// Remove queued, standing, random and poison faults (latency stays).
     pub fn clear_faults(&self) {
         let mut f = lock(&self.shared.faults);
         f.next.clear();
         f.standing = None;
         f.poisoned.clear();
+        f.random = None;
     }
 
     /// Keep changing random entities `ids` x `types` at `rate_per_sec` (no deletes); see
@@ -800,9 +837,10 @@ async fn handle(State(shared): State<std::sync::Weak<Shared>>, req: Request) -> 
         });
     }
 
-    let (latency, fault) = {
+    let (latency, fault, total_header) = {
         let mut f = lock(&shared.faults);
         let mut fault = None;
+        let mut instant = false;
         if let Some((n, queued)) = f.next.front_mut() {
             fault = Some(queued.clone());
             *n -= 1;
@@ -821,7 +859,27 @@ async fn handle(State(shared): State<std::sync::Weak<Shared>>, req: Request) -> 
                 Route::List { .. } | Route::Unknown => None,
             };
         }
-        (f.latency, fault.or_else(|| f.standing.clone()))
+        if fault.is_none()
+            && matches!(route, Route::Single { .. } | Route::Batch { .. })
+            && let Some((random, rng)) = f.random.as_mut()
+        {
+            let draw: f64 = rng.random();
+            let mut at = 0.0;
+            for (share, candidate) in &random.faults {
+                at += share;
+                if draw < at {
+                    fault = Some(candidate.clone());
+                    instant = random.instant;
+                    break;
+                }
+            }
+        }
+        let latency = if instant { Duration::ZERO } else { f.latency };
+        (
+            latency,
+            fault.or_else(|| f.standing.clone()),
+            f.total_header.clone(),
+        )
     };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -882,7 +940,7 @@ async fn handle(State(shared): State<std::sync::Weak<Shared>>, req: Request) -> 
         _ => {}
     }
 
-    let (status, headers, body) = normal_answer(&shared, &route, req.headers());
+    let (status, headers, body) = normal_answer(&shared, &route, req.headers(), total_header);
     let mut response = match fault {
         Some(Fault::DropMidBody) => {
             let half = body.slice(..body.len() / 2);
@@ -928,6 +986,7 @@ fn normal_answer(
     shared: &Shared,
     route: &Route,
     request_headers: &HeaderMap,
+    total_header: Option<HeaderName>,
 ) -> (StatusCode, Vec<(HeaderName, HeaderValue)>, Bytes) {
     let not_found = || {
         (
@@ -990,7 +1049,7 @@ fn normal_answer(
             entity_type,
             start,
             limit,
-        } => list_answer(shared, entity_type, start, *limit),
+        } => list_answer(shared, entity_type, start, *limit, total_header),
         Route::Batch { entity_type, ids } => {
             let store = lock(&shared.store);
             let items: Vec<Value> = ids
@@ -1016,6 +1075,7 @@ fn list_answer(
     entity_type: &str,
     start: &ListStart,
     limit: usize,
+    total_header: Option<HeaderName>,
 ) -> (StatusCode, Vec<(HeaderName, HeaderValue)>, Bytes) {
     let store = lock(&shared.store);
     let existing = store
@@ -1053,7 +1113,13 @@ fn list_answer(
             headers.push((header::LINK, v));
         }
     }
-    let body = json!({"items": items, "total": total, "next_cursor": next});
+    let body = match total_header {
+        Some(name) => {
+            headers.push((name, HeaderValue::from(total)));
+            json!({"items": items, "next_cursor": next})
+        }
+        None => json!({"items": items, "total": total, "next_cursor": next}),
+    };
     (StatusCode::OK, headers, Bytes::from(body.to_string()))
 }
 
@@ -1213,6 +1279,44 @@ mod tests {
                 assert_eq!(held.map(|(v, _)| v), Some(change.version));
             }
         }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn random_faults_hit_their_share_and_skip_the_latency() -> anyhow::Result<()> {
+        let src = HttpSource::start(HttpSourceOptions {
+            latency: Duration::from_millis(40),
+            ..HttpSourceOptions::default()
+        })
+        .await?;
+        src.put("c", "1", json!(1));
+        src.set_random_faults(Some(RandomFaults {
+            faults: vec![(0.5, Fault::Status(503))],
+            instant: true,
+            seed: 3,
+        }));
+        let (mut failed, mut fast_failures) = (0, 0);
+        for _ in 0..40 {
+            let started = Instant::now();
+            let r = raw_get(src.addr(), "/c/1", "").await?;
+            if r.starts_with("HTTP/1.1 503") {
+                failed += 1;
+                fast_failures += usize::from(started.elapsed() < Duration::from_millis(40));
+            } else {
+                assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+                assert!(started.elapsed() >= Duration::from_millis(40));
+            }
+        }
+        assert!((8..=32).contains(&failed), "{failed} of 40");
+        assert_eq!(fast_failures, failed, "drawn faults come back at once");
+        // Listings are not entity requests; their total can move to a header.
+        src.set_total_header(Some("X-Total-Count"));
+        let r = raw_get(src.addr(), "/c?offset=0&limit=10", "").await?;
+        assert!(r.contains("x-total-count: 1"), "{r}");
+        assert!(!r.contains("\"total\""), "{r}");
+        src.clear_faults();
+        let r = raw_get(src.addr(), "/c/1", "").await?;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         Ok(())
     }
 

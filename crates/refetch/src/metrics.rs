@@ -525,10 +525,6 @@ pub(crate) fn coalesced() {
     }
 }
 
-pub(crate) fn satisfied_by_version() {
-    satisfied_by_version_n(1);
-}
-
 /// `n` notifications were satisfied by a held version.
 pub(crate) fn satisfied_by_version_n(n: u64) {
     match handles() {

@@ -407,7 +407,7 @@ fn full_configs() -> Vec<Config> {
     // Every optional source setting, in two valid sources (a version is read from a pointer or a
     // header, a not-found answer is matched by pointer or by substring).
     let mut source = SourceConfig {
-        rate_limit: Some(1.0),
+        rate_limit: Some(1.0.into()),
         burst: Some(1),
         version: Some(VersionConfig {
             pointer: Some("/v".into()),
