@@ -54,15 +54,15 @@ public final class Main {
             try {
                 SourceClient.Fetched f = source.fetch(id);
                 sink.write(List.of(new JsonlSink.Write(id, f.version(), f.body())));
-                h.probe.durable(id, f.version());
+                h.durable(id, f.version());
             } catch (Exception e) {
                 throw new RuntimeException(e);
             }
         });
-        Harness.Done done = h.awaitDone(null);
-        h.report(done);
+        h.awaitStop(null);
         try {
             pc.closeDontDrainFirst();
+            h.report();
         } finally {
             System.exit(0);
         }
