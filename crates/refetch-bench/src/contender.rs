@@ -143,6 +143,9 @@ pub struct ContenderArgs {
     /// Measure no receipt latency (keeps the probe's per-notification memory out of peak RSS).
     #[arg(long)]
     pub no_latency: bool,
+    /// Static group membership: this `group.instance.id` (a restarted instance reuses it).
+    #[arg(long)]
+    pub instance_id: Option<String>,
 }
 
 /// What a contender reports when it stops.
@@ -331,11 +334,16 @@ fn source_config(base: &str, tuned: bool, slots: Option<usize>) -> SourceConfig 
 }
 
 fn kafka_config(args: &ContenderArgs) -> KafkaConfig {
-    KafkaConfig::new(
+    let mut cfg = KafkaConfig::new(
         args.brokers.clone(),
         args.group.clone(),
         vec![args.topic.clone()],
-    )
+    );
+    if let Some(id) = &args.instance_id {
+        cfg.consumer_properties
+            .insert("group.instance.id".into(), id.clone());
+    }
+    cfg
 }
 
 fn new_probe(args: &ContenderArgs) -> Arc<Probe> {

@@ -277,6 +277,8 @@ enum Said {
 
 /// One contender process.
 struct Instance {
+    /// The instance slot (a restarted instance takes the killed one's).
+    slot: usize,
     child: Child,
     pid: u32,
     stdin: Option<ChildStdin>,
@@ -473,6 +475,7 @@ impl WorkloadRun {
         kind: ContenderKind,
         name: &str,
         n: usize,
+        slot: usize,
     ) -> anyhow::Result<(Command, PathBuf, Option<PathBuf>)> {
         let spec = &self.spec;
         let mut cmd = match kind.java_peer() {
@@ -528,6 +531,9 @@ impl WorkloadRun {
         if let Some(s) = spec.fetch_slots {
             cmd.args(["--fetch-slots", &s.to_string()]);
         }
+        if spec.instances.static_membership {
+            cmd.args(["--instance-id", &format!("{name}-{slot}")]);
+        }
         Ok((cmd, durable, jsonl))
     }
 
@@ -537,9 +543,10 @@ impl WorkloadRun {
         kind: ContenderKind,
         name: &str,
         n: usize,
+        slot: usize,
         said: &mpsc::UnboundedSender<(usize, Said)>,
     ) -> anyhow::Result<Instance> {
-        let (mut cmd, durable_log, jsonl) = self.command(opts, kind, name, n)?;
+        let (mut cmd, durable_log, jsonl) = self.command(opts, kind, name, n, slot)?;
         let mut child = cmd.spawn().context("starting the contender process")?;
         let pid = child.id().ok_or_else(|| anyhow!("no pid"))?;
         let stdin = child.stdin.take();
@@ -562,6 +569,7 @@ impl WorkloadRun {
             let _ = tx.send((n, Said::Closed));
         });
         Ok(Instance {
+            slot,
             child,
             pid,
             stdin,
@@ -611,7 +619,7 @@ impl WorkloadRun {
         let mut instances: Vec<Instance> = Vec::new();
         for _ in 0..spec.instances.initial.max(1) {
             let n = instances.len();
-            instances.push(self.spawn(opts, kind, &name, n, &tx).await?);
+            instances.push(self.spawn(opts, kind, &name, n, n, &tx).await?);
         }
         tracing::info!(contender = kind.label(), instances = instances.len(), "started");
         // Wait for the first record.
@@ -698,7 +706,7 @@ impl WorkloadRun {
                 && now >= ms(at)
             {
                 let n = instances.len();
-                let mut inst = self.spawn(opts, kind, &name, n, &tx).await?;
+                let mut inst = self.spawn(opts, kind, &name, n, n, &tx).await?;
                 if let Some(e) = &end {
                     inst.say(&format!("END {}", serde_json::to_string(e)?)).await;
                 }
@@ -726,8 +734,9 @@ impl WorkloadRun {
                     v.ended = true;
                     v.killed = true;
                     kills += 1;
+                    let slot = v.slot;
                     let n = instances.len();
-                    let inst = self.spawn(opts, kind, &name, n, &tx).await?;
+                    let inst = self.spawn(opts, kind, &name, n, slot, &tx).await?;
                     instances.push(inst);
                     tracing::info!(killed = victim, restarted = n, "SIGKILL and restart");
                 }

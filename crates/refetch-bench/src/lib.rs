@@ -213,6 +213,7 @@ pub fn preset(name: &str, scale: f64) -> Option<(WorkloadSpec, Vec<ContenderKind
                     join_at_ms: Some(6_000),
                     leave_at_ms: Some(13_000),
                     kill_every_ms: None,
+                    static_membership: false,
                 },
                 ..live_only(
                     name,
@@ -233,6 +234,7 @@ pub fn preset(name: &str, scale: f64) -> Option<(WorkloadSpec, Vec<ContenderKind
                 },
                 instances: InstanceSpec {
                     kill_every_ms: Some(5_000),
+                    static_membership: true,
                     ..InstanceSpec::one()
                 },
                 ..live_only(

@@ -13,7 +13,7 @@ use refetch_bench::{WORKLOADS, chart, preset, report};
 
 const AFTER_HELP: &str = "\
 Examples:
-  # everything, as published in docs/benchmarks.md (about 40 minutes on 2 cores)
+  # everything, as published in docs/benchmarks.md (about 40 minutes on 2 cores, see docs/benchmarks.md)
   export REFETCH_TEST_KAFKA=127.0.0.1:19092
   mvn -B -q -f bench/peers/pom.xml package
   cargo build --release -p refetch-bench
@@ -60,7 +60,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
         /// Time cap per contender, from its first record.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "40s")]
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
         cap: Duration,
         /// Partitions per topic.
         #[arg(long, default_value_t = 4)]

@@ -55,7 +55,7 @@ pub fn describe(spec: &WorkloadSpec) -> String {
             format!("{}–{}", l.events_min, l.events_max)
         };
         parts.push(format!(
-            "live stream of {} saves at {}/s ({:.0} s, {}), each emitting {} {} events{}",
+            "live stream of {} saves at {}/s ({:.1} s, {}), each emitting {} {} events{}",
             thousands(l.saves as u64),
             l.rate,
             l.duration().as_secs_f64(),

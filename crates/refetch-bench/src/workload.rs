@@ -131,6 +131,12 @@ pub struct InstanceSpec {
     pub leave_at_ms: Option<u64>,
     /// Every this many ms one instance is killed with SIGKILL and restarted at once.
     pub kill_every_ms: Option<u64>,
+    /// Static group membership (`group.instance.id` per instance slot, reused by a restarted
+    /// instance): a restart takes its partitions back at once instead of waiting for the killed
+    /// member's session to time out (45 s). Used where instances restart, not where they leave
+    /// (a static member that leaves keeps its partitions until its session times out).
+    #[serde(default)]
+    pub static_membership: bool,
 }
 
 impl InstanceSpec {
@@ -141,6 +147,7 @@ impl InstanceSpec {
             join_at_ms: None,
             leave_at_ms: None,
             kill_every_ms: None,
+            static_membership: false,
         }
     }
 }

@@ -31,6 +31,8 @@ public final class Harness {
     public final Path jsonl;
     public final Path durableLog;
     public final int partitions;
+    /** Static group membership: the group.instance.id, or null. */
+    public final String instanceId;
     public final Probe probe = new Probe();
     public final AtomicLong consumed = new AtomicLong();
     private final AtomicBoolean saidFirst = new AtomicBoolean();
@@ -46,6 +48,7 @@ public final class Harness {
         jsonl = a.containsKey("jsonl") ? Path.of(a.get("jsonl")) : null;
         durableLog = Path.of(a.get("durable-log"));
         partitions = Integer.parseInt(a.getOrDefault("partitions", "4"));
+        instanceId = a.get("instance-id");
         log = new FileOutputStream(durableLog.toFile(), true);
     }
 

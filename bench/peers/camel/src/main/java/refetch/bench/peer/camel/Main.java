@@ -49,7 +49,8 @@ public final class Main {
         };
         String kafka = "kafka:" + h.topic + "?brokers=" + h.brokers + "&groupId=" + h.group
                 + "&autoOffsetReset=earliest&autoCommitEnable=false&allowManualCommit=true"
-                + "&isolationLevel=read_committed";
+                + "&isolationLevel=read_committed"
+                + (h.instanceId != null ? "&groupInstanceId=" + h.instanceId : "");
         CamelContext ctx = new DefaultCamelContext();
         ctx.addRoutes(new RouteBuilder() {
             @Override

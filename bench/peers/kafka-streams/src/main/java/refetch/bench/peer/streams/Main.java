@@ -84,6 +84,9 @@ public final class Main {
         p.put(StreamsConfig.STATE_DIR_CONFIG, h.durableLog.toAbsolutePath().getParent()
                 .resolve(h.durableLog.getFileName() + ".state").toString());
         p.put("consumer.auto.offset.reset", "earliest");
+        if (h.instanceId != null) {
+            p.put(StreamsConfig.mainConsumerPrefix("group.instance.id"), h.instanceId);
+        }
         KafkaStreams streams = new KafkaStreams(b.build(), p);
         streams.start();
 
