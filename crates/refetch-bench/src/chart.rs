@@ -89,17 +89,20 @@ fn panels(healthy: bool) -> [Panel; 4] {
                 .then_some(r.entity_reads as f64)
         }),
         if healthy {
-            ("Freshness p99 of healthy keys, ms: save to durable write (lower is better)", |r| {
-                r.freshness.healthy_p99_ms
-            })
+            (
+                "Freshness p99 of healthy keys, ms: save to durable write (lower is better)",
+                |r| r.freshness.healthy_p99_ms,
+            )
         } else {
-            ("Freshness p99, ms: save to durable write (lower is better)", |r| {
-                r.freshness.p99_ms
-            })
+            (
+                "Freshness p99, ms: save to durable write (lower is better)",
+                |r| r.freshness.p99_ms,
+            )
         },
-        ("CPU-seconds per million notifications (lower is better)", |r| {
-            (r.cpu_per_million > 0.0).then_some(r.cpu_per_million)
-        }),
+        (
+            "CPU-seconds per million notifications (lower is better)",
+            |r| (r.cpu_per_million > 0.0).then_some(r.cpu_per_million),
+        ),
     ]
 }
 
@@ -168,13 +171,17 @@ where
         .label_style((FAMILY, 15))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    let value_style = TextStyle::from((FAMILY, 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    let value_style =
+        TextStyle::from((FAMILY, 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
     for (i, (v, r)) in values.iter().zip(rows).enumerate() {
         let k = (n - 1 - i) as i32;
         match v {
             Some(v) => {
                 let mut bar = Rectangle::new(
-                    [(0.0, SegmentValue::Exact(k)), (*v, SegmentValue::Exact(k + 1))],
+                    [
+                        (0.0, SegmentValue::Exact(k)),
+                        (*v, SegmentValue::Exact(k + 1)),
+                    ],
                     color_of(&r.contender, i).filled(),
                 );
                 bar.set_margin(5, 5, 0, 0);
@@ -217,12 +224,8 @@ pub fn write_png(path: &Path, title: &str, rows: &[Row], healthy: bool) -> anyho
     let root = BitMapBackend::new(path, (1100, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let (head, body) = root.split_vertically(56);
-    head.draw_text(
-        title,
-        &TextStyle::from((FAMILY, 26).into_font()),
-        (16, 14),
-    )
-    .map_err(|e| anyhow!("{e}"))?;
+    head.draw_text(title, &TextStyle::from((FAMILY, 26).into_font()), (16, 14))
+        .map_err(|e| anyhow!("{e}"))?;
     for (area, panel) in body.split_evenly((4, 1)).iter().zip(panels(healthy)) {
         draw_panel(area, panel, rows)?;
     }

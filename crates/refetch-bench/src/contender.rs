@@ -556,8 +556,7 @@ async fn run_hand_rolled(
         consumed += 1;
         if let Some((id, version)) = m.payload().and_then(parse_payload) {
             probe.received(&id, version);
-            let Some((body, fetched)) =
-                fetch_retrying(&client, &args.source, &id, &control).await
+            let Some((body, fetched)) = fetch_retrying(&client, &args.source, &id, &control).await
             else {
                 break 'run;
             };
@@ -612,10 +611,12 @@ pub fn loop_work(
     }
     order
         .into_iter()
-        .filter(|id| match (highest.get(id).copied().flatten(), written.get(*id)) {
-            (Some(v), Some(w)) => *w < v,
-            _ => true,
-        })
+        .filter(
+            |id| match (highest.get(id).copied().flatten(), written.get(*id)) {
+                (Some(v), Some(w)) => *w < v,
+                _ => true,
+            },
+        )
         .map(str::to_owned)
         .collect()
 }
@@ -715,7 +716,10 @@ async fn run_loop(
     })
 }
 
-async fn run_refetch(args: &ContenderArgs, mut control: Control) -> anyhow::Result<ContenderReport> {
+async fn run_refetch(
+    args: &ContenderArgs,
+    mut control: Control,
+) -> anyhow::Result<ContenderReport> {
     let tuned = args.kind == ContenderKind::RefetchTuned;
     let mut engine = if tuned {
         tuned_engine()
@@ -806,6 +810,9 @@ mod tests {
             ("c".to_owned(), 9), // unversioned: always fetched
         ]);
         assert_eq!(loop_work(&batch, true, &written), ["a", "c", "d"]);
-        assert_eq!(loop_work(&batch, true, &HashMap::new()), ["a", "b", "c", "d"]);
+        assert_eq!(
+            loop_work(&batch, true, &HashMap::new()),
+            ["a", "b", "c", "d"]
+        );
     }
 }

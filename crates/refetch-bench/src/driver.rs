@@ -621,7 +621,11 @@ impl WorkloadRun {
             let n = instances.len();
             instances.push(self.spawn(opts, kind, &name, n, n, &tx).await?);
         }
-        tracing::info!(contender = kind.label(), instances = instances.len(), "started");
+        tracing::info!(
+            contender = kind.label(),
+            instances = instances.len(),
+            "started"
+        );
         // Wait for the first record.
         let first = tokio::time::timeout(Duration::from_secs(120), async {
             while let Some((n, said)) = rx.recv().await {
@@ -708,7 +712,8 @@ impl WorkloadRun {
                 let n = instances.len();
                 let mut inst = self.spawn(opts, kind, &name, n, n, &tx).await?;
                 if let Some(e) = &end {
-                    inst.say(&format!("END {}", serde_json::to_string(e)?)).await;
+                    inst.say(&format!("END {}", serde_json::to_string(e)?))
+                        .await;
                 }
                 instances.push(inst);
                 joined = Some(n);

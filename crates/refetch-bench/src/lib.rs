@@ -89,8 +89,8 @@ fn live_only(name: &str, purpose: &str, live: LiveSpec, entities: usize) -> Work
 pub fn preset(name: &str, scale: f64) -> Option<(WorkloadSpec, Vec<ContenderKind>)> {
     let n = |x: usize| ((x as f64 * scale).round() as usize).max(100);
     let all = DEFAULT_CONTENDERS.to_vec();
-    let stream = |saves: usize, rate: f64, dist, events: (usize, usize), spread_ms, versioned| {
-        LiveSpec {
+    let stream =
+        |saves: usize, rate: f64, dist, events: (usize, usize), spread_ms, versioned| LiveSpec {
             saves: n(saves),
             rate,
             distribution: dist,
@@ -98,8 +98,7 @@ pub fn preset(name: &str, scale: f64) -> Option<(WorkloadSpec, Vec<ContenderKind
             events_max: events.1,
             spread_ms,
             versioned,
-        }
-    };
+        };
     let dup_heavy = WorkloadSpec {
         name: name.to_owned(),
         purpose: "A duplicate-heavy backlog with live saves on top".to_owned(),

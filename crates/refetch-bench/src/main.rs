@@ -168,7 +168,11 @@ async fn main() -> anyhow::Result<()> {
             for name in WORKLOADS {
                 if let Some((spec, contenders)) = preset(name, 1.0) {
                     let c: Vec<&str> = contenders.iter().map(|k| k.label()).collect();
-                    println!("{name}\n  {}\n  contenders: {}\n", report::describe(&spec), c.join(", "));
+                    println!(
+                        "{name}\n  {}\n  contenders: {}\n",
+                        report::describe(&spec),
+                        c.join(", ")
+                    );
                 }
             }
             Ok(())

@@ -61,7 +61,11 @@ pub fn describe(spec: &WorkloadSpec) -> String {
             l.duration().as_secs_f64(),
             l.distribution,
             events,
-            if l.versioned { "versioned" } else { "unversioned" },
+            if l.versioned {
+                "versioned"
+            } else {
+                "unversioned"
+            },
             if l.spread_ms > 0 {
                 format!(" spread over 0–{:.1} s", l.spread_ms as f64 / 1000.0)
             } else {
@@ -110,10 +114,7 @@ pub fn describe(spec: &WorkloadSpec) -> String {
         if i.initial == 1 { "" } else { "s" }
     );
     if let Some(j) = i.join_at_ms {
-        inst.push_str(&format!(
-            ", a second joins at {:.0} s",
-            j as f64 / 1000.0
-        ));
+        inst.push_str(&format!(", a second joins at {:.0} s", j as f64 / 1000.0));
     }
     if let Some(l) = i.leave_at_ms {
         inst.push_str(&format!(" and leaves at {:.0} s", l as f64 / 1000.0));
@@ -226,11 +227,7 @@ pub fn table(spec: &WorkloadSpec, rows: &[Row]) -> String {
                 "—".into()
             });
         }
-        cells.extend([
-            format!("{:.0}", r.peak_rss_mib),
-            converged,
-            r.note.clone(),
-        ]);
+        cells.extend([format!("{:.0}", r.peak_rss_mib), converged, r.note.clone()]);
         let _ = writeln!(s, "| {} |", cells.join(" | "));
     }
     s
@@ -435,7 +432,10 @@ pub fn verdicts(results: &[(WorkloadSpec, Vec<Row>)]) -> Vec<Verdict> {
 /// The targets table.
 pub fn targets_table(verdicts: &[Verdict]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "| target | workload | refetch-default vs the same invocation | verdict |");
+    let _ = writeln!(
+        s,
+        "| target | workload | refetch-default vs the same invocation | verdict |"
+    );
     let _ = writeln!(s, "|---|---|---|---|");
     for v in verdicts {
         let verdict = match v.met {
@@ -510,7 +510,10 @@ mod tests {
             .find(|l| l.starts_with("| refetch-default"))
             .unwrap();
         assert!(line.contains("| 0.80x | 1.60x |"), "{line}");
-        assert!(line.contains("| 0.40x |"), "reads against batch-dedupe: {line}");
+        assert!(
+            line.contains("| 0.40x |"),
+            "reads against batch-dedupe: {line}"
+        );
         assert!(t.contains("CPU-s per 1M"), "{t}");
     }
 
@@ -548,7 +551,10 @@ mod tests {
         assert_eq!(find("CPU per notification", "dup-heavy"), Some(false));
         assert_eq!(find("restarts", "restarts"), None);
         let t = targets_table(&v);
-        assert!(t.contains("**missed**") && t.contains("not measured"), "{t}");
+        assert!(
+            t.contains("**missed**") && t.contains("not measured"),
+            "{t}"
+        );
     }
 
     #[test]

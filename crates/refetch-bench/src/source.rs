@@ -154,7 +154,9 @@ impl BenchSource {
 }
 
 fn body(id: &str, version: i64) -> String {
-    format!("{{\"id\":\"{id}\",\"type\":\"{ENTITY_TYPE}\",\"version\":{version},\"data\":{{\"n\":{version}}}}}")
+    format!(
+        "{{\"id\":\"{id}\",\"type\":\"{ENTITY_TYPE}\",\"version\":{version},\"data\":{{\"n\":{version}}}}}"
+    )
 }
 
 fn answer(status: StatusCode, text: String) -> Response {
@@ -223,7 +225,10 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             .iter()
             .filter_map(|&i| store.get(&i).map(|&v| body(&entity_id(i), v)))
             .collect();
-        answer(StatusCode::OK, format!("{{\"items\":[{}]}}", items.join(",")))
+        answer(
+            StatusCode::OK,
+            format!("{{\"items\":[{}]}}", items.join(",")),
+        )
     } else {
         match ids.first().and_then(|i| store.get(i).map(|&v| (*i, v))) {
             Some((i, v)) => answer(StatusCode::OK, body(&entity_id(i), v)),
@@ -265,7 +270,10 @@ mod tests {
         assert_eq!(b.matches("\"id\"").count(), 2, "{b}");
         let t = Instant::now();
         assert_eq!(get(&format!("{base}/entity/e7")).await.0, 200);
-        assert!(t.elapsed() >= Duration::from_millis(300), "a slow entity is slow");
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "a slow entity is slow"
+        );
         src.set_poison(true);
         assert_eq!(get(&format!("{base}/entity/e1")).await.0, 500);
         assert_eq!(get(&format!("{base}/entity/e9")).await.0, 200);
@@ -292,7 +300,11 @@ mod tests {
         let all = futures::future::join_all((0..4).map(|_| get(&url))).await;
         assert!(all.iter().all(|(s, _)| *s == 200));
         // 4 requests through 2 slots of 100 ms: two rounds.
-        assert!(t.elapsed() >= Duration::from_millis(200), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
         src.shutdown();
     }
 }

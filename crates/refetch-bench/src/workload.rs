@@ -375,7 +375,7 @@ impl WorkloadSpec {
         if n == 0 {
             return HashMap::new();
         }
-        let mut rng = StdRng::seed_from_u64(self.seed ^ 0x51_0e7a_11);
+        let mut rng = StdRng::seed_from_u64(self.seed ^ 0x510e_7a11);
         let (lo, hi) = self.source.slow_ms;
         sample(&mut rng, self.entities, n.min(self.entities))
             .into_iter()
@@ -515,7 +515,10 @@ mod tests {
             parse_payload(&payload("e5", Some(3))),
             Some(("e5".into(), Some(3)))
         );
-        assert_eq!(parse_payload(&payload("e5", None)), Some(("e5".into(), None)));
+        assert_eq!(
+            parse_payload(&payload("e5", None)),
+            Some(("e5".into(), None))
+        );
         assert_eq!(entity_index("e42"), Some(42));
         assert_eq!(entity_index("x"), None);
     }
