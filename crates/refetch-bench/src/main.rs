@@ -91,6 +91,11 @@ enum Cmd {
         /// The TrueType font of the charts.
         #[arg(long, env = "REFETCH_BENCH_FONT")]
         font: Option<PathBuf>,
+        /// Also replace the tables in this Markdown file: the text between
+        /// `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` becomes `<out>/NAME.md`
+        /// (`targets` for the targets table).
+        #[arg(long)]
+        doc: Option<PathBuf>,
     },
 }
 
@@ -142,6 +147,38 @@ fn saved(out: &Path, only: &[String]) -> anyhow::Result<Vec<Saved>> {
     Ok(all)
 }
 
+/// Replace every `<!-- bench:NAME -->...<!-- /bench:NAME -->` block of `text` with the content of
+/// `<out>/NAME.md`; blocks whose file is missing stay as they are.
+pub fn splice(text: &str, out: &Path) -> anyhow::Result<String> {
+    let mut result = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("<!-- bench:") {
+        let open_end = rest[start..]
+            .find("-->")
+            .map(|i| start + i + 3)
+            .context("an unclosed <!-- bench: marker")?;
+        let name = rest[start + 11..open_end - 3].trim().to_owned();
+        let close = format!("<!-- /bench:{name} -->");
+        let close_at = rest[open_end..]
+            .find(&close)
+            .map(|i| open_end + i)
+            .with_context(|| format!("no {close} after <!-- bench:{name} -->"))?;
+        result.push_str(&rest[..open_end]);
+        match std::fs::read_to_string(out.join(format!("{name}.md"))) {
+            Ok(table) => {
+                result.push('\n');
+                result.push_str(table.trim_end());
+                result.push('\n');
+            }
+            Err(_) => result.push_str(&rest[open_end..close_at]),
+        }
+        result.push_str(&close);
+        rest = &rest[close_at + close.len()..];
+    }
+    result.push_str(rest);
+    Ok(result)
+}
+
 fn write_targets(out: &Path) -> anyhow::Result<()> {
     let results: Vec<(WorkloadSpec, Vec<Row>)> = saved(out, &[])?
         .into_iter()
@@ -181,12 +218,20 @@ async fn main() -> anyhow::Result<()> {
             workloads,
             out,
             font,
+            doc,
         } => {
             chart::load_font(font.as_deref())?;
             for s in saved(&out, &workloads)? {
                 publish(&out, &s.workload, &s.rows)?;
             }
-            write_targets(&out)
+            write_targets(&out)?;
+            if let Some(doc) = doc {
+                let text = std::fs::read_to_string(&doc)
+                    .with_context(|| format!("reading {}", doc.display()))?;
+                std::fs::write(&doc, splice(&text, &out)?)?;
+                eprintln!("updated the tables in {}", doc.display());
+            }
+            Ok(())
         }
         Cmd::Run {
             brokers,
@@ -274,5 +319,24 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn splice_replaces_marked_blocks_with_their_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.md"), "| new a |\n").unwrap();
+        let text = "x\n<!-- bench:a -->\nold\n<!-- /bench:a -->\ny <!-- bench:b -->keep<!-- /bench:b --> z";
+        let out = splice(text, dir.path()).unwrap();
+        assert_eq!(
+            out,
+            "x\n<!-- bench:a -->\n| new a |\n<!-- /bench:a -->\ny <!-- bench:b -->keep<!-- /bench:b --> z"
+        );
+        assert!(splice("<!-- bench:a -->", dir.path()).is_err());
     }
 }
