@@ -607,7 +607,7 @@ impl WorkloadRun {
                 .map(|(e, v)| (*e, *v))
                 .collect(),
         );
-        let mut saves: Vec<Save> = {
+        let backlog_saves: Vec<Save> = {
             let (b, t, w) = (opts.brokers.clone(), name.clone(), self.backlog.clone());
             tokio::task::spawn_blocking(move || produce_backlog(&b, &t, &w)).await??
         };
@@ -660,6 +660,7 @@ impl WorkloadRun {
             tokio::task::spawn_blocking(move || live_stream(&b, &t, &s, &tl, versioned))
         };
         let mut live = Some(live);
+        let mut live_saves: Vec<Save> = Vec::new();
 
         let ms = |t: u64| Duration::from_millis(t);
         let poison_on = (spec.source.poison_hottest > 0).then(|| ms(spec.source.poison_after_ms));
@@ -751,10 +752,7 @@ impl WorkloadRun {
             if live.as_ref().is_some_and(|l| l.is_finished())
                 && let Some(l) = live.take()
             {
-                saves.extend(l.await??);
-                if poisoned {
-                    // Keep the schedule: poisoning ends at its time even after the stream.
-                }
+                live_saves = l.await??;
                 let e = kafka::end_offsets(&opts.brokers, &name).await?;
                 let line = format!("END {}", serde_json::to_string(&e)?);
                 for i in instances.iter_mut().filter(|i| !i.ended) {
@@ -800,7 +798,7 @@ impl WorkloadRun {
         }
         if let Some(l) = live.take() {
             // Capped before the live stream ended: let it finish (its saves still count).
-            saves.extend(l.await??);
+            live_saves = l.await??;
         }
         let _ = tokio::time::timeout(Duration::from_secs(60), async {
             while instances.iter().any(|i| !i.closed) {
@@ -847,8 +845,15 @@ impl WorkloadRun {
         }
         let logs: Vec<PathBuf> = instances.iter().map(|i| i.durable_log.clone()).collect();
         let durable = freshness::read_logs(&logs);
+        // Freshness of the live saves where there is a live stream (the warm-up backlog's saves
+        // wait for the group to form), else of the backlog's.
+        let measured = if live_saves.is_empty() {
+            &backlog_saves
+        } else {
+            &live_saves
+        };
         let fresh = if writes {
-            freshness::measure(&saves, &durable, &spec.unhealthy_keys())
+            freshness::measure(measured, &durable, &spec.unhealthy_keys())
         } else {
             Freshness::default()
         };
@@ -915,7 +920,7 @@ impl WorkloadRun {
             }
             s
         };
-        let saves_n = saves.len() as u64;
+        let saves_n = (backlog_saves.len() + live_saves.len()) as u64;
         Ok(Row {
             workload: spec.name.clone(),
             contender: kind.label().to_owned(),
