@@ -106,6 +106,10 @@ pub struct Row {
     pub cpu_per_million: f64,
     /// Peak RSS of the largest contender process, MiB.
     pub peak_rss_mib: f64,
+    /// From the last durable write to completion (the group's commits reaching the end), ms:
+    /// how promptly commits follow the work. `None` for the raw consumer and capped runs.
+    #[serde(default)]
+    pub commit_tail_ms: Option<f64>,
     /// `Some(true)` when the sink equals the source for every entity; `None` when not checked.
     pub converged: Option<bool>,
     /// Entities whose sink state differs from the source.
@@ -785,6 +789,7 @@ impl WorkloadRun {
             }
         };
         let elapsed = done_at.duration_since(t0).as_secs_f64();
+        let done_unix = unix_micros().saturating_sub(done_at.elapsed().as_micros() as u64);
         if poisoned {
             self.source.set_poison(false);
         }
@@ -851,6 +856,15 @@ impl WorkloadRun {
             &backlog_saves
         } else {
             &live_saves
+        };
+        let last_write = durable
+            .values()
+            .flat_map(|w| w.iter().map(|(t, _)| *t))
+            .filter(|t| *t <= done_unix)
+            .max();
+        let commit_tail_ms = match last_write {
+            Some(t) if writes && !capped => Some(done_unix.saturating_sub(t) as f64 / 1000.0),
+            _ => None,
         };
         let fresh = if writes {
             freshness::measure(measured, &durable, &spec.unhealthy_keys())
@@ -953,6 +967,7 @@ impl WorkloadRun {
                 0.0
             },
             peak_rss_mib: peak_rss_kb as f64 / 1024.0,
+            commit_tail_ms,
             converged,
             mismatched,
             note: notes.join("; "),
@@ -985,15 +1000,20 @@ mod tests {
     #[test]
     fn cpu_and_rss_of_this_process_from_proc() {
         let pid = std::process::id();
+        // Busy work until the reading grows by 0.1 s (on a loaded machine that takes longer than
+        // 0.1 s of wall time, so no timing is assumed, only that the reading follows the work).
         let before = proc_cpu_s(pid).unwrap();
         let t = Instant::now();
         let mut x = 0u64;
-        while t.elapsed() < Duration::from_millis(300) {
-            x = x.wrapping_add(std::hint::black_box(1));
+        let mut after = before;
+        while after - before < 0.1 && t.elapsed() < Duration::from_secs(30) {
+            for _ in 0..1_000_000 {
+                x = x.wrapping_add(std::hint::black_box(1));
+            }
+            after = proc_cpu_s(pid).unwrap();
         }
         std::hint::black_box(x);
-        let after = proc_cpu_s(pid).unwrap();
-        assert!(after - before >= 0.2, "{before} -> {after}");
+        assert!(after - before >= 0.1, "{before} -> {after}");
         assert!(proc_vmhwm_kb(pid).unwrap() > 1000);
         assert!(proc_cpu_s(u32::MAX).is_none());
     }

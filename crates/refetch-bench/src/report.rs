@@ -168,7 +168,12 @@ pub fn table(spec: &WorkloadSpec, rows: &[Row]) -> String {
     if healthy {
         head.push("healthy keys p99 (ms)");
     }
-    head.extend(["receipt p99 (ms)", "CPU-s", "CPU-s per 1M"]);
+    head.extend([
+        "receipt p99 (ms)",
+        "commit tail (ms)",
+        "CPU-s",
+        "CPU-s per 1M",
+    ]);
     if cpu_wall {
         head.push("CPU % of wall");
     }
@@ -217,6 +222,7 @@ pub fn table(spec: &WorkloadSpec, rows: &[Row]) -> String {
         }
         cells.extend([
             ms(r.receipt_p99_ms),
+            ms(r.commit_tail_ms),
             format!("{:.1}", r.cpu_s),
             format!("{:.1}", r.cpu_per_million),
         ]);
@@ -363,6 +369,27 @@ pub fn verdicts(results: &[(WorkloadSpec, Vec<Row>)]) -> Vec<Verdict> {
                     },
                 }
             }
+            None => missing(&t, w),
+        });
+    }
+    for w in ["dup-heavy", "throughput"] {
+        let t = format!(
+            "{w}: commits follow the commit point promptly (commit tail within batch-dedupe's + 100 ms)"
+        );
+        out.push(match pair(w) {
+            Some((_, r, b)) => Verdict {
+                target: t,
+                workload: w.into(),
+                measured: format!(
+                    "{} against {} ms from the last durable write to the group's commits at the end",
+                    ms(r.commit_tail_ms),
+                    ms(b.commit_tail_ms)
+                ),
+                met: match (r.commit_tail_ms, b.commit_tail_ms) {
+                    (Some(a), Some(b)) => Some(a <= b + 100.0),
+                    _ => None,
+                },
+            },
             None => missing(&t, w),
         });
     }
