@@ -382,6 +382,17 @@ pub struct WorkloadRun {
     source: BenchSource,
 }
 
+/// What one read of the committed offsets found (empty when the broker did not answer).
+struct Committed(BTreeMap<i32, i64>);
+
+impl Committed {
+    /// These offsets, or `previous` when the read found none (a timed-out read must not look
+    /// like a group that committed nothing).
+    fn or(self, previous: BTreeMap<i32, i64>) -> BTreeMap<i32, i64> {
+        if self.0.is_empty() { previous } else { self.0 }
+    }
+}
+
 /// Reads the group's committed offsets.
 struct CommitWatch {
     consumer: Arc<BaseConsumer>,
@@ -403,7 +414,8 @@ impl CommitWatch {
         })
     }
 
-    async fn committed(&self) -> BTreeMap<i32, i64> {
+    /// The group's committed offsets (empty when the broker did not answer in time).
+    async fn committed(&self) -> Committed {
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
             tpl.add_partition(&self.topic, p);
@@ -420,10 +432,13 @@ impl CommitWatch {
                         })
                         .collect()
                 })
-                .unwrap_or_default()
+                .ok()
         })
         .await
-        .unwrap_or_default()
+        .ok()
+        .flatten()
+        .map(Committed)
+        .unwrap_or(Committed(BTreeMap::new()))
     }
 }
 
@@ -771,20 +786,20 @@ impl WorkloadRun {
                 tail.read(&i.durable_log);
             }
             if last_commit_check.elapsed() >= Duration::from_millis(100) {
-                committed = watch.committed().await;
+                committed = watch.committed().await.or(committed);
                 last_commit_check = Instant::now();
             }
             if let Some(e) = &end {
                 let poison_done = poison_off.is_none_or(|off| now >= off);
                 if reached(&committed, e) && tail.need.is_empty() && poison_done {
                     // One more read: the commit may have moved past the end.
-                    committed = watch.committed().await;
+                    committed = watch.committed().await.or(committed);
                     break Instant::now();
                 }
             }
             if now > opts.cap {
                 capped = true;
-                committed = watch.committed().await;
+                committed = watch.committed().await.or(committed);
                 break Instant::now();
             }
         };
