@@ -797,7 +797,9 @@ impl WorkloadRun {
                     break Instant::now();
                 }
             }
-            if now > opts.cap {
+            // The cap runs from the first record, but never ends a run before its live stream
+            // had 15 s to drain.
+            if now > opts.cap.max(spec.live.duration() + Duration::from_secs(15)) {
                 capped = true;
                 committed = watch.committed().await.or(committed);
                 break Instant::now();
