@@ -45,9 +45,14 @@ async fn raw_both_loops_and_refetch_on_the_smoke_workload() {
         assert!(!r.capped, "{}", r.contender);
         assert!(r.throughput > 0.0, "{}", r.contender);
         assert!(r.peak_rss_mib > 1.0, "{}", r.contender);
-        assert!(r.cpu_s > 0.0, "{}: CPU time from /proc", r.contender);
         assert_eq!(r.saves, saves, "{}", r.contender);
     }
+    // /proc counts CPU time in 10 ms ticks: a small run of one contender can show 0, the four
+    // together cannot.
+    assert!(
+        rows.iter().map(|r| r.cpu_s).sum::<f64>() > 0.0,
+        "CPU time from /proc"
+    );
     let [raw, concurrent, dedupe, refetch] = &rows[..] else {
         panic!("four rows")
     };
