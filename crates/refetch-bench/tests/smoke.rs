@@ -1,37 +1,22 @@
-//! The benchmark in miniature, so it cannot rot: a tiny duplicate-heavy workload with live saves
-//! against the real broker, run through the same driver and child processes as the real benchmark,
-//! with the raw consumer, the hand-rolled loop and refetch (no Java peers).
+//! The benchmark in miniature, so it cannot rot: the `smoke` workload (a small duplicate-heavy
+//! backlog and a live stream with spread events) against the real broker, through the same
+//! driver, source and child processes as the real benchmark, with the raw consumer, both loops
+//! and refetch (no Java peers), then the table and the chart.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use refetch_bench::contender::ContenderKind;
 use refetch_bench::driver::{DriverOptions, WorkloadRun};
-use refetch_bench::report;
-use refetch_bench::workload::{KeyDistribution, WorkloadSpec};
+use refetch_bench::{chart, preset, report};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real broker: run scripts/test"]
-async fn raw_hand_rolled_and_refetch_on_a_tiny_duplicate_heavy_workload() {
+async fn raw_both_loops_and_refetch_on_the_smoke_workload() {
     let brokers = refetch_testkit::kafka::brokers().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let spec = WorkloadSpec {
-        name: "smoke".into(),
-        notifications: 1_600,
-        entities: 200,
-        distribution: KeyDistribution::Zipf(1.0),
-        burst: 4,
-        late_share: 0.05,
-        delay_window: 100,
-        live_saves: 40,
-        live_rate: 200.0,
-        source_latency_ms: 1,
-        sink: "jsonl".into(),
-        seed: 3,
-        no_latency: false,
-    };
+    let (spec, kinds) = preset("smoke", 1.0).unwrap();
     let opts = DriverOptions {
         brokers,
         exe: PathBuf::from(env!("CARGO_BIN_EXE_refetch-bench")),
@@ -39,58 +24,65 @@ async fn raw_hand_rolled_and_refetch_on_a_tiny_duplicate_heavy_workload() {
         cap: Duration::from_secs(60),
         work_dir: dir.path().to_path_buf(),
         peers_dir: PathBuf::from("../../bench/peers"),
-        run_id: format!(
-            "smoke{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ),
+        run_id: refetch_testkit::names::unique("smoke"),
     };
     let run = WorkloadRun::start(spec.clone()).await.unwrap();
     let mut rows = Vec::new();
-    for kind in [
-        ContenderKind::Raw,
-        ContenderKind::HandRolled,
-        ContenderKind::RefetchDefault,
-    ] {
+    for kind in kinds {
         rows.push(run.run(&opts, kind).await);
     }
-    run.shutdown().await;
+    run.shutdown();
     let table = report::table(&spec, &rows);
     println!("{table}");
 
-    let total = 1_600 + 40 * 4;
+    let live_events = spec.live_events() as u64;
+    let total = spec.notifications as u64 + live_events;
+    let saves = rows[0].saves;
     for r in &rows {
-        assert!(
-            r.note.find("failed").is_none(),
-            "{}: {}",
-            r.contender,
-            r.note
-        );
+        assert!(!r.note.contains("failed"), "{}: {}", r.contender, r.note);
         assert_eq!(r.notifications, total, "{}", r.contender);
         assert_eq!(r.committed, total, "{} committed everything", r.contender);
         assert!(!r.capped, "{}", r.contender);
         assert!(r.throughput > 0.0, "{}", r.contender);
         assert!(r.peak_rss_mib > 1.0, "{}", r.contender);
+        assert_eq!(r.saves, saves, "{}", r.contender);
     }
-    let [raw, hand, refetch] = &rows[..] else {
-        panic!("three rows")
+    // /proc counts CPU time in 10 ms ticks: a small run of one contender can show 0, the four
+    // together cannot.
+    assert!(
+        rows.iter().map(|r| r.cpu_s).sum::<f64>() > 0.0,
+        "CPU time from /proc"
+    );
+    let [raw, concurrent, dedupe, refetch] = &rows[..] else {
+        panic!("four rows")
     };
     assert_eq!(raw.fetches, 0, "the raw consumer fetches nothing");
+    assert_eq!(raw.converged, None);
+    for r in [concurrent, dedupe, refetch] {
+        assert_eq!(r.converged, Some(true), "{} converges", r.contender);
+        assert_eq!(r.freshness.uncovered, 0, "{}", r.contender);
+        assert!(r.freshness.p99_ms.is_some(), "{}", r.contender);
+        assert!(r.receipt_p99_ms.is_some(), "{}", r.contender);
+    }
     assert!(
-        hand.fetches >= total,
-        "hand-rolled fetches once per notification: {} < {total}",
-        hand.entity_reads
+        concurrent.fetches >= total,
+        "the concurrent loop fetches once per record: {} < {total}",
+        concurrent.fetches
     );
-    assert_eq!(hand.converged, Some(true), "hand-rolled converges");
-    assert_eq!(refetch.converged, Some(true), "refetch converges");
     assert!(
-        refetch.entity_reads * 2 < hand.entity_reads,
-        "refetch coalesces: {} fetches against hand-rolled's {}",
+        dedupe.entity_reads * 2 < concurrent.entity_reads,
+        "batch-dedupe reads less: {} against {}",
+        dedupe.entity_reads,
+        concurrent.entity_reads
+    );
+    assert!(
+        refetch.entity_reads * 2 < concurrent.entity_reads,
+        "refetch coalesces: {} against {}",
         refetch.entity_reads,
-        hand.entity_reads
+        concurrent.entity_reads
     );
-    assert!(refetch.p50_ms.is_some() && hand.p99_ms.is_some());
     assert!(table.contains("| refetch-default |"), "{table}");
+    let png = dir.path().join("smoke.png");
+    chart::write_png(&png, "Workload smoke", &rows, false).unwrap();
+    assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
 }

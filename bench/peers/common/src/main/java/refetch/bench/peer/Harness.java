@@ -1,29 +1,27 @@
 package refetch.bench.peer;
 
 import java.io.BufferedReader;
+import java.io.FileOutputStream;
+import java.io.IOException;
 import java.io.InputStreamReader;
 import java.nio.charset.StandardCharsets;
-import java.nio.file.Files;
 import java.nio.file.Path;
-import java.time.Duration;
 import java.util.HashMap;
 import java.util.Map;
-import java.util.Properties;
+import java.util.concurrent.CountDownLatch;
+import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.regex.Matcher;
 import java.util.regex.Pattern;
 
-import org.apache.kafka.clients.admin.Admin;
-import org.apache.kafka.clients.admin.AdminClientConfig;
-import org.apache.kafka.clients.consumer.OffsetAndMetadata;
-import org.apache.kafka.common.TopicPartition;
-
 /**
  * The driver protocol of refetch-bench contenders (crates/refetch-bench/src/contender.rs): print
- * FIRST at the first record, read the topic's end offsets as one JSON line on stdin, print
- * REPORT {json} once the group's commits reach them and every notification is covered by a durable
- * write (or the time cap is hit).
+ * FIRST at the first record; stdin carries "END {json}" with the topic's end offsets once nothing
+ * more is produced, and "STOP" (or the end of input) when the run is over; then print
+ * REPORT {json} and exit. Completion, CPU time and RSS are judged by the driver from outside.
+ * Every durable write is appended to the durable log ("id version unix-micros", one unbuffered
+ * write per call, so it survives a SIGKILL).
  */
 public final class Harness {
     public final String brokers;
@@ -31,45 +29,31 @@ public final class Harness {
     public final String group;
     public final String source;
     public final Path jsonl;
-    public final Duration cap;
-    public final Path versionsOut;
+    public final Path durableLog;
+    public final int partitions;
+    /** Static group membership: the group.instance.id, or null. */
+    public final String instanceId;
     public final Probe probe = new Probe();
     public final AtomicLong consumed = new AtomicLong();
     private final AtomicBoolean saidFirst = new AtomicBoolean();
-    private volatile long firstNanos;
+    private final CountDownLatch stop = new CountDownLatch(1);
+    private final FileOutputStream log;
     private volatile Map<Integer, Long> end;
 
-    private Harness(Map<String, String> a) {
+    private Harness(Map<String, String> a) throws IOException {
         brokers = a.get("brokers");
         topic = a.get("topic");
         group = a.get("group");
         source = a.get("source");
         jsonl = a.containsKey("jsonl") ? Path.of(a.get("jsonl")) : null;
-        cap = parseDuration(a.getOrDefault("cap", "120s"));
-        versionsOut = Path.of(a.get("versions-out"));
-    }
-
-    /** A humantime-style duration: "90000ms", "90s", "1m 30s". */
-    static Duration parseDuration(String s) {
-        Matcher m = Pattern.compile("(\\d+)\\s*(ms|min|s|m|h)?").matcher(s.trim());
-        Duration d = Duration.ZERO;
-        boolean any = false;
-        while (m.find()) {
-            any = true;
-            long n = Long.parseLong(m.group(1));
-            String unit = m.group(2) == null ? "s" : m.group(2);
-            d = d.plus(switch (unit) {
-                case "ms" -> Duration.ofMillis(n);
-                case "m", "min" -> Duration.ofMinutes(n);
-                case "h" -> Duration.ofHours(n);
-                default -> Duration.ofSeconds(n);
-            });
-        }
-        return any ? d : Duration.ofSeconds(120);
+        durableLog = Path.of(a.get("durable-log"));
+        partitions = Integer.parseInt(a.getOrDefault("partitions", "4"));
+        instanceId = a.get("instance-id");
+        log = new FileOutputStream(durableLog.toFile(), true);
     }
 
     /** Parse --key value arguments and start reading stdin. */
-    public static Harness start(String[] args) {
+    public static Harness start(String[] args) throws IOException {
         Map<String, String> a = new HashMap<>();
         for (int i = 0; i + 1 < args.length; i += 2) {
             a.put(args[i].replaceFirst("^--", ""), args[i + 1]);
@@ -78,18 +62,23 @@ public final class Harness {
         Thread t = new Thread(() -> {
             try {
                 BufferedReader r = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
-                String line = r.readLine();
-                if (line != null) {
-                    Map<Integer, Long> e = new HashMap<>();
-                    Matcher m = Pattern.compile("\"(\\d+)\":(\\d+)").matcher(line);
-                    while (m.find()) {
-                        e.put(Integer.parseInt(m.group(1)), Long.parseLong(m.group(2)));
+                String line;
+                while ((line = r.readLine()) != null) {
+                    if (line.startsWith("END ")) {
+                        Map<Integer, Long> e = new HashMap<>();
+                        Matcher m = Pattern.compile("\"(\\d+)\":(\\d+)").matcher(line);
+                        while (m.find()) {
+                            e.put(Integer.parseInt(m.group(1)), Long.parseLong(m.group(2)));
+                        }
+                        h.end = e;
+                    } else if (line.trim().equals("STOP")) {
+                        break;
                     }
-                    h.end = e;
                 }
             } catch (Exception e) {
                 e.printStackTrace();
             }
+            h.stop.countDown();
         }, "stdin");
         t.setDaemon(true);
         t.start();
@@ -100,7 +89,6 @@ public final class Harness {
     public void consumedOne() {
         consumed.incrementAndGet();
         if (saidFirst.compareAndSet(false, true)) {
-            firstNanos = System.nanoTime();
             System.out.println("FIRST");
             System.out.flush();
         }
@@ -111,113 +99,50 @@ public final class Harness {
         return end;
     }
 
-    public Properties adminProps() {
-        Properties p = new Properties();
-        p.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, brokers);
-        return p;
-    }
-
-    /** Result of waiting: the committed record count, and whether the cap was hit. */
-    public record Done(long committed, boolean capped, long doneNanos) {}
-
-    /**
-     * Wait until the group's commits reach the end offsets and every notification is covered by a
-     * durable write, or the cap. onTick runs every poll (the Kafka Streams harness sends heartbeats).
-     */
-    public Done awaitDone(Runnable onTick) throws Exception {
-        long started = System.nanoTime();
-        try (Admin admin = Admin.create(adminProps())) {
-            while (true) {
-                Thread.sleep(20);
-                if (onTick != null) {
-                    onTick.run();
-                }
-                Map<Integer, Long> e = end;
-                long committed = 0;
-                boolean reached = e != null;
-                if (saidFirst.get()) {
-                    Map<TopicPartition, OffsetAndMetadata> offs = admin.listConsumerGroupOffsets(group)
-                            .partitionsToOffsetAndMetadata().get();
-                    Map<Integer, Long> byPartition = new HashMap<>();
-                    for (var x : offs.entrySet()) {
-                        if (x.getKey().topic().equals(topic) && x.getValue() != null) {
-                            byPartition.put(x.getKey().partition(), x.getValue().offset());
-                        }
-                    }
-                    for (long o : byPartition.values()) {
-                        committed += o;
-                    }
-                    if (e != null) {
-                        long expected = 0;
-                        for (var x : e.entrySet()) {
-                            expected += x.getValue();
-                            long c = byPartition.getOrDefault(x.getKey(), 0L);
-                            if (x.getValue() > 0 && c < x.getValue()) {
-                                reached = false;
-                            }
-                        }
-                        if (probe.waitingCount() > 0 || probe.received() < expected) {
-                            reached = false;
-                        }
-                    }
-                    if (reached) {
-                        return new Done(committed, false, System.nanoTime());
-                    }
-                    if (System.nanoTime() - firstNanos > cap.toNanos()) {
-                        return new Done(committed, true, System.nanoTime());
-                    }
-                } else if (System.nanoTime() - started > Duration.ofSeconds(90).toNanos()) {
-                    throw new IllegalStateException("no record within 90 s");
-                }
+    /** A write of id at version is durable now: tell the probe and the durable log. */
+    public void durable(String id, long version) {
+        probe.durable(id, version);
+        java.time.Instant now = java.time.Instant.now();
+        long micros = now.getEpochSecond() * 1_000_000L + now.getNano() / 1_000L;
+        byte[] line = (id + " " + version + " " + micros + "\n").getBytes(StandardCharsets.UTF_8);
+        synchronized (log) {
+            try {
+                log.write(line);
+            } catch (IOException e) {
+                e.printStackTrace();
             }
         }
     }
 
-    static long vmhwmKb() {
-        try {
-            for (String l : Files.readAllLines(Path.of("/proc/self/status"))) {
-                if (l.startsWith("VmHWM:")) {
-                    return Long.parseLong(l.replaceAll("[^0-9]", ""));
-                }
+    /** Wait until the driver says STOP; onTick runs every 20 ms (the Kafka Streams harness sends heartbeats). */
+    public void awaitStop(Runnable onTick) throws InterruptedException {
+        while (!stop.await(20, TimeUnit.MILLISECONDS)) {
+            if (onTick != null) {
+                onTick.run();
             }
-        } catch (Exception e) {
-            // not on Linux
         }
-        return 0;
     }
 
-    /** Write the durable versions and print the report. */
-    public void report(Done done) throws Exception {
-        StringBuilder v = new StringBuilder("{");
-        boolean first = true;
-        for (var x : probe.durableVersions().entrySet()) {
-            if (!first) {
-                v.append(',');
-            }
-            first = false;
-            v.append('"').append(x.getKey()).append("\":").append(x.getValue());
-        }
-        Files.writeString(versionsOut, v.append('}').toString());
-        double elapsed = (done.doneNanos() - firstNanos) / 1e9;
+    /** Print the report. */
+    public void report() {
         System.out.println(String.format(java.util.Locale.ROOT,
-                "REPORT {\"consumed\":%d,\"committed\":%d,\"elapsed_s\":%.6f,\"capped\":%b,\"probe\":%s,\"vmhwm_kb\":%d,\"distinct_pairs_consumed\":null}",
-                consumed.get(), done.committed(), elapsed, done.capped(), probe.summaryJson(), vmhwmKb()));
+                "REPORT {\"consumed\":%d,\"probe\":%s}", consumed.get(), probe.summaryJson()));
         System.out.flush();
     }
 
     private static final Pattern ID = Pattern.compile("\"id\":\"([^\"]*)\"");
     private static final Pattern VERSION = Pattern.compile("\"version\":(\\d+)");
 
-    /** (id, version) of a notification payload, or null. */
+    /** (id, version or null) of a notification payload, or null. */
     public static Object[] parse(String payload) {
         if (payload == null) {
             return null;
         }
         Matcher i = ID.matcher(payload);
-        Matcher v = VERSION.matcher(payload);
-        if (i.find() && v.find()) {
-            return new Object[] {i.group(1), Long.parseLong(v.group(1))};
+        if (!i.find()) {
+            return null;
         }
-        return null;
+        Matcher v = VERSION.matcher(payload);
+        return new Object[] {i.group(1), v.find() ? Long.valueOf(v.group(1)) : null};
     }
 }

@@ -24,10 +24,13 @@ public final class Probe {
         total++;
     }
 
-    /** A notification for id at version was received now. */
-    public synchronized void received(String id, long version) {
+    /** A notification for id (at version, or null when it carries none) was received now. */
+    public synchronized void received(String id, Long version) {
         long now = System.nanoTime();
         received++;
+        if (version == null) {
+            return;
+        }
         Long d = durable.get(id);
         if (d != null && d >= version) {
             record(0);
@@ -87,10 +90,20 @@ public final class Probe {
         return null;
     }
 
-    /** The summary as JSON, in the Rust ProbeSummary's shape. */
+    /** The summary as JSON, in the Rust ProbeSummary's shape (buckets included, for merging). */
     public synchronized String summaryJson() {
+        StringBuilder b = new StringBuilder("[");
+        for (int i = 0; i < BUCKETS; i++) {
+            if (counts[i] > 0) {
+                if (b.length() > 1) {
+                    b.append(',');
+                }
+                b.append('[').append(i).append(',').append(counts[i]).append(']');
+            }
+        }
+        b.append(']');
         return String.format(java.util.Locale.ROOT,
-                "{\"received\":%d,\"satisfied\":%d,\"p50_ms\":%s,\"p99_ms\":%s,\"waiting\":%d}",
-                received, total, quantileMs(0.5), quantileMs(0.99), waitingCount());
+                "{\"received\":%d,\"satisfied\":%d,\"p50_ms\":%s,\"p99_ms\":%s,\"waiting\":%d,\"buckets\":%s}",
+                received, total, quantileMs(0.5), quantileMs(0.99), waitingCount(), b);
     }
 }

@@ -16,7 +16,9 @@ import refetch.bench.peer.JsonlSink;
 /**
  * Apache Camel: camel-kafka consumer with manual commit (auto-commit off), an Aggregator
  * correlated by entity id that keeps the highest version and completes after 200 ms without a new
- * notification for that id (completionTimeout), an enricher that fetches the entity over HTTP
+ * notification for that id (completionTimeout) and hands completed aggregates to a thread pool
+ * (parallelProcessing(), Camel's standard setting for concurrent completion), an enricher that
+ * fetches the entity over HTTP
  * (camel-http), a processor that writes it (fsync), then the manual commits of every record the
  * aggregate covered.
  */
@@ -47,7 +49,8 @@ public final class Main {
         };
         String kafka = "kafka:" + h.topic + "?brokers=" + h.brokers + "&groupId=" + h.group
                 + "&autoOffsetReset=earliest&autoCommitEnable=false&allowManualCommit=true"
-                + "&isolationLevel=read_committed";
+                + "&isolationLevel=read_committed"
+                + (h.instanceId != null ? "&groupInstanceId=" + h.instanceId : "");
         CamelContext ctx = new DefaultCamelContext();
         ctx.addRoutes(new RouteBuilder() {
             @Override
@@ -58,22 +61,23 @@ public final class Main {
                         Object[] n = Harness.parse(ex.getIn().getBody(String.class));
                         if (n != null) {
                             ex.getIn().setHeader("entityId", n[0]);
-                            ex.getIn().setHeader("entityVersion", n[1]);
+                            ex.getIn().setHeader("entityVersion", n[1] == null ? -1L : (Long) n[1]);
                             h.probe.received((String) n[0], (Long) n[1]);
                         }
                     })
                     .aggregate(header("entityId"), latest)
                         .completionTimeout(200)
                         .completionTimeoutCheckerInterval(50)
+                        .parallelProcessing()
                     .removeHeaders("*", "entityId", "entityVersion")
                     .enrich().simple(h.source + "/entity/${header.entityId}")
                     .process(ex -> {
                         String id = ex.getIn().getHeader("entityId", String.class);
                         String body = ex.getIn().getBody(String.class);
                         Object[] n = Harness.parse(body);
-                        long v = n == null ? -1 : (Long) n[1];
+                        long v = n == null || n[1] == null ? -1 : (Long) n[1];
                         sink.write(List.of(new JsonlSink.Write(id, v, body)));
-                        h.probe.durable(id, v);
+                        h.durable(id, v);
                         @SuppressWarnings("unchecked")
                         List<Object> commits = ex.getProperty(COMMITS, List.class);
                         if (commits != null) {
@@ -87,10 +91,10 @@ public final class Main {
             }
         });
         ctx.start();
-        Harness.Done done = h.awaitDone(null);
-        h.report(done);
+        h.awaitStop(null);
         try {
             ctx.stop();
+            h.report();
         } finally {
             System.exit(0);
         }

@@ -28,14 +28,16 @@ import refetch.bench.peer.SourceClient;
  * writes it (fsync). Suppression runs on stream time (record timestamps), so once the input ends
  * nothing more would be emitted: this harness sends one heartbeat record per partition per second
  * after the driver says the input ended (the heartbeats pass the reduce and suppression under their
- * own key and are dropped before the fetch). Commit interval 1 s (like refetch's default).
+ * own key and are dropped before the fetch). num.stream.threads = the topic's partitions; commit
+ * interval 1 s (like refetch's default; the at-least-once default of 30 s would add up to 30 s to
+ * every run); everything else at its defaults.
  */
 public final class Main {
     static final String HEARTBEAT = "__heartbeat";
 
     static long version(String v) {
         Object[] n = Harness.parse(v);
-        return n == null ? -1 : (Long) n[1];
+        return n == null || n[1] == null ? -1 : (Long) n[1];
     }
 
     public static void main(String[] args) throws Exception {
@@ -67,7 +69,7 @@ public final class Main {
                         try {
                             SourceClient.Fetched f = source.fetch(id);
                             sink.write(List.of(new JsonlSink.Write(id, f.version(), f.body())));
-                            h.probe.durable(id, f.version());
+                            h.durable(id, f.version());
                         } catch (Exception e) {
                             throw new RuntimeException(e);
                         }
@@ -78,9 +80,13 @@ public final class Main {
         p.put(StreamsConfig.APPLICATION_ID_CONFIG, h.group);
         p.put(StreamsConfig.BOOTSTRAP_SERVERS_CONFIG, h.brokers);
         p.put(StreamsConfig.COMMIT_INTERVAL_MS_CONFIG, 1000);
-        p.put(StreamsConfig.NUM_STREAM_THREADS_CONFIG, 2);
-        p.put(StreamsConfig.STATE_DIR_CONFIG, h.versionsOut.toAbsolutePath().getParent().resolve(h.group + ".state").toString());
+        p.put(StreamsConfig.NUM_STREAM_THREADS_CONFIG, h.partitions);
+        p.put(StreamsConfig.STATE_DIR_CONFIG, h.durableLog.toAbsolutePath().getParent()
+                .resolve(h.durableLog.getFileName() + ".state").toString());
         p.put("consumer.auto.offset.reset", "earliest");
+        if (h.instanceId != null) {
+            p.put(StreamsConfig.mainConsumerPrefix("group.instance.id"), h.instanceId);
+        }
         KafkaStreams streams = new KafkaStreams(b.build(), p);
         streams.start();
 
@@ -90,7 +96,7 @@ public final class Main {
         pp.put(ProducerConfig.VALUE_SERIALIZER_CLASS_CONFIG, StringSerializer.class);
         KafkaProducer<String, String> heartbeats = new KafkaProducer<>(pp);
         long[] last = {0};
-        Harness.Done done = h.awaitDone(() -> {
+        h.awaitStop(() -> {
             Map<Integer, Long> end = h.endOffsets();
             long now = System.currentTimeMillis();
             if (end != null && now - last[0] >= 1000) {
@@ -101,10 +107,10 @@ public final class Main {
                 heartbeats.flush();
             }
         });
-        h.report(done);
         try {
             heartbeats.close(Duration.ofSeconds(1));
-            streams.close(Duration.ofSeconds(5));
+            streams.close(Duration.ofSeconds(15));
+            h.report();
         } finally {
             System.exit(0);
         }

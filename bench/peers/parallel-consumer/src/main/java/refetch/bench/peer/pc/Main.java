@@ -26,6 +26,9 @@ public final class Main {
         Properties p = new Properties();
         p.put(ConsumerConfig.BOOTSTRAP_SERVERS_CONFIG, h.brokers);
         p.put(ConsumerConfig.GROUP_ID_CONFIG, h.group);
+        if (h.instanceId != null) {
+            p.put(ConsumerConfig.GROUP_INSTANCE_ID_CONFIG, h.instanceId);
+        }
         p.put(ConsumerConfig.ENABLE_AUTO_COMMIT_CONFIG, false);
         p.put(ConsumerConfig.AUTO_OFFSET_RESET_CONFIG, "earliest");
         p.put(ConsumerConfig.ISOLATION_LEVEL_CONFIG, "read_committed");
@@ -54,15 +57,15 @@ public final class Main {
             try {
                 SourceClient.Fetched f = source.fetch(id);
                 sink.write(List.of(new JsonlSink.Write(id, f.version(), f.body())));
-                h.probe.durable(id, f.version());
+                h.durable(id, f.version());
             } catch (Exception e) {
                 throw new RuntimeException(e);
             }
         });
-        Harness.Done done = h.awaitDone(null);
-        h.report(done);
+        h.awaitStop(null);
         try {
             pc.closeDontDrainFirst();
+            h.report();
         } finally {
             System.exit(0);
         }
