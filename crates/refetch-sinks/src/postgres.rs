@@ -17,17 +17,19 @@
 //!
 //! With `create_table = true` the sink creates the schema and table (key columns with
 //! `COLLATE "C"`, so key order is byte order, the order [`PostgresSink::list_versions`] pages
-//! in). At start-up it adds `fetched_at` to an existing table that lacks it (a nullable column
-//! without a default: a catalog-only change, done under a short `lock_timeout`), then checks
-//! the table and lists every mismatch (missing column, wrong type, `NOT NULL` where the sink
-//! writes `NULL`, no unique index on the key).
+//! in). At start-up it always checks the table and lists every mismatch (missing column, wrong
+//! type, `NOT NULL` where the sink writes `NULL`, no unique index on the key); a table whose only
+//! mismatch is a missing `fetched_at` (created by an earlier version) gets the column added (a
+//! nullable column without a default: a catalog-only change, done under a short
+//! `lock_timeout`).
 //!
 //! ## Version guard
 //!
 //! When both sides carry a version of the same kind, an upsert replaces the row unless the held
-//! version is *greater*: `t.version <= EXCLUDED.version`. Equal versions overwrite: a retry must
-//! be idempotent, and for timestamps a later flight may carry a newer state with the same tick
-//! (the engine orders one key's writes by flight). A skipped (older) write is still an
+//! version is *greater*: `t.version <= EXCLUDED.version`. Equal versions are decided by fetch
+//! time (below), which lets a retry (same fetch) and a later flight of the same version (a newer
+//! state with the same timestamp tick) through, but not an older read of that version arriving
+//! late, for example over the tombstone that kept it. A skipped (older) write is still an
 //! acknowledgement: the table holds something newer.
 //!
 //! ## Fetch-time guard
@@ -129,8 +131,8 @@ fn fetched_guard(fresh: &str) -> String {
 impl Statements {
     fn new(table: &str, deletes: DeleteMode) -> Self {
         let cols = "entity_type, entity_id, version, version_kind, content_type, body, body_raw, deleted, updated_at, fetched_at";
-        // Comparable versions (both set, same kind) decide by version; anything else by fetch
-        // time.
+        // Comparable versions (both set, same kind) decide by version, equal ones by fetch
+        // time; anything else by fetch time.
         let upsert = format!(
             "INSERT INTO {table} AS t ({cols}) \
              VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, false, now(), $8::timestamptz) \
@@ -142,7 +144,8 @@ impl Statements {
              WHERE CASE \
                WHEN t.version IS NOT NULL AND EXCLUDED.version IS NOT NULL \
                  AND t.version_kind IS NOT DISTINCT FROM EXCLUDED.version_kind \
-               THEN t.version <= EXCLUDED.version \
+               THEN t.version < EXCLUDED.version \
+                 OR (t.version = EXCLUDED.version AND {guard}) \
                ELSE {guard} END",
             guard = fetched_guard("EXCLUDED.fetched_at"),
         );

@@ -5,7 +5,7 @@
 //! JSON), `body_raw` (a BLOB otherwise), `deleted` (tombstone flag, 0/1), `updated_at`
 //! (ISO 8601 UTC) and `fetched_at` (microseconds since the Unix epoch, when the fetch of the held
 //! state started), and the same guards: comparable versions (both set, same kind) decide by
-//! version, anything else by fetch time, so a state read earlier never overwrites one read later
+//! version (equal ones by fetch time), anything else by fetch time, so a state read earlier never overwrites one read later
 //! (see [`WriteContext::fetched_at`]); deletes are guarded by fetch time too, as a guarded
 //! `DELETE` or a tombstone that keeps the version and the delete's fetch time. A table without
 //! `fetched_at` gets it added at start-up. Keys compare with SQLite's `BINARY` collation, which
@@ -93,8 +93,8 @@ impl Statements {
         let t = quote_ident(table);
         let cols = "entity_type, entity_id, version, version_kind, content_type, body, body_raw, deleted, updated_at, fetched_at";
         Statements {
-            // Comparable versions (both set, same kind) decide by version; anything else by
-            // fetch time.
+            // Comparable versions (both set, same kind) decide by version, equal ones by
+            // fetch time; anything else by fetch time.
             upsert: format!(
                 "INSERT INTO {t} ({cols}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, {NOW}, ?8) \
                  ON CONFLICT (entity_type, entity_id) DO UPDATE SET \
@@ -105,7 +105,8 @@ impl Statements {
                  WHERE CASE \
                    WHEN {t}.version IS NOT NULL AND excluded.version IS NOT NULL \
                      AND {t}.version_kind IS excluded.version_kind \
-                   THEN {t}.version <= excluded.version \
+                   THEN {t}.version < excluded.version \
+                     OR ({t}.version = excluded.version AND {guard}) \
                    ELSE {guard} END",
                 guard = fetched_guard(&t, "excluded.fetched_at"),
             ),

@@ -426,6 +426,39 @@ async fn versioned_states_stay_guarded_by_version() {
         body_of(&sink, "1").await,
         Some(StoredBody::Json(json!({"v": 3})))
     );
+    // Equal versions: a later read (or a retry of the same) overwrites, an earlier one does not.
+    write_at(&sink, upsert("1", json!({"v": "3b"}), Some(3)), at(6)).await;
+    write_at(&sink, upsert("1", json!({"v": "3b"}), Some(3)), at(6)).await;
+    write_at(&sink, upsert("1", json!({"v": "3-early"}), Some(3)), at(4)).await;
+    assert_eq!(
+        body_of(&sink, "1").await,
+        Some(StoredBody::Json(json!({"v": "3b"}))),
+        "an earlier read of an equal version overwrote a later one"
+    );
+}
+
+/// A tombstone keeps the last version: a late write of that same version, read before the
+/// delete (a former owner's write on the wire), must not resurrect the entity.
+#[tokio::test]
+async fn a_tombstone_is_not_resurrected_by_a_late_read_of_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SqliteSink::open(&cfg(&dir, DeleteMode::Tombstone))
+        .await
+        .unwrap();
+    write_at(&sink, upsert("1", json!({"v": 5}), Some(5)), at(10)).await;
+    write_at(&sink, Change::Delete { key: key("1") }, at(20)).await;
+    write_at(&sink, upsert("1", json!({"v": 5}), Some(5)), at(15)).await;
+    let row = sink.get(&key("1")).await.unwrap().unwrap();
+    assert!(
+        row.deleted,
+        "a read of v5 from before the delete resurrected the entity"
+    );
+    assert_eq!(row.version, Some(Version::Int(5)));
+    write_at(&sink, upsert("1", json!({"v": 6}), Some(6)), at(12)).await;
+    assert!(
+        !sink.get(&key("1")).await.unwrap().unwrap().deleted,
+        "a newer version comes back"
+    );
 }
 
 /// Tombstones record the delete's fetch time: a late delete does not hide a newer state, and a
