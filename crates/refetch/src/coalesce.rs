@@ -142,6 +142,11 @@ pub(crate) struct RetryState {
     pub gone_held: bool,
     /// An operator released the deletes the guard held: the next gone answer is written.
     pub released: bool,
+    /// Its delete waits for the gone guard to have enough outcomes to judge (since then).
+    pub gone_waiting_since: Option<Tick>,
+    /// Where its source's outcome counts stood at the key's previous failure (its source's
+    /// successes since then are evidence about the key).
+    pub last_failure: Option<crate::health::FailureMark>,
 }
 
 /// Rarely used per-key state, boxed so the common key (pending, no retry, no fields) stays small.

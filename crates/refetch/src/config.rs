@@ -60,6 +60,11 @@ pub struct GoneGuardConfig {
     pub min_samples: usize,
     /// The share of "gone" outcomes above which deletes stop.
     pub max_ratio: f64,
+    /// While the guard has fewer than `min_samples` outcomes and the share of gone answers is
+    /// abnormal (a fresh start whose first answers are gone), a delete waits this long for the
+    /// evidence to come in; a delete still unjudged then (a lone delete on a quiet stream) is
+    /// written.
+    pub wait: Duration,
 }
 
 impl Default for GoneGuardConfig {
@@ -68,6 +73,7 @@ impl Default for GoneGuardConfig {
             window: 200,
             min_samples: 50,
             max_ratio: 0.2,
+            wait: Duration::from_secs(10),
         }
     }
 }

@@ -41,6 +41,7 @@ fn cause_index(c: FailureCause) -> usize {
         FailureCause::Throttled => 6,
         FailureCause::Stale => 7,
         _ => 8,
+        // (`Key` failures are never recorded: no request reached the source.)
     }
 }
 
@@ -77,6 +78,14 @@ impl Default for HealthConfig {
     }
 }
 
+/// Where a source's outcome counts stood at a key's failure: the next failure of the key
+/// compares against it ("did the others mostly succeed since?").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FailureMark {
+    ok: u64,
+    failed: u64,
+}
+
 /// What a failure of one key says, given the source's recent outcomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Judgement {
@@ -104,6 +113,11 @@ pub struct SourceHealth {
     outage: Option<FailureCause>,
     /// When the current outage was declared.
     outage_since: Option<Tick>,
+    /// Successes and failures since the start (for evidence between two failures of a key).
+    seq_ok: u64,
+    seq_failed: u64,
+    /// The last `min_samples` outcomes, newest last (true: success).
+    recent: VecDeque<bool>,
 }
 
 /// Buckets per window: coarse enough to stay small, fine enough to age smoothly.
@@ -118,6 +132,9 @@ impl SourceHealth {
             buckets: VecDeque::new(),
             outage: None,
             outage_since: None,
+            seq_ok: 0,
+            seq_failed: 0,
+            recent: VecDeque::new(),
         }
     }
 
@@ -170,14 +187,20 @@ impl SourceHealth {
             .map(|(i, c)| (ALL_CAUSES[i], *c))
             .unwrap_or((FailureCause::Other, 0));
         let share = if n == 0 { 0.0 } else { count as f64 / n as f64 };
-        if n >= self.cfg.min_samples as u64 && share > self.cfg.outage_ratio {
+        // Recovery first: most of the last outcomes succeeded (successes are back), whatever
+        // the older failures still in the window say.
+        let recent_ok = self.recent.iter().filter(|o| **o).count();
+        let recovered = ok > 0 && recent_ok * 2 > self.recent.len();
+        if self.outage.is_some() && recovered {
+            self.outage = None;
+            self.outage_since = None;
+            return;
+        }
+        if n >= self.cfg.min_samples as u64 && share > self.cfg.outage_ratio && !recovered {
             if self.outage.is_none() {
                 self.outage_since = Some(now);
             }
             self.outage = Some(worst);
-        } else if self.outage.is_some() && ok > 0 && share <= self.cfg.outage_ratio {
-            self.outage = None;
-            self.outage_since = None;
         }
     }
 
@@ -185,23 +208,55 @@ impl SourceHealth {
     pub fn record_ok(&mut self, now: Tick) {
         self.expire(now);
         self.bucket(now).ok += 1;
+        self.seq_ok += 1;
+        self.recent_push(true);
         self.judge(now);
     }
 
-    /// A fetch of the source failed with `cause`; what it says about the key.
-    pub fn record_failure(&mut self, now: Tick, cause: FailureCause) -> Judgement {
+    /// A fetch of the source failed with `cause`, for a key whose previous failure left the
+    /// mark `previous` (`None` for its first failure); what it says about the key, and the mark
+    /// to keep for its next failure. It is evidence about the key only when, since its previous
+    /// failure, the source mostly succeeded for the other keys (the key keeps failing while
+    /// others succeed in the same period) and the source is not in outage. A first failure alone
+    /// is never evidence.
+    pub fn record_failure(
+        &mut self,
+        now: Tick,
+        cause: FailureCause,
+        previous: Option<FailureMark>,
+    ) -> (Judgement, FailureMark) {
         self.expire(now);
         self.bucket(now).failed[cause_index(cause)] += 1;
+        self.seq_failed += 1;
+        self.recent_push(false);
         self.judge(now);
+        let mark = FailureMark {
+            ok: self.seq_ok,
+            failed: self.seq_failed,
+        };
         if let Some(c) = self.outage {
-            return Judgement::Outage(c);
+            return (Judgement::Outage(c), mark);
         }
-        let (ok, _) = self.totals();
-        if ok > 0 {
-            Judgement::Healthy
+        let evidence = previous.is_some_and(|p| {
+            let ok = self.seq_ok.saturating_sub(p.ok);
+            // Failures of other keys since then (this one excluded).
+            let failed = self.seq_failed.saturating_sub(p.failed + 1);
+            ok >= 1 && ok > failed
+        });
+        if evidence {
+            (Judgement::Healthy, mark)
         } else {
-            Judgement::NoEvidence
+            (Judgement::NoEvidence, mark)
         }
+    }
+
+    /// Remember the last outcomes (success or not), for ending an outage on evidence.
+    fn recent_push(&mut self, ok: bool) {
+        let cap = self.cfg.min_samples.max(1);
+        if self.recent.len() == cap {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(ok);
     }
 
     /// The cause of the current outage, if the source is in one.
@@ -282,8 +337,11 @@ impl Window {
 pub enum GoneVerdict {
     /// Write the delete.
     Delete,
-    /// Hold the delete back: gone answers of this source are abnormal.
+    /// Hold the delete back: gone answers of this source are abnormal (the guard is tripped).
     Hold,
+    /// Not enough outcomes to judge yet, and the share so far is abnormal: wait a little for
+    /// evidence (see [`GoneGuardConfig::wait`]).
+    Wait,
 }
 
 /// The gone-rate guard of one source.
@@ -322,17 +380,25 @@ impl GoneGuard {
         self.rejudge();
     }
 
-    /// A gone answer. `retry_of_held` says the key's delete was held before: its answer is no
-    /// new evidence and is not counted.
-    pub fn record_gone(&mut self, retry_of_held: bool) -> GoneVerdict {
-        if !retry_of_held {
+    /// A gone answer. `counted_before` says the key's gone answer was already counted (its
+    /// delete was held or is waiting): a retry's answer is no new evidence.
+    pub fn record_gone(&mut self, counted_before: bool) -> GoneVerdict {
+        if !counted_before {
             self.gone.push(true);
             self.rejudge();
         }
+        self.verdict()
+    }
+
+    /// What a gone answer of this source gets now.
+    pub fn verdict(&self) -> GoneVerdict {
         if self.tripped {
             GoneVerdict::Hold
-        } else {
+        } else if self.gone.len() >= self.cfg.min_samples || self.gone.ratio() <= self.cfg.max_ratio
+        {
             GoneVerdict::Delete
+        } else {
+            GoneVerdict::Wait
         }
     }
 
@@ -426,42 +492,67 @@ mod tests {
     #[test]
     fn a_single_key_failing_on_a_quiet_stream_is_no_evidence_then_an_outage() {
         let mut h = SourceHealth::new(cfg());
+        let mut mark = None;
         for i in 0..9 {
-            assert_eq!(
-                h.record_failure(Tick(i * 1000), FailureCause::Connect),
-                Judgement::NoEvidence
-            );
+            let (j, m) = h.record_failure(Tick(i * 1000), FailureCause::Connect, mark);
+            assert_eq!(j, Judgement::NoEvidence);
+            mark = Some(m);
         }
         assert_eq!(
-            h.record_failure(Tick(9_000), FailureCause::Connect),
+            h.record_failure(Tick(9_000), FailureCause::Connect, mark).0,
             Judgement::Outage(FailureCause::Connect)
         );
         // Two minutes later the window is empty, but the outage ends only on evidence.
         assert_eq!(
-            h.record_failure(Tick(130_000), FailureCause::Connect),
+            h.record_failure(Tick(130_000), FailureCause::Connect, mark)
+                .0,
             Judgement::Outage(FailureCause::Connect)
         );
         h.record_ok(Tick(131_000));
-        assert_eq!(h.outage(), None, "a success ends it");
+        assert!(
+            h.outage().is_some(),
+            "one success among failures is not a recovery"
+        );
+        for i in 0..5 {
+            h.record_ok(Tick(131_100 + i));
+        }
+        assert_eq!(h.outage(), None, "most recent outcomes succeed: it ended");
     }
 
     #[test]
-    fn time_not_samples_decides_what_is_recent() {
+    fn only_successes_while_the_key_fails_are_evidence_about_the_key() {
         let mut h = SourceHealth::new(cfg());
         for i in 0..100 {
             h.record_ok(Tick(i * 100));
         }
-        // A minute and more later the healthy period is gone: two failing keys are no longer
-        // judged against it.
+        // The source goes down right after a healthy period: the keys failing since then are
+        // not judged against the successes before.
+        let (j, first) = h.record_failure(Tick(10_000), FailureCause::Server, None);
         assert_eq!(
-            h.record_failure(Tick(80_000), FailureCause::Server),
-            Judgement::NoEvidence
+            j,
+            Judgement::NoEvidence,
+            "a first failure alone is no evidence"
         );
-        // Within the window, successes of other keys make a failure evidence about its key.
-        h.record_ok(Tick(80_500));
+        let (j, second) = h.record_failure(Tick(20_000), FailureCause::Server, Some(first));
+        assert_eq!(j, Judgement::NoEvidence, "nothing succeeded since");
+        // Other keys succeed while this one keeps failing: evidence about this key.
+        h.record_ok(Tick(20_500));
+        h.record_ok(Tick(20_600));
         assert_eq!(
-            h.record_failure(Tick(81_000), FailureCause::Server),
+            h.record_failure(Tick(21_000), FailureCause::Server, Some(second))
+                .0,
             Judgement::Healthy
+        );
+        // Others mostly failing since (an outage beginning on a busy stream) is no evidence.
+        let (_, mark) = h.record_failure(Tick(21_100), FailureCause::Auth, None);
+        h.record_ok(Tick(21_200));
+        for t in 0..3 {
+            h.record_failure(Tick(21_300 + t), FailureCause::Auth, None);
+        }
+        assert_eq!(
+            h.record_failure(Tick(21_400), FailureCause::Auth, Some(mark))
+                .0,
+            Judgement::NoEvidence
         );
     }
 
@@ -473,7 +564,7 @@ mod tests {
         }
         let mut j = Judgement::Healthy;
         for i in 0..10 {
-            j = h.record_failure(Tick(100 + i), FailureCause::Auth);
+            j = h.record_failure(Tick(100 + i), FailureCause::Auth, None).0;
         }
         assert_eq!(j, Judgement::Outage(FailureCause::Auth));
         // Mixed causes below the share are not an outage.
@@ -481,10 +572,15 @@ mod tests {
         for i in 0..6 {
             h.record_ok(Tick(i));
         }
-        h.record_failure(Tick(10), FailureCause::Auth);
-        h.record_failure(Tick(11), FailureCause::Server);
+        let (_, mark) = h.record_failure(Tick(3), FailureCause::Timeout, None);
+        for i in 0..6 {
+            h.record_ok(Tick(4 + i));
+        }
+        h.record_failure(Tick(10), FailureCause::Auth, None);
+        h.record_failure(Tick(11), FailureCause::Server, None);
         assert_eq!(
-            h.record_failure(Tick(12), FailureCause::Timeout),
+            h.record_failure(Tick(12), FailureCause::Timeout, Some(mark))
+                .0,
             Judgement::Healthy
         );
     }
@@ -495,14 +591,15 @@ mod tests {
             window: 100,
             min_samples: 50,
             max_ratio: 0.2,
+            wait: Duration::from_secs(10),
         });
         assert_eq!(
             g.record_gone(false),
-            GoneVerdict::Delete,
-            "a lone delete passes"
+            GoneVerdict::Wait,
+            "unjudged yet: a lone delete waits for evidence (the engine writes it after `wait`)"
         );
         for _ in 0..48 {
-            assert_eq!(g.record_gone(false), GoneVerdict::Delete);
+            assert_eq!(g.record_gone(false), GoneVerdict::Wait);
         }
         assert!(!g.is_tripped());
         assert_eq!(
@@ -523,6 +620,11 @@ mod tests {
         assert_eq!(g.record_gone(false), GoneVerdict::Delete);
         g.reset();
         assert_eq!(g.samples(), 0);
+        // Amid other outcomes a delete passes at once, judged or not.
+        for _ in 0..10 {
+            g.record_present();
+        }
+        assert_eq!(g.record_gone(false), GoneVerdict::Delete);
     }
 
     #[test]

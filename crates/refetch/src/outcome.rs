@@ -6,7 +6,9 @@
 //! [`crate::Fetcher::source_name`]):
 //!
 //! - **Source health** on the wall clock ([`crate::health::SourceHealth`]). A failure spends the
-//!   key's retry budget only when other keys of the same source succeeded in the same window. When
+//!   key's retry budget only when, since the key's previous failed attempt, the source mostly
+//!   succeeded for other keys (it keeps failing while others succeed in the same period; a first
+//!   failure alone is never evidence). When
 //!   most recent outcomes of the source fail with one cause (401/403, a maintenance page, 5xx,
 //!   timeouts, ...), the source is in outage: its keys are held, none is dead-lettered, however
 //!   permanent each answer looks. With no evidence either way (a quiet stream, a single key), the
@@ -252,15 +254,32 @@ impl Policy {
             };
         }
         let held_before = ctx.retry.is_some_and(|r| r.gone_held);
+        let waiting_since = ctx.retry.and_then(|r| r.gone_waiting_since);
         let released = ctx.retry.is_some_and(|r| r.released);
+        let wait = self.cfg.gone_guard.wait;
         let guard = self.guard(ctx.source);
         let verdict = if released {
             GoneVerdict::Delete
         } else {
-            guard.record_gone(held_before)
+            guard.record_gone(held_before || waiting_since.is_some())
         };
         let ratio = guard.ratio();
+        let verdict = match (verdict, waiting_since) {
+            // Waited long enough for evidence that never came (a lone delete): write it.
+            (GoneVerdict::Wait, Some(since)) if now.since(since) >= wait => GoneVerdict::Delete,
+            (v, _) => v,
+        };
         match verdict {
+            GoneVerdict::Wait => {
+                let mut r = ctx.retry.unwrap_or_default();
+                let since = *r.gone_waiting_since.get_or_insert(now);
+                let left = wait.saturating_sub(now.since(since));
+                FetchVerdict::Retry {
+                    retry: r,
+                    delay: left.min(Duration::from_secs(1)),
+                    refresh_failure: None,
+                }
+            }
             GoneVerdict::Delete => {
                 counters.add_fetch_outcome("gone");
                 FetchVerdict::Write {
@@ -323,10 +342,23 @@ impl Policy {
                     refresh_failure: None,
                 };
             }
+            // The key itself cannot be fetched: no request was made, nothing about the source.
+            Some(FailureCause::Key) => {
+                return FetchVerdict::DeadLetter {
+                    reason: reason::FETCH,
+                    message: err.message().to_owned(),
+                    class: err.class(),
+                    attempts: r.attempts + 1,
+                };
+            }
             Some(c) => c,
         };
         r.attempts += 1;
-        let judgement = self.health(ctx.source).record_failure(ctx.now, cause);
+        let previous = r.last_failure;
+        let (judgement, mark) = self
+            .health(ctx.source)
+            .record_failure(ctx.now, cause, previous);
+        r.last_failure = Some(mark);
         match judgement {
             Judgement::Healthy => {
                 r.blocked = false;
@@ -533,10 +565,14 @@ mod tests {
         }
         let mut retry = None;
         let mut verdict = None;
-        for t in 0..3 {
+        for t in 0..4 {
+            // Other keys keep succeeding while the poison key fails.
+            let k = EntityKey::new("c", format!("ok{t}"));
+            let ok = FetchResult::Outcome(FetchOutcome::Unchanged);
+            p.judge_fetch(&ctx(&k, &src, 100 + 2 * t), ok, &mut c);
             let err =
                 FetchResult::Error(FetchError::transient("503").with_cause(FailureCause::Server));
-            let mut cx = ctx(&poison, &src, 100 + t);
+            let mut cx = ctx(&poison, &src, 101 + 2 * t);
             cx.retry = retry;
             match p.judge_fetch(&cx, err, &mut c) {
                 FetchVerdict::Retry { retry: r, .. } => retry = Some(r),
@@ -615,9 +651,22 @@ mod tests {
             );
         }
         let bad = EntityKey::new("c", "bad");
-        let err = FetchResult::Error(FetchError::permanent("HTTP 400"));
+        let err = || FetchResult::Error(FetchError::permanent("HTTP 400"));
+        // The first failure waits for evidence: did the others succeed meanwhile?
+        let first = p.judge_fetch(&ctx(&bad, &src, 50), err(), &mut c);
+        let FetchVerdict::Retry { retry, .. } = first else {
+            panic!("the first failure is held for evidence: {first:?}");
+        };
+        let other = EntityKey::new("c", "other");
+        p.judge_fetch(
+            &ctx(&other, &src, 51),
+            FetchResult::Outcome(FetchOutcome::Unchanged),
+            &mut c,
+        );
+        let mut cx = ctx(&bad, &src, 52);
+        cx.retry = Some(retry);
         assert!(matches!(
-            p.judge_fetch(&ctx(&bad, &src, 50), err, &mut c),
+            p.judge_fetch(&cx, err(), &mut c),
             FetchVerdict::DeadLetter { .. }
         ));
     }
@@ -658,6 +707,15 @@ mod tests {
         let mut p = policy();
         let mut c = Counters::default();
         let src: Arc<str> = Arc::from("crm");
+        // Other entities of the source exist: a delete among them is judged normal.
+        for i in 0..10 {
+            let k = EntityKey::new("c", i.to_string());
+            p.judge_fetch(
+                &ctx(&k, &src, i),
+                FetchResult::Outcome(FetchOutcome::Unchanged),
+                &mut c,
+            );
+        }
         let k = EntityKey::new("c", "new");
         let mut cx = ctx(&k, &src, 0);
         cx.min = Some(Version::Int(1));

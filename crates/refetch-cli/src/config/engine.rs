@@ -191,6 +191,11 @@ pub struct GoneGuardSection {
     pub min_samples: usize,
     /// Share of "gone" outcomes above which deletes are held (and readiness fails).
     pub max_ratio: f64,
+    /// Before the guard has `min_samples` outcomes, a delete whose source answers mostly "gone"
+    /// so far waits this long for evidence; a delete still unjudged then (a lone delete) is
+    /// written.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
 }
 
 impl Default for GoneGuardSection {
@@ -200,6 +205,7 @@ impl Default for GoneGuardSection {
             window: g.window,
             min_samples: g.min_samples,
             max_ratio: g.max_ratio,
+            wait: g.wait,
         }
     }
 }
@@ -239,6 +245,7 @@ impl From<&EngineConfig> for EngineSection {
                 window: e.gone_guard.window,
                 min_samples: e.gone_guard.min_samples,
                 max_ratio: e.gone_guard.max_ratio,
+                wait: e.gone_guard.wait,
             },
             rebalance_drain: e.rebalance_drain,
             commit_timeout: e.commit_timeout,
@@ -278,6 +285,7 @@ impl EngineSection {
                 window: self.gone_guard.window,
                 min_samples: self.gone_guard.min_samples,
                 max_ratio: self.gone_guard.max_ratio,
+                wait: self.gone_guard.wait,
             },
             rebalance_drain: self.rebalance_drain,
             commit_timeout: self.commit_timeout,
