@@ -412,6 +412,46 @@ async fn a_revoke_during_shutdown_is_answered_and_the_final_commit_completes() {
     );
 }
 
+/// A revoke still waiting for a write when the shutdown deadline passes is answered as the
+/// pipeline stops (with nothing more to commit for it), not left to the consumer's own timeout.
+#[tokio::test(start_paused = true)]
+async fn a_revoke_pending_when_the_shutdown_deadline_passes_is_answered_at_once() {
+    let h = start(Setup {
+        partitions: 2,
+        cfg: EngineConfig {
+            shutdown_deadline: Duration::from_millis(300),
+            rebalance_drain: Duration::from_secs(8),
+            ..cfg()
+        },
+        ..Setup::default()
+    });
+    h.sink.set_delay(Duration::from_secs(30));
+    for i in 0..4 {
+        h.change(i, (i % 2) as i32);
+    }
+    // The writes are issued and hang.
+    until_status(&h, Duration::from_secs(5), "writes in flight", |s| {
+        s.engine.pending_keys == 4 && s.engine.fetches_in_flight == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let control = h.control.clone();
+    let asked = Instant::now();
+    let revoke = tokio::spawn(async move {
+        let committed = control.revoke(vec![p(1)]).await;
+        (committed, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let report = h.stop().await;
+    assert!(!report.drained, "the writes were still hanging");
+    let (_, answered) = revoke.await.expect("revoke answered");
+    let took = answered.duration_since(asked);
+    assert!(
+        took < Duration::from_secs(2),
+        "the revoke waited {took:?} after the pipeline stopped"
+    );
+}
+
 // ----- memory caps ------------------------------------------------------------------------------
 
 /// Wait until `cond` holds for the status, sampling every 10 ms (virtual), or panic.
