@@ -392,8 +392,13 @@ async fn an_expired_credential_is_an_outage_not_poison() {
             before the fault, so a maintenance page that starts while the source's earlier \
             successes are still in the health window dead-letters every key at once"]
 async fn a_maintenance_page_right_after_a_healthy_period_is_an_outage_not_poison() {
-    a_source_in_outage_then_recovering("outage_html_hot", Fault::Html, "content_type", Duration::ZERO)
-        .await;
+    a_source_in_outage_then_recovering(
+        "outage_html_hot",
+        Fault::Html,
+        "content_type",
+        Duration::ZERO,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,8 +406,13 @@ async fn a_maintenance_page_right_after_a_healthy_period_is_an_outage_not_poison
             before the fault, so a 401 for every id that starts while the source's earlier \
             successes are still in the health window dead-letters every key at once"]
 async fn an_expired_credential_right_after_a_healthy_period_is_an_outage_not_poison() {
-    a_source_in_outage_then_recovering("outage_401_hot", Fault::Status(401), "auth", Duration::ZERO)
-        .await;
+    a_source_in_outage_then_recovering(
+        "outage_401_hot",
+        Fault::Status(401),
+        "auth",
+        Duration::ZERO,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,11 +486,7 @@ async fn a_restart_whose_first_fetches_are_real_deletes_reaches_the_log_end() {
     env.wait_committed(&env.topic, &run).await;
     wait_ready_state(&run, 200, "ready", Duration::from_secs(30)).await;
     let letters = dead_letters(&env).await;
-    assert!(
-        letters.is_empty(),
-        "{:?}",
-        dead_lettered_ids(&letters)
-    );
+    assert!(letters.is_empty(), "{:?}", dead_lettered_ids(&letters));
     stop(run).await;
 }
 
@@ -529,23 +535,30 @@ async fn a_flaky_source_never_trips_the_breaker() {
     for _ in 0..3 {
         flaky = env.change(&env.topic, 1..=N).await;
     }
+    // Readiness and the breaker's gauge, sampled while the flaky rounds run (judged after the
+    // run, so that the first failure reported is the most telling one).
+    let mut unready = None;
+    let mut breaker_gauge = Vec::new();
+    let mut degraded = std::collections::BTreeSet::new();
     let watch = async {
-        // Readiness and the breaker, sampled while the flaky rounds run.
-        let mut samples = 0;
         loop {
             let (code, body) = readyz(&run).await;
-            assert_eq!(code, 200, "not ready under a flaky source: {body}");
-            let m = metrics(&run).await;
-            assert_eq!(
-                sample(&m, "refetch_breaker_open{source=\"customer\"}"),
-                Some(0.0),
-                "{m}"
-            );
-            samples += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if samples > 1000 {
-                break;
+            if code != 200 && unready.is_none() {
+                unready = Some(body);
             }
+            breaker_gauge.push(sample(
+                &metrics(&run).await,
+                "refetch_breaker_open{source=\"customer\"}",
+            ));
+            let status = http_get(&run.ops_addr(), "/status.json").await;
+            let doc: serde_json::Value = status
+                .split_once("\r\n\r\n")
+                .and_then(|(_, b)| serde_json::from_str(b).ok())
+                .unwrap_or_default();
+            if let Some(reasons) = doc["degraded_reasons"].as_array() {
+                degraded.extend(reasons.iter().filter_map(|r| r.as_str().map(str::to_owned)));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
     tokio::select! {
@@ -561,17 +574,26 @@ async fn a_flaky_source_never_trips_the_breaker() {
     wait_converged(&env, &SinkKind::Jsonl, &run).await;
     env.wait_committed(&env.topic, &run).await;
 
+    let m = metrics(&run).await;
+    assert_eq!(
+        total(&m, "refetch_http_not_attempted_total"),
+        0.0,
+        "fetches short-circuited:\n{m}"
+    );
     let log = run.log();
     assert!(
         !log.contains("circuit breaker opened"),
         "{}",
         run.log_tail()
     );
-    let m = metrics(&run).await;
-    assert_eq!(
-        total(&m, "refetch_http_not_attempted_total"),
-        0.0,
-        "fetches short-circuited:\n{m}"
+    assert!(
+        breaker_gauge.iter().all(|g| *g == Some(0.0)),
+        "the breaker's gauge while the source was flaky: {breaker_gauge:?}"
+    );
+    assert_eq!(unready, None, "not ready under a flaky source");
+    assert!(
+        degraded.is_empty(),
+        "the status page said degraded: {degraded:?}"
     );
     assert!(
         total(&m, "refetch_fetches_total{outcome=\"transient\"}") > 0.0
@@ -624,7 +646,8 @@ async fn a_lone_delete_on_a_fresh_group_is_written_and_fetch_of_deleted_keys_end
     let env = Env::new("outage_lone_delete", 1).await;
     env.write_config(&config(&env, "", &SinkKind::Jsonl));
     for i in 1..=80 {
-        env.source.put("customer", &i.to_string(), json!({ "n": i }));
+        env.source
+            .put("customer", &i.to_string(), json!({ "n": i }));
     }
     let run = Run::run(&env, "run.log");
     run.wait_log("refetch running", 1).await;
@@ -670,7 +693,10 @@ async fn a_lone_delete_on_a_fresh_group_is_written_and_fetch_of_deleted_keys_end
     let ok = out.lines().filter(|l| l.ends_with("\tok")).count();
     let held: Vec<&str> = out.lines().filter(|l| l.contains("\tFAILED: ")).collect();
     assert_eq!(ok + held.len(), 60, "{out}");
-    assert!(ok >= 49, "deletes before the guard could judge were held: {out}");
+    assert!(
+        ok >= 49,
+        "deletes before the guard could judge were held: {out}"
+    );
     assert!(!held.is_empty(), "{out}");
     for line in &held {
         assert!(
