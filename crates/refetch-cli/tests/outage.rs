@@ -388,6 +388,18 @@ async fn an_expired_credential_is_an_outage_not_poison() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real broker: run scripts/test"]
+async fn a_5xx_for_every_id_right_after_a_healthy_period_is_an_outage_not_poison() {
+    a_source_in_outage_then_recovering(
+        "outage_503_hot",
+        Fault::Status(503),
+        "server",
+        Duration::ZERO,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "engine defect (issue 14): a permanent failure is judged against successes from \
             before the fault, so a maintenance page that starts while the source's earlier \
             successes are still in the health window dead-letters every key at once"]
