@@ -603,7 +603,7 @@ async fn a_lone_delete_is_written_and_a_refresh_of_a_held_delete_fails_clearly()
         "the refresh did not hang"
     );
     match &out[0].1 {
-        RefreshOutcome::Failed(m) => assert!(m.contains("gone guard"), "{m}"),
+        RefreshOutcome::DeleteHeld(m) => assert!(m.contains("gone guard"), "{m}"),
         other => panic!("a held delete must fail the refresh clearly: {other:?}"),
     }
     h.stop().await;

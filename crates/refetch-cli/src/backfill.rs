@@ -344,7 +344,7 @@ async fn backfill_type(
                     "the refresh pipeline stopped; the page is not checkpointed"
                 );
                 for (key, outcome) in &outcomes {
-                    if let RefreshOutcome::Failed(why) = outcome {
+                    if let RefreshOutcome::Failed(why) | RefreshOutcome::DeleteHeld(why) = outcome {
                         summary.failed += 1;
                         tracing::warn!(%key, reason = %why, "backfill could not load an entity");
                     }

@@ -301,7 +301,9 @@ async fn redrive(a: &DlqRedriveArgs, signals: &Signals) -> anyhow::Result<ExitCo
     for k in &keys {
         match outcomes.iter().find(|(key, _)| key == k).map(|(_, o)| o) {
             Some(refetch::RefreshOutcome::Done) => println!("{k}\trefreshed"),
-            Some(refetch::RefreshOutcome::Failed(why)) => {
+            Some(
+                refetch::RefreshOutcome::Failed(why) | refetch::RefreshOutcome::DeleteHeld(why),
+            ) => {
                 failed += 1;
                 println!("{k}\tFAILED: {why}");
             }

@@ -31,7 +31,7 @@ pub async fn fetch(args: &FetchArgs, signals: Signals) -> anyhow::Result<ExitCod
     for key in &keys {
         match outcomes.iter().find(|(k, _)| k == key).map(|(_, o)| o) {
             Some(RefreshOutcome::Done) => println!("{key}\tok"),
-            Some(RefreshOutcome::Failed(why)) => {
+            Some(RefreshOutcome::Failed(why) | RefreshOutcome::DeleteHeld(why)) => {
                 failed += 1;
                 println!("{key}\tFAILED: {why}");
             }

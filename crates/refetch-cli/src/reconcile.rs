@@ -196,6 +196,11 @@ impl Report {
                     self.failed += 1;
                     tracing::warn!(%key, reason = %why, "reconcile could not repair a key");
                 }
+                RefreshOutcome::DeleteHeld(why) => {
+                    self.failed += 1;
+                    self.deletes_held += 1;
+                    tracing::warn!(%key, reason = %why, "reconcile did not delete a suspected orphan");
+                }
             }
         }
     }

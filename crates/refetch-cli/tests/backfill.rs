@@ -819,7 +819,14 @@ async fn reconcile_reports_orphans_whose_deletes_the_gone_guard_holds() {
         &sqlite_sink(&db),
     );
     let mut text = std::fs::read_to_string(&config).unwrap();
+    // The guard judges only once it has `min_samples` outcomes: the 30 fetches of this
+    // reconcile are enough with 20 (with the default 50 the 20 deletes would wait
+    // `gone_guard.wait` for evidence that never comes, then be written as lone deletes).
     text.push_str("\n[reconcile]\norphan_wait = \"2s\"\n");
+    text = text.replace(
+        "commit_interval = \"100ms\"\n",
+        "commit_interval = \"100ms\"\ngone_guard = { min_samples = 20 }\n",
+    );
     std::fs::write(&config, text).unwrap();
     let started = std::time::Instant::now();
     let (code, out) = refetch(&["reconcile", "--config", config.to_str().unwrap()]).await;

@@ -176,7 +176,7 @@ async fn a_total_of_the_wrong_shape_is_refused_with_its_place() {
     for (total, says) in [
         (
             r#"{ heder = "X-Total-Count" }"#,
-            "unknown field `heder`, expected `header` or `pointer`",
+            "unknown key `heder`, expected `header` or `pointer`",
         ),
         (
             r#""X-Total-Count""#,

@@ -209,10 +209,11 @@ fn an_invalid_listing_total_is_a_configuration_error() {
     std::fs::write(&path, &text).unwrap();
     let (code, out, err) = refetch(&["validate", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 2, "{out}{err}");
+    // The place is the value's (`total = "total"`: column 9).
     let line = text.lines().position(|l| l.starts_with("total")).unwrap() + 1;
     assert!(
         err.contains(&format!(
-            "listing.toml:{line}:1: `fetcher.sources.customer.listing.total`"
+            "listing.toml:{line}:9: `fetcher.sources.customer.listing.total`"
         )),
         "{err}"
     );

@@ -403,9 +403,7 @@ async fn a_5xx_for_every_id_right_after_a_healthy_period_is_an_outage_not_poison
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "engine defect (issue 14): a permanent failure is judged against successes from \
-            before the fault, so a maintenance page that starts while the source's earlier \
-            successes are still in the health window dead-letters every key at once"]
+#[ignore = "needs a real broker: run scripts/test"]
 async fn a_maintenance_page_right_after_a_healthy_period_is_an_outage_not_poison() {
     a_source_in_outage_then_recovering(
         "outage_html_hot",
@@ -417,9 +415,7 @@ async fn a_maintenance_page_right_after_a_healthy_period_is_an_outage_not_poison
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "engine defect (issue 14): a permanent failure is judged against successes from \
-            before the fault, so a 401 for every id that starts while the source's earlier \
-            successes are still in the health window dead-letters every key at once"]
+#[ignore = "needs a real broker: run scripts/test"]
 async fn an_expired_credential_right_after_a_healthy_period_is_an_outage_not_poison() {
     a_source_in_outage_then_recovering(
         "outage_401_hot",
@@ -698,21 +694,28 @@ async fn a_lone_delete_on_a_fresh_group_is_written_and_fetch_of_deleted_keys_end
     assert!(out.contains("customer:7\tok"), "{out}");
     assert_eq!(delete_lines(&env, "7"), 2, "written again");
 
-    // Sixty deleted entities at once: the first 49 pass while the fresh guard cannot judge; the
-    // 50th sample trips it, and every delete it holds ends with a clear message and exit 1.
+    // Sixty deleted entities at once in a fresh process: every answer is gone. Below
+    // `min_samples` (50) the guard cannot judge, so the deletes wait (`gone_guard.wait`) for
+    // evidence; the 50th sample trips it, and every delete it holds ends with a clear message
+    // and exit 1, well before the wait would have let a lone delete through.
     for i in 11..=70 {
         env.source.delete("customer", &i.to_string()).unwrap();
     }
+    let asked = Instant::now();
     let (code, out) = refetch_fetch(&env.config, 11..=70).await;
     assert_eq!(code, 1, "{out}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(60),
+        "refetch fetch took {:?}",
+        asked.elapsed()
+    );
     let ok = out.lines().filter(|l| l.ends_with("\tok")).count();
     let held: Vec<&str> = out.lines().filter(|l| l.contains("\tFAILED: ")).collect();
     assert_eq!(ok + held.len(), 60, "{out}");
     assert!(
-        ok >= 49,
-        "deletes before the guard could judge were held: {out}"
+        held.len() >= 50,
+        "an abnormal share of gone answers let deletes through: {out}"
     );
-    assert!(!held.is_empty(), "{out}");
     for line in &held {
         assert!(
             line.contains("is held: the gone guard of source customer is tripped"),

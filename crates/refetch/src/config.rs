@@ -112,9 +112,9 @@ pub struct EngineConfig {
     /// type, 5xx, timeouts, ...) above which the source is in outage: none of its keys is
     /// dead-lettered, readiness fails.
     pub unhealthy_ratio: f64,
-    /// A "gone" answer for a key whose notification announced a version the sink does not hold
-    /// yet (read right after a create, from a replica behind) is retried as a stale read for this
-    /// long before it counts as a delete.
+    /// A "gone" answer for a key whose notification announced a version, of an entity the sink
+    /// is not known to hold at all (read right after a create, from a replica behind), is
+    /// retried as a stale read for this long before it counts as a delete.
     pub gone_grace: Duration,
     /// How often satisfied offsets are committed.
     pub commit_interval: Duration,

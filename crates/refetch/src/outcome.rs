@@ -235,11 +235,12 @@ impl Policy {
     fn gone(&mut self, ctx: &FetchContext<'_>, counters: &mut Counters) -> FetchVerdict {
         let now = ctx.now;
         self.health(ctx.source).record_ok(now);
-        // Not yet visible is not gone: the notification announced a version the sink does not
-        // hold, and the answer came soon after it.
-        let unseen = ctx
-            .min
-            .is_some_and(|v| ctx.held.is_none_or(|h| !h.held_covers(&v)));
+        // Not yet visible is not gone: the notification announced a version of an entity the
+        // sink holds no version of (right after a create, a replica behind the API may not
+        // know it yet), and the answer came soon after it. An entity the sink holds was
+        // visible before: its gone answer is a delete (a lagging replica would answer with the
+        // older state, not with gone).
+        let unseen = ctx.min.is_some() && ctx.held.is_none();
         if unseen && ctx.age < self.cfg.gone_grace {
             counters.add_fetch_outcome("stale");
             let mut r = ctx.retry.unwrap_or_default();
@@ -729,6 +730,20 @@ mod tests {
             FetchVerdict::Retry { .. }
         ));
         cx.age = Duration::from_secs(11);
+        assert!(matches!(
+            p.judge_fetch(&cx, FetchResult::Outcome(FetchOutcome::Gone), &mut c),
+            FetchVerdict::Write {
+                change: Change::Delete { .. },
+                ..
+            }
+        ));
+        // The delete of an entity the sink holds (an older version) is no stale read: it was
+        // visible before, and a lagging replica would answer with the older state.
+        let k = EntityKey::new("c", "3");
+        let mut cx = ctx(&k, &src, 20);
+        cx.min = Some(Version::Int(3));
+        cx.held = Some(Version::Int(2));
+        cx.age = Duration::from_millis(200);
         assert!(matches!(
             p.judge_fetch(&cx, FetchResult::Outcome(FetchOutcome::Gone), &mut c),
             FetchVerdict::Write {

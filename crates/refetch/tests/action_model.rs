@@ -551,7 +551,11 @@ impl World {
                 Some(Version::Int(f.version_at_start - 1)),
             ))),
             FetchHow::Transient => FetchResult::Error(FetchError::transient("boom")),
-            FetchHow::Permanent => FetchResult::Error(FetchError::permanent("bad")),
+            // A failure about the key alone (an id no request can be made for): dead-lettered
+            // at once, whatever the source's health (see `outcome.rs`).
+            FetchHow::Permanent => FetchResult::Error(
+                FetchError::permanent("bad").with_cause(refetch::FailureCause::Key),
+            ),
         };
         if let FetchHow::Stale = how {
             if let Some(entry) = self.flight_started.get_mut(&f.flight) {

@@ -51,8 +51,9 @@ pub struct EngineSection {
     /// 5xx, timeouts, ...) above which the source is in outage: nothing of it is dead-lettered,
     /// readiness fails.
     pub unhealthy_ratio: f64,
-    /// A "gone" answer right after a notification announced a version the sink does not hold yet
-    /// is retried as a stale read for this long before it counts as a delete.
+    /// A "gone" answer right after a notification announced a version of an entity the sink is
+    /// not known to hold at all (just created) is retried as a stale read for this long before
+    /// it counts as a delete.
     #[serde(with = "humantime_serde")]
     pub gone_grace: Duration,
     /// How often satisfied offsets are committed.

@@ -155,6 +155,16 @@ pub enum RefreshOutcome {
     Done,
     /// The key could not be refreshed.
     Failed(String),
+    /// The source says the entity is gone, but its source's gone guard holds the delete (gone
+    /// answers are abnormally frequent); the message says so. An operator reset releases it.
+    DeleteHeld(String),
+}
+
+impl RefreshOutcome {
+    /// Did the refresh reach the sink?
+    pub fn is_done(&self) -> bool {
+        matches!(self, RefreshOutcome::Done)
+    }
 }
 
 /// Partition pause decisions.
@@ -988,7 +998,7 @@ impl Engine {
                 refresh_failure,
             } => {
                 if let Some(message) = refresh_failure {
-                    self.fail_refreshes(id, &message);
+                    self.fail_refreshes(id, RefreshOutcome::DeleteHeld(message));
                 }
                 self.back_off(id, retry, delay, now)
             }
@@ -1001,9 +1011,9 @@ impl Engine {
         }
     }
 
-    /// Answer the on-demand refreshes riding on `id`'s flight now, with `message`, instead of
+    /// Answer the on-demand refreshes riding on `id`'s flight now, with `outcome`, instead of
     /// keeping them waiting (their Kafka notifications keep waiting).
-    fn fail_refreshes(&mut self, id: KeyId, message: &str) {
+    fn fail_refreshes(&mut self, id: KeyId, outcome: RefreshOutcome) {
         let Some(f) = self.keys.get_mut(id).and_then(|e| e.state.flight.as_mut()) else {
             return;
         };
@@ -1017,8 +1027,7 @@ impl Engine {
             }
         });
         for waiter in failed {
-            self.refresh_done
-                .push((waiter, RefreshOutcome::Failed(message.to_owned())));
+            self.refresh_done.push((waiter, outcome.clone()));
         }
     }
 
