@@ -121,14 +121,16 @@ pub(crate) mod partitions;
 pub mod pipeline;
 pub mod sink;
 pub mod stats;
+pub(crate) mod txn_writer;
 
 pub use action::{ActionConfig, ActionFailurePolicy, ActionTag};
 pub use assignment::{Assignment, Epoch, Fence, TopicPartition};
 pub use async_trait::async_trait;
 pub use config::{Backoff, EngineConfig, GoneGuardConfig, UnknownTypePolicy};
-pub use consumer::{ConsumerChannels, MemoryConsumer};
+pub use consumer::{ConsumerChannels, GroupMetadata, MemoryConsumer};
 pub use decode::{DecodeError, Decoded, Notification, NotificationDecoder, RecordView};
 pub use dispatch::{DeadLetterWriter, MemoryDeadLetters};
+pub use dlq::Coordinate;
 pub use engine::RefreshOutcome;
 pub use error::ErrorClass;
 pub use fetch::{
@@ -139,4 +141,8 @@ pub use fetch::{
 pub use kafka::{GroupProtocol, KafkaConfig};
 pub use key::{EntityKey, Version, VersionKind};
 pub use pipeline::{Pipeline, PipelineBuilder, PipelineError, PipelineHandle, RunReport, Status};
-pub use sink::{Change, Sink, SinkError, WriteContext, WriteReport};
+pub use offsets::StoredOffset;
+pub use sink::{
+    Change, Delivery, OffsetStore, Sink, SinkError, TransactionCommit, TransactionError,
+    WriteContext, WriteReport,
+};
