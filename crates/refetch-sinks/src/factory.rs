@@ -79,7 +79,12 @@ pub async fn build_sink(cfg: &SinkConfig) -> Result<Arc<dyn Sink>, SinkBuildErro
         #[cfg(feature = "postgres")]
         SinkConfig::Postgres(c) => Ok(Arc::new(crate::postgres::PostgresSink::connect(c).await?)),
         #[cfg(feature = "kafka")]
-        SinkConfig::Kafka(c) => Ok(Arc::new(crate::kafka::KafkaSink::new(c)?)),
+        SinkConfig::Kafka(c) => {
+            let sink = crate::kafka::KafkaSink::new(c)?;
+            // Exactly-once: fence an older producer with the same transactional id now.
+            sink.init_transactions().await?;
+            Ok(Arc::new(sink))
+        }
         #[cfg(feature = "http")]
         SinkConfig::Http(c) => Ok(Arc::new(crate::http::HttpSink::new(c)?)),
         #[cfg(feature = "sqlite")]

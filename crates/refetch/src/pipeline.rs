@@ -1406,6 +1406,8 @@ fn spawn_commit(
 }
 
 /// Actions with fetches gathered so keys of one type can share a batched request.
+// Actions are moved once each, right away; boxing them would cost an allocation per write.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Grouped {
     Fetches(Vec<crate::engine::FetchJob>),
     Other(Action),

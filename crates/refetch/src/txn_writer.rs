@@ -34,6 +34,8 @@ use crate::offsets::StoredOffset;
 use crate::sink::{Change, Sink, SinkError, TransactionCommit, TransactionError, WriteContext};
 
 /// What the transaction writer is asked to do.
+// Writes are the common command; boxing them would cost an allocation per write.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum TxnCommand {
     /// Write in the open transaction.
