@@ -111,6 +111,13 @@ impl VersionedSource {
         }
     }
 
+    /// Let a poisoned `key` be fetched again.
+    pub fn cure(&self, key: &EntityKey) {
+        if let Ok(mut s) = self.state.lock() {
+            s.poisoned.remove(key);
+        }
+    }
+
     /// The source's state: key -> (version, deleted).
     pub fn snapshot(&self) -> BTreeMap<EntityKey, SourceEntity> {
         self.state
