@@ -287,7 +287,7 @@ async fn a_source_outage_dead_letters_nothing_but_a_poison_key_is_dead_lettered(
 
     // Now one key keeps failing while the others succeed: it is poison.
     h.source.poison(key(3));
-    for round in 0..10 {
+    for round in 0..40 {
         for i in 0..30 {
             h.change(i, (i % 2) as i32, false);
         }

@@ -202,7 +202,7 @@ async fn a_crash_and_a_restart_cover_every_offset_once() {
     sink.set_delay(Duration::ZERO);
     // The restart (a new connection: the crashed one's open transaction is gone): key 0 can be
     // fetched again, more changes come in.
-    source.cure(&key(0));
+    source.unpoison(&key(0));
     let sink = sink.session();
     let second = start(&topics, &source, &sink);
     for i in 0..20 {

@@ -456,6 +456,18 @@ async fn hostile_source_answers_through_the_pipeline() {
         run.notify(id);
     }
     run.notify("ok");
+    // Healthy keys keep succeeding meanwhile, many more than the hostile ones fail: the
+    // evidence that those fail on their own (with most of a source failing, nothing would be
+    // dead-lettered).
+    let live = refetch_integration_tests::heartbeat_of(
+        &run.topics,
+        TOPIC,
+        0,
+        (0..50)
+            .map(|i| json!({ "id": format!("ok{i}") }).to_string().into_bytes())
+            .collect(),
+        Duration::from_millis(10),
+    );
     let permanent = cases.iter().filter(|c| c.2.is_some()).count();
     wait_for(
         "permanent answers to be dead-lettered",
@@ -482,6 +494,7 @@ async fn hostile_source_answers_through_the_pipeline() {
         run.topics.committed().values().copied().max().unwrap_or(0),
         5
     );
+    drop(live);
     for (id, _, _, _) in &cases {
         raw.heal(id);
     }
@@ -535,6 +548,21 @@ async fn ten_megabyte_bodies_and_a_slow_trickle_against_the_timeout() {
     for id in ["huge", "trickle", "ok"] {
         run.notify(id);
     }
+    // "ok" keeps succeeding meanwhile: the evidence that the two others fail on their own.
+    let live = refetch_integration_tests::heartbeat(
+        &run.topics,
+        TOPIC,
+        0,
+        json!({ "id": "ok" }).to_string().into_bytes(),
+        Duration::from_millis(200),
+    );
+    wait_for("both to be dead-lettered", Duration::from_secs(60), || {
+        let n = run.dead.records().len();
+        async move { n >= 2 }
+    })
+    .await
+    .unwrap();
+    drop(live);
     run.committed_to_end(Duration::from_secs(60)).await;
     let by_id = run.dead_by_id();
     let (reason, class, error) = by_id.get("huge").expect("huge dead-lettered");

@@ -76,6 +76,7 @@ async fn a_misrouted_template_deletes_nothing_and_fails_readiness() {
         window: 100,
         min_samples: 20,
         max_ratio: 0.2,
+        ..GoneGuardConfig::default()
     };
     c.fetch_backoff.max = Duration::from_millis(500);
     // Wrong path: every fetch answers 404 with the source's own not-found body.
@@ -159,6 +160,14 @@ async fn hostile_source_answers_have_defined_outcomes() {
     source.poison("customer", "3", Fault::DropMidBody);
     let run = start(&source, "/customer/{id}", cfg());
     notify(&run, 0..6);
+    // Other keys keep succeeding meanwhile: the evidence that 1 and 2 fail on their own.
+    let live = refetch_integration_tests::heartbeat(
+        &run.topics,
+        TOPIC,
+        0,
+        json!({"id": "0"}).to_string().into_bytes(),
+        Duration::from_millis(200),
+    );
     wait_for(
         "the permanent failures to be dead-lettered",
         Duration::from_secs(20),
@@ -169,6 +178,7 @@ async fn hostile_source_answers_have_defined_outcomes() {
     )
     .await
     .unwrap();
+    drop(live);
     source.clear_faults();
     run.committed_to_end(Duration::from_secs(60)).await;
     let dead = run.dead.records();

@@ -22,6 +22,46 @@ use serde_json::json;
 
 /// A pipeline on the in-memory consumer (no broker): its topics, sink, dead letters, handle and
 /// task. Used by the tests that exercise the engine with real fetchers and sinks quickly.
+/// Keeps producing one healthy notification every `every` until dropped: a live stream of other
+/// keys succeeding, which is the evidence that a failing key fails alone (a key that fails on a
+/// quiet stream is held and counted as blocked, never dead-lettered).
+pub struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Start a [`Heartbeat`] producing `payload` to `topic`/`partition`.
+pub fn heartbeat(
+    topics: &refetch::MemoryConsumer,
+    topic: &str,
+    partition: i32,
+    payload: Vec<u8>,
+    every: Duration,
+) -> Heartbeat {
+    heartbeat_of(topics, topic, partition, vec![payload], every)
+}
+
+/// Start a [`Heartbeat`] producing each of `payloads` in turn (distinct healthy keys).
+pub fn heartbeat_of(
+    topics: &refetch::MemoryConsumer,
+    topic: &str,
+    partition: i32,
+    payloads: Vec<Vec<u8>>,
+    every: Duration,
+) -> Heartbeat {
+    let topics = topics.clone();
+    let topic = topic.to_owned();
+    Heartbeat(tokio::spawn(async move {
+        for payload in payloads.iter().cycle() {
+            topics.produce(&topic, partition, None, payload, 0);
+            tokio::time::sleep(every).await;
+        }
+    }))
+}
+
 pub struct MemoryRun<S> {
     pub topics: refetch::MemoryConsumer,
     pub sink: S,

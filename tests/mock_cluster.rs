@@ -286,3 +286,194 @@ async fn a_consumer_dropped_without_commit_loses_nothing() {
     .await;
     b.stop().await;
 }
+
+// ----- the librdkafka driver's commit fence ------------------------------------------------------
+
+/// The next assignment or revoke from a driver, skipping records, positions and broker reports.
+/// Revokes are returned with their reply for the caller to answer.
+async fn next_rebalance(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<refetch::consumer::ConsumerEvent>,
+    within: Duration,
+    what: &str,
+) -> refetch::consumer::ConsumerEvent {
+    use refetch::consumer::ConsumerEvent as E;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
+            .unwrap_or_else(|| panic!("the driver stopped before {what}"));
+        match ev {
+            E::Assigned(_) | E::Revoke { .. } | E::Lost(_) => return ev,
+            E::Error {
+                message,
+                fatal: true,
+            } => panic!("fatal consumer error: {message}"),
+            _ => {}
+        }
+    }
+}
+
+/// The next non-empty assignment (cooperative rebalances also report empty ones).
+async fn next_assigned(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<refetch::consumer::ConsumerEvent>,
+    within: Duration,
+    what: &str,
+) -> Vec<refetch::Assignment> {
+    loop {
+        match next_rebalance(events, within, what).await {
+            refetch::consumer::ConsumerEvent::Assigned(a) if !a.is_empty() => return a,
+            refetch::consumer::ConsumerEvent::Assigned(_) => {}
+            other => panic!("expected {what}, got {other:?}"),
+        }
+    }
+}
+
+/// Send a commit through a driver and wait for its answer.
+async fn commit_through(
+    commands: &tokio::sync::mpsc::UnboundedSender<refetch::consumer::ConsumerCommand>,
+    offsets: Vec<(refetch::Assignment, i64)>,
+) -> refetch::consumer::CommitResult {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    commands
+        .send(refetch::consumer::ConsumerCommand::Commit { offsets, reply })
+        .expect("driver running");
+    tokio::time::timeout(Duration::from_secs(30), answer)
+        .await
+        .expect("commit answered in time")
+        .expect("commit answered")
+}
+
+/// The librdkafka driver itself (no engine): a commit of an assignment that is no longer current
+/// is dropped by the driver (answered `Ok` with nothing committed), both while another member
+/// owns the partition and after the partition came back in a new epoch, so it never moves the
+/// committed offset back; a commit of the current assignment goes through. The broker would
+/// accept the stale commit (it checks the member, not the assignment epoch), which is why the
+/// driver must drop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_drops_commits_of_an_assignment_that_ended() {
+    use refetch::consumer::ConsumerEvent;
+    let topic = names::unique("notes");
+    let group = names::unique("group");
+    let m = mock(&topic, 2);
+    let brokers = m.bootstrap_servers().to_owned();
+    let records: Vec<OutRecord> = (0..40)
+        .map(|i| OutRecord::keyed(format!("c{i}"), format!(r#"{{"id":"c{i}"}}"#)))
+        .collect();
+    kafka::produce_records(&brokers, &topic, records)
+        .await
+        .expect("produce");
+    let kcfg = || {
+        let mut k = KafkaConfig::new(&brokers, &group, vec![topic.clone()]);
+        k.consumer_properties
+            .insert("session.timeout.ms".into(), "6000".into());
+        k.consumer_properties
+            .insert("heartbeat.interval.ms".into(), "500".into());
+        k
+    };
+    let drain = Duration::from_secs(2);
+    let commit_timeout = Duration::from_secs(5);
+    let committed = |p: i32| {
+        let (brokers, group, topic) = (brokers.clone(), group.clone(), topic.clone());
+        async move {
+            kafka::committed_offsets(&brokers, &group, &topic)
+                .await
+                .expect("committed offsets")
+                .get(&p)
+                .copied()
+        }
+    };
+
+    // A owns both partitions.
+    let mut a = refetch::kafka::start_consumer(&kcfg(), drain, commit_timeout).expect("consumer a");
+    let first = next_assigned(&mut a.events, Duration::from_secs(30), "a's assignment").await;
+    assert_eq!(first.len(), 2, "{first:?}");
+
+    // B joins: one partition is revoked from A. A answers the revoke with offset 10, which the
+    // driver commits before letting go.
+    let mut b = refetch::kafka::start_consumer(&kcfg(), drain, commit_timeout).expect("consumer b");
+    let old = match next_rebalance(&mut a.events, Duration::from_secs(30), "a's revoke").await {
+        ConsumerEvent::Revoke {
+            assignments, reply, ..
+        } => {
+            assert_eq!(assignments.len(), 1, "{assignments:?}");
+            let old = assignments[0].clone();
+            assert!(
+                first.iter().any(|f| f.same(&old)),
+                "the revoke names a's assignment"
+            );
+            reply.send(vec![(old.clone(), 10)]).expect("driver waits");
+            old
+        }
+        other => panic!("expected a revoke, got {other:?}"),
+    };
+    let p = old.tp.partition;
+    let on_b = next_assigned(&mut b.events, Duration::from_secs(30), "b's assignment").await;
+    assert_eq!(on_b.len(), 1);
+    assert_eq!(on_b[0].tp, old.tp, "b took the revoked partition");
+    assert_eq!(
+        committed(p).await,
+        Some(10),
+        "the revoke's commit went through"
+    );
+
+    // B, the owner now, moves on.
+    let r = commit_through(&b.commands, vec![(on_b[0].clone(), 15)]).await;
+    assert_eq!(r, Ok(vec![(on_b[0].clone(), 15)]));
+    assert_eq!(committed(p).await, Some(15));
+
+    // A commit of A's ended assignment (queued before the revoke) is dropped.
+    let r = commit_through(&a.commands, vec![(old.clone(), 5)]).await;
+    assert_eq!(
+        r,
+        Ok(vec![]),
+        "a commit for a partition a does not own is dropped"
+    );
+    assert_eq!(
+        committed(p).await,
+        Some(15),
+        "the committed offset never moves back"
+    );
+
+    // B leaves; the partition comes back to A in a new epoch.
+    let (closed, done) = tokio::sync::oneshot::channel();
+    b.commands
+        .send(refetch::consumer::ConsumerCommand::Close { reply: closed })
+        .expect("b running");
+    tokio::time::timeout(Duration::from_secs(30), done)
+        .await
+        .expect("b closes in time")
+        .expect("b closed");
+    let back = next_assigned(
+        &mut a.events,
+        Duration::from_secs(30),
+        "the partition back on a",
+    )
+    .await;
+    let new = back
+        .iter()
+        .find(|n| n.tp == old.tp)
+        .cloned()
+        .unwrap_or_else(|| panic!("{} not assigned back: {back:?}", old.tp));
+    assert!(new.epoch > old.epoch, "{new} follows {old}");
+
+    // The stale commit is still dropped, although the partition is A's again.
+    let r = commit_through(&a.commands, vec![(old.clone(), 5)]).await;
+    assert_eq!(r, Ok(vec![]), "a commit of the ended epoch is dropped");
+    assert_eq!(
+        committed(p).await,
+        Some(15),
+        "the committed offset never moves back"
+    );
+
+    // A commit of the current assignment goes through, also mixed with a stale entry.
+    let r = commit_through(&a.commands, vec![(old.clone(), 6), (new.clone(), 17)]).await;
+    assert_eq!(r, Ok(vec![(new.clone(), 17)]));
+    assert_eq!(committed(p).await, Some(17));
+
+    let (closed, done) = tokio::sync::oneshot::channel();
+    a.commands
+        .send(refetch::consumer::ConsumerCommand::Close { reply: closed })
+        .expect("a running");
+    let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
+}

@@ -110,6 +110,11 @@ impl<F> ObservedFetcher<F> {
     pub fn new(inner: F, stats: Arc<FetchStats>) -> Self {
         ObservedFetcher { inner, stats }
     }
+
+    /// The wrapped fetcher.
+    pub fn inner(&self) -> &F {
+        &self.inner
+    }
 }
 
 fn outcome_label(r: &Result<FetchOutcome, FetchError>) -> &'static str {
@@ -416,6 +421,14 @@ pub const SERIES: &[Series] = &[
         buckets: &[],
     },
     Series {
+        name: crate::reload::RELOADS_METRIC,
+        kind: Kind::Counter,
+        unit: "reloads",
+        labels: &["result"],
+        help: "Configuration reloads (SIGHUP) by result: applied (live or by rebuilding the pipeline), unchanged, invalid (the file was refused; the pipeline keeps running) or failed (the new pipeline could not be built; the old one keeps running).",
+        buckets: &[],
+    },
+    Series {
         name: BUILD_INFO,
         kind: Kind::Gauge,
         unit: "1",
@@ -618,10 +631,8 @@ impl Observer {
         let Ok(mut s) = self.state.lock() else {
             return;
         };
+        // (`refetch_broker_reachable` is the pipeline's, from the consumer client itself.)
         s.broker = got.reachable.or(s.broker);
-        if let Some(up) = got.reachable {
-            refetch::metrics::broker_reachable(up);
-        }
         for (tp, end) in got.ends {
             s.ends.insert(tp, end);
         }

@@ -11,10 +11,10 @@
 //! - [`Apply::NotUsed`]: a key `run` does not read (`[validate]`, `[backfill]`): nothing to do;
 //! - [`Apply::ProcessRestart`]: a key that only a new process can apply (`log.format`): logged.
 //!
-//! Today only `log.level` is live. The engine's and the HTTP fetcher's settings that can change
-//! without a rebuild ([`LIVE_WHEN_HOOKED`]) take the rebuild path until their live hooks exist
-//! (`PipelineHandle::reconfigure`, `HttpFetcher::reconfigure`); switching one over is moving it to
-//! [`LIVE`] and applying it in `run`'s live step.
+//! Live: the log level, the engine's window, max-wait, fetch concurrency, caps, commit interval
+//! and sink batching (`PipelineHandle::reconfigure`), and the HTTP fetcher's rate limits,
+//! concurrency and breakers (`HttpFetcher::reconfigure`; a fetcher change it refuses takes the
+//! rebuild path after all). See [`LIVE`].
 //!
 //! Every reload is counted in `refetch_config_reloads_total{result}`: `applied`, `unchanged`,
 //! `invalid` (the file was refused) or `failed` (valid, but the new pipeline could not be built;
@@ -65,20 +65,24 @@ pub enum Apply {
     ProcessRestart,
 }
 
-/// Keys applied live. `*` stands for one key of any name.
-pub const LIVE: &[&str] = &["log.level"];
-
-/// Keys that can change live once the engine's and the fetcher's live hooks exist; until then
-/// they rebuild the pipeline.
-pub const LIVE_WHEN_HOOKED: &[&str] = &[
+/// Keys applied live (`PipelineHandle::reconfigure`, `HttpFetcher::reconfigure`, the log
+/// filter). `*` stands for one key of any name.
+pub const LIVE: &[&str] = &[
+    "log.level",
     "engine.window",
     "engine.max_wait",
     "engine.fetch_concurrency",
     "engine.sink_batch_max",
     "engine.sink_linger",
+    "engine.max_pending_keys",
+    "engine.max_pending_bytes",
+    "engine.max_outstanding_per_partition",
+    "engine.resume_ratio",
+    "engine.commit_interval",
     "fetcher.sources.*.rate_limit",
     "fetcher.sources.*.burst",
     "fetcher.sources.*.concurrency",
+    "fetcher.sources.*.breaker",
 ];
 
 /// Keys (and tables) `run` does not read.
@@ -154,7 +158,6 @@ pub fn classify(path: &str) -> Apply {
     } else if PROCESS_RESTART.iter().any(|p| matches(p, path)) {
         Apply::ProcessRestart
     } else {
-        // Everything else, LIVE_WHEN_HOOKED included, until the live hooks exist.
         Apply::Rebuild
     }
 }
@@ -289,12 +292,14 @@ level = "info"
         assert!(matches("validate", "validate.health_urls.customer"));
         assert!(matches("topics", "topics[2].name"));
         assert!(!matches("log.level", "log.format"));
-        for p in LIVE_WHEN_HOOKED {
+        for p in LIVE {
             assert_eq!(
                 classify(p.replace('*', "customer").as_str()),
-                Apply::Rebuild,
+                Apply::Live,
                 "{p}"
             );
         }
+        assert_eq!(classify("engine.sink_concurrency"), Apply::Rebuild);
+        assert_eq!(classify("fetcher.sources.customer.url"), Apply::Rebuild);
     }
 }

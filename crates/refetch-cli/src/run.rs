@@ -111,16 +111,24 @@ fn log_stopped(report: &RunReport, message: &'static str) {
 pub struct Parts {
     pipeline: AppPipeline,
     stats: Arc<FetchStats>,
+    /// The HTTP fetcher, for settings that change live (rate limits, concurrency, breakers).
+    http: Arc<refetch_http::HttpFetcher>,
 }
 
 impl Parts {
     /// Build the fetcher, the sink and the pipeline, and check the dead-letter topic.
     pub async fn build(cfg: &Config) -> anyhow::Result<Parts> {
         let (fetcher, stats) = wiring::build_fetcher(&cfg.fetcher)?;
+        let http = fetcher.inner().clone();
         let sink = wiring::build_sink(&cfg.sink).await?;
         let kafka = cfg.kafka_config();
         let dead_letters =
             DeadLetterProducer::new(&kafka).context("cannot create the dead-letter producer")?;
+        // The brokers first: when they cannot be reached, say so rather than blaming the topic.
+        dead_letters
+            .probe_brokers(DEAD_LETTER_CHECK)
+            .await
+            .context("cannot reach the Kafka brokers ([kafka] brokers)")?;
         dead_letters
             .check(DEAD_LETTER_CHECK)
             .await
@@ -132,7 +140,11 @@ impl Parts {
                 )
             })?;
         let pipeline = wiring::consuming_pipeline(cfg, fetcher, sink, Some(dead_letters))?;
-        Ok(Parts { pipeline, stats })
+        Ok(Parts {
+            pipeline,
+            stats,
+            http,
+        })
     }
 }
 
@@ -198,7 +210,7 @@ async fn drive(
     signals: &Signals,
     reloads: &mut mpsc::UnboundedReceiver<()>,
 ) -> anyhow::Result<Next> {
-    let Parts { pipeline, .. } = parts;
+    let Parts { pipeline, http, .. } = parts;
     let handle = pipeline.handle();
     // A task of its own: a reload (which builds the next parts) never holds the pipeline up.
     let mut run = tokio::spawn(pipeline.run(signals.stopped()));
@@ -225,7 +237,7 @@ async fn drive(
                     reloads_open = false;
                     continue;
                 }
-                match reload_once(path, &current).await {
+                match reload_once(path, &current, &handle, &http).await {
                     Reloaded::Kept => {}
                     Reloaded::Live(config) => current = *config,
                     Reloaded::Rebuild(config, parts) => {
@@ -249,7 +261,12 @@ enum Reloaded {
 }
 
 /// Read `path` again and apply it (see [`crate::reload`]).
-async fn reload_once(path: &Path, current: &Config) -> Reloaded {
+async fn reload_once(
+    path: &Path,
+    current: &Config,
+    handle: &refetch::PipelineHandle,
+    http: &refetch_http::HttpFetcher,
+) -> Reloaded {
     let loaded = match crate::config::load(path) {
         Ok(l) => l,
         Err(e) => {
@@ -274,8 +291,14 @@ async fn reload_once(path: &Path, current: &Config) -> Reloaded {
         return Reloaded::Kept;
     }
     let live = diff.paths(Apply::Live);
+    let mut live_failed = false;
     for key in &live {
-        apply_live(key, &new);
+        live_failed |= !apply_live(key, &new, handle, http);
+    }
+    if live_failed {
+        // A live step refused the new value after all (a fetcher setting that needs a rebuild):
+        // take the rebuild path for everything.
+        return rebuild(path, new, live, diff.paths(Apply::Rebuild)).await;
     }
     for key in diff.paths(Apply::ProcessRestart) {
         tracing::warn!(
@@ -293,7 +316,12 @@ async fn reload_once(path: &Path, current: &Config) -> Reloaded {
         reload::count("applied");
         return Reloaded::Live(Box::new(new));
     }
-    let rebuild = diff.paths(Apply::Rebuild);
+    rebuild(path, new, live, diff.paths(Apply::Rebuild)).await
+}
+
+/// Build the next generation's parts for `new`; keep the running pipeline when that fails.
+async fn rebuild(path: &Path, new: Config, live: Vec<&str>, rebuild: Vec<&str>) -> Reloaded {
+    let _ = path;
     match Parts::build(&new).await {
         Ok(parts) => {
             tracing::info!(
@@ -317,13 +345,48 @@ async fn reload_once(path: &Path, current: &Config) -> Reloaded {
     }
 }
 
-/// Apply one live change.
-fn apply_live(key: &str, new: &Config) {
-    match key {
-        "log.level" => match logging::set_level(&new.log.level) {
+/// Apply one live change. Returns `false` when the change must take the rebuild path after all.
+fn apply_live(
+    key: &str,
+    new: &Config,
+    handle: &refetch::PipelineHandle,
+    http: &refetch_http::HttpFetcher,
+) -> bool {
+    if key == "log.level" {
+        match logging::set_level(&new.log.level) {
             Ok(()) => tracing::debug!(level = %new.log.level, "log level applied"),
             Err(e) => tracing::warn!(error = %e, "log.level not applied"),
-        },
-        other => tracing::warn!(key = other, "no live step for this key"),
+        }
+        return true;
     }
+    if key.starts_with("engine.") {
+        return match handle.reconfigure(new.engine.to_engine()) {
+            Ok(_) => {
+                tracing::debug!(key, "engine setting applied live");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "engine setting not applied live");
+                false
+            }
+        };
+    }
+    if key.starts_with("fetcher.") {
+        return match http.reconfigure(&new.fetcher) {
+            Ok(applied) => {
+                tracing::debug!(key, ?applied, "fetcher settings applied live");
+                true
+            }
+            Err(refetch_http::ReconfigureError::NeedsRestart { settings }) => {
+                tracing::info!(key, ?settings, "fetcher settings need a rebuild");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "fetcher settings not applied live");
+                false
+            }
+        };
+    }
+    tracing::warn!(key, "no live step for this key");
+    true
 }

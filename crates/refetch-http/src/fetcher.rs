@@ -740,6 +740,7 @@ use response::same_origin;
 
 fn refused(e: RenderError) -> FetchError {
     FetchError::permanent(format!("id cannot be placed in the URL: {e}"))
+        .with_cause(FailureCause::Key)
 }
 
 impl Source {

@@ -210,11 +210,7 @@ async fn transport_failures_are_timeout_or_connect() {
     // An id that cannot be a path segment: refused before any request.
     let before = src.total_requests();
     let (class, cause, m) = classify(f.fetch(&req("..")).await);
-    assert_eq!(
-        (class, cause),
-        (Class::Permanent, FailureCause::Other),
-        "{m}"
-    );
+    assert_eq!((class, cause), (Class::Permanent, FailureCause::Key), "{m}");
     assert_eq!(src.total_requests(), before);
 }
 

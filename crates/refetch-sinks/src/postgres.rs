@@ -13,24 +13,43 @@
 //! | `body_raw` | `bytea` NULL | the body when it is not JSON (or JSON `jsonb` cannot hold: `\u0000`) |
 //! | `deleted` | `boolean` NOT NULL DEFAULT false | tombstone flag |
 //! | `updated_at` | `timestamptz` NOT NULL DEFAULT now() | time of the last write |
+//! | `fetched_at` | `timestamptz` NULL | when the fetch of the held state started (the fetch-time guard) |
 //!
 //! With `create_table = true` the sink creates the schema and table (key columns with
 //! `COLLATE "C"`, so key order is byte order, the order [`PostgresSink::list_versions`] pages
 //! in). At start-up it always checks the table and lists every mismatch (missing column, wrong
-//! type, `NOT NULL` where the sink writes `NULL`, no unique index on the key).
+//! type, `NOT NULL` where the sink writes `NULL`, no unique index on the key); a table whose only
+//! mismatch is a missing `fetched_at` (created by an earlier version) gets the column added (a
+//! nullable column without a default: a catalog-only change, done under a short
+//! `lock_timeout`).
 //!
 //! ## Version guard
 //!
-//! An upsert replaces the row unless both sides carry a version of the same kind and the held
-//! one is *greater*: `t.version IS NULL OR EXCLUDED.version IS NULL OR t.version_kind IS
-//! DISTINCT FROM EXCLUDED.version_kind OR t.version <= EXCLUDED.version`. Equal versions
-//! overwrite: a retry must be idempotent, and for timestamps a later flight may carry a newer
-//! state with the same tick (the engine orders one key's writes by flight). A write without a
-//! version (or of another kind) cannot be compared, so it relies on that per-key order. A
-//! skipped (older) write is still an acknowledgement: the table holds something newer.
+//! When both sides carry a version of the same kind, an upsert replaces the row unless the held
+//! version is *greater*: `t.version <= EXCLUDED.version`. Equal versions are decided by fetch
+//! time (below), which lets a retry (same fetch) and a later flight of the same version (a newer
+//! state with the same timestamp tick) through, but not an older read of that version arriving
+//! late, for example over the tombstone that kept it. A skipped (older) write is still an
+//! acknowledgement: the table holds something newer.
 //!
-//! Deletes either remove the row or turn it into a tombstone that keeps its version, so an
-//! older state arriving later (another instance, a replayed notification) cannot resurrect it.
+//! ## Fetch-time guard
+//!
+//! Versions that cannot be compared (either side has none, or the kinds differ) fall back to the
+//! time the engine started each fetch ([`WriteContext::fetched_at`]), stored in `fetched_at`: a
+//! state read earlier never overwrites one read later, so the late write of a former owner of
+//! the partition (a write already on the wire when its assignment ended) cannot bring back an
+//! older state. Equal times overwrite (an idempotent retry). A write without a time
+//! ([`Sink::write`], or a row written before the column existed) cannot be compared and
+//! overwrites, as before. This assumes the clocks of the instances agree to well within the
+//! time between two changes of one entity.
+//!
+//! Deletes are guarded by fetch time too (a delete carries no version): a delete whose fetch
+//! started before the held state's does not remove it. `deletes = "delete"` runs a guarded
+//! `DELETE ... WHERE fetched_at <= $t`; `deletes = "tombstone"` turns the row into a tombstone
+//! that keeps its version and records the delete's fetch time, so an older state arriving later
+//! (another instance, a replayed notification) cannot resurrect it either. With hard deletes the
+//! row is gone, so a late older upsert after a delete recreates it: use tombstones when several
+//! writers may race.
 //!
 //! ## Failures
 //!
@@ -52,13 +71,13 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use refetch::{
     Change, Delivery, EntityKey, OffsetStore, Sink, SinkError, StoredOffset, TopicPartition,
-    TransactionCommit, TransactionError, Version, WriteReport,
+    TransactionCommit, TransactionError, Version, WriteContext, WriteReport,
 };
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
@@ -116,30 +135,47 @@ fn check_ident(what: &str, name: &str) -> Result<(), SinkBuildError> {
     Ok(())
 }
 
+/// The fetch-time guard of an update of `t` by a change fetched at `fresh` (a parameter): a
+/// state read earlier never overwrites one read later; an unknown time on either side cannot be
+/// compared and passes.
+fn fetched_guard(fresh: &str) -> String {
+    format!("(t.fetched_at IS NULL OR {fresh} IS NULL OR t.fetched_at <= {fresh})")
+}
+
 impl Statements {
     fn new(table: &str, deletes: DeleteMode) -> Self {
-        let cols = "entity_type, entity_id, version, version_kind, content_type, body, body_raw, deleted, updated_at";
+        let cols = "entity_type, entity_id, version, version_kind, content_type, body, body_raw, deleted, updated_at, fetched_at";
+        // Comparable versions (both set, same kind) decide by version, equal ones by fetch
+        // time; anything else by fetch time.
         let upsert = format!(
             "INSERT INTO {table} AS t ({cols}) \
-             VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, false, now()) \
+             VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, false, now(), $8::timestamptz) \
              ON CONFLICT (entity_type, entity_id) DO UPDATE SET \
                version = EXCLUDED.version, version_kind = EXCLUDED.version_kind, \
                content_type = EXCLUDED.content_type, body = EXCLUDED.body, \
-               body_raw = EXCLUDED.body_raw, deleted = false, updated_at = EXCLUDED.updated_at \
-             WHERE t.version IS NULL OR EXCLUDED.version IS NULL \
-               OR t.version_kind IS DISTINCT FROM EXCLUDED.version_kind \
-               OR t.version <= EXCLUDED.version"
+               body_raw = EXCLUDED.body_raw, deleted = false, updated_at = EXCLUDED.updated_at, \
+               fetched_at = EXCLUDED.fetched_at \
+             WHERE CASE \
+               WHEN t.version IS NOT NULL AND EXCLUDED.version IS NOT NULL \
+                 AND t.version_kind IS NOT DISTINCT FROM EXCLUDED.version_kind \
+               THEN t.version < EXCLUDED.version \
+                 OR (t.version = EXCLUDED.version AND {guard}) \
+               ELSE {guard} END",
+            guard = fetched_guard("EXCLUDED.fetched_at"),
         );
         let delete = match deletes {
-            DeleteMode::Delete => {
-                format!("DELETE FROM {table} WHERE entity_type = $1 AND entity_id = $2")
-            }
+            DeleteMode::Delete => format!(
+                "DELETE FROM {table} AS t WHERE entity_type = $1 AND entity_id = $2 AND {guard}",
+                guard = fetched_guard("$3::timestamptz"),
+            ),
             DeleteMode::Tombstone => format!(
-                "INSERT INTO {table} AS t (entity_type, entity_id, deleted, updated_at) \
-                 VALUES ($1, $2, true, now()) \
+                "INSERT INTO {table} AS t (entity_type, entity_id, deleted, updated_at, fetched_at) \
+                 VALUES ($1, $2, true, now(), $3::timestamptz) \
                  ON CONFLICT (entity_type, entity_id) DO UPDATE SET \
                    content_type = NULL, body = NULL, body_raw = NULL, deleted = true, \
-                   updated_at = EXCLUDED.updated_at"
+                   updated_at = EXCLUDED.updated_at, fetched_at = EXCLUDED.fetched_at \
+                 WHERE {guard}",
+                guard = fetched_guard("EXCLUDED.fetched_at"),
             ),
         };
         let list = |filter: &str| {
@@ -179,10 +215,12 @@ struct Row<'a> {
     content_type: Option<&'a str>,
     json: Option<&'a str>,
     raw: Option<&'a [u8]>,
+    /// When the change's fetch started, if known (the fetch-time guard).
+    fetched_at: Option<SystemTime>,
 }
 
 impl<'a> Row<'a> {
-    fn new(change: &'a Change) -> Self {
+    fn new(change: &'a Change, fetched_at: Option<SystemTime>) -> Self {
         let key = change.key();
         match change {
             Change::Delete { .. } => Row {
@@ -194,6 +232,7 @@ impl<'a> Row<'a> {
                 content_type: None,
                 json: None,
                 raw: None,
+                fetched_at,
             },
             Change::Upsert { entity, .. } => {
                 // jsonb cannot hold U+0000; such a body is kept verbatim in body_raw instead.
@@ -212,6 +251,7 @@ impl<'a> Row<'a> {
                     } else {
                         Some(&entity.body[..])
                     },
+                    fetched_at,
                 }
             }
         }
@@ -219,7 +259,7 @@ impl<'a> Row<'a> {
 
     fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
         if self.delete {
-            vec![&self.entity_type, &self.id]
+            vec![&self.entity_type, &self.id, &self.fetched_at]
         } else {
             vec![
                 &self.entity_type,
@@ -229,6 +269,7 @@ impl<'a> Row<'a> {
                 &self.content_type,
                 &self.json,
                 &self.raw,
+                &self.fetched_at,
             ]
         }
     }
@@ -348,6 +389,7 @@ impl PostgresSink {
                    body_raw bytea, \
                    deleted boolean NOT NULL DEFAULT false, \
                    updated_at timestamptz NOT NULL DEFAULT now(), \
+                   fetched_at timestamptz, \
                    PRIMARY KEY (entity_type, entity_id))"
             );
             if let Err(e) = client.batch_execute(&ddl).await {
@@ -361,7 +403,9 @@ impl PostgresSink {
                 }
             }
         }
-        check_table(&client, &cfg.schema, &cfg.table, &table).await?;
+        if check_table(&client, &cfg.schema, &cfg.table, &table).await? == FetchedAt::Missing {
+            add_fetched_at(&client, &table).await?;
+        }
         let sync = client
             .query_one("SHOW synchronous_commit", &[])
             .await
@@ -458,8 +502,17 @@ impl PostgresSink {
         Ok(changed)
     }
 
-    async fn write_batch(&self, batch: &[Change], batch_id: u64) -> Result<WriteReport, SinkError> {
-        let rows: Vec<Row<'_>> = batch.iter().map(Row::new).collect();
+    async fn write_batch(
+        &self,
+        batch: &[Change],
+        fetched_at: &[SystemTime],
+        batch_id: u64,
+    ) -> Result<WriteReport, SinkError> {
+        let rows: Vec<Row<'_>> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Row::new(c, fetched_at.get(i).copied()))
+            .collect();
         let message = match self.write_rows(&rows).await {
             Ok(changed) => {
                 let skipped = batch.len() as u64 - changed.min(batch.len() as u64);
@@ -470,7 +523,7 @@ impl PostgresSink {
                         sink = SINK,
                         batch_id,
                         skipped,
-                        "older states not written over newer ones"
+                        "older states (by version or fetch time) not written over newer ones"
                     );
                 }
                 return Ok(WriteReport::all_durable());
@@ -568,14 +621,67 @@ const COLUMNS: &[(&str, &[&str], bool)] = &[
         &["timestamp with time zone", "timestamp without time zone"],
         false,
     ),
+    ("fetched_at", &["timestamp with time zone"], true),
 ];
+
+/// Add the `fetched_at` column to a table created before the fetch-time guard existed. The
+/// column is nullable without a default, so PostgreSQL only changes the catalog (no rewrite); the
+/// lock it needs is taken with a short `lock_timeout` so a long transaction on the table fails
+/// the start-up instead of queueing every other query behind it. Rows written before have no
+/// time and are not guarded until their next write. Only done for a table that matches
+/// otherwise ([`check_table`] found nothing else wrong).
+async fn add_fetched_at(
+    client: &tokio_postgres::Client,
+    quoted: &str,
+) -> Result<(), SinkBuildError> {
+    let ddl = format!(
+        "BEGIN; SET LOCAL lock_timeout = '5s'; \
+         ALTER TABLE {quoted} ADD COLUMN IF NOT EXISTS fetched_at timestamptz; COMMIT"
+    );
+    match client.batch_execute(&ddl).await {
+        Ok(()) => {
+            tracing::info!(sink = SINK, table = %quoted, "added column fetched_at (the fetch-time guard)");
+            Ok(())
+        }
+        // Another instance added it at the same moment.
+        Err(e) if e.code().map(|c| c.code()) == Some("42701") => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            let message = format!(
+                "table {quoted} has no column fetched_at and the sink could not add it ({}): \
+                 run ALTER TABLE {quoted} ADD COLUMN fetched_at timestamptz",
+                describe(&e)
+            );
+            // Not allowed to alter the table: an operator must add it. Anything else (the lock
+            // not granted in time, a connection lost) may pass on the next start.
+            Err(match e.code().map(|c| c.code()) {
+                Some("42501") => SinkBuildError::Schema {
+                    sink: SINK,
+                    message,
+                },
+                _ => SinkBuildError::unavailable(SINK, message),
+            })
+        }
+    }
+}
+
+/// Whether a table that otherwise matches has the `fetched_at` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FetchedAt {
+    Present,
+    /// A table created before the fetch-time guard: the sink adds the column.
+    Missing,
+}
 
 async fn check_table(
     client: &tokio_postgres::Client,
     schema: &str,
     table: &str,
     quoted: &str,
-) -> Result<(), SinkBuildError> {
+) -> Result<FetchedAt, SinkBuildError> {
     let unavailable = |e: tokio_postgres::Error| {
         SinkBuildError::unavailable(SINK, format!("cannot inspect {quoted}: {}", describe(&e)))
     };
@@ -600,8 +706,10 @@ async fn check_table(
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
     let mut problems = Vec::new();
+    let mut fetched_at = FetchedAt::Present;
     for (name, types, writes_null) in COLUMNS {
         match actual.iter().find(|c| c.0 == *name) {
+            None if *name == "fetched_at" => fetched_at = FetchedAt::Missing,
             None => problems.push(format!("missing column {name} ({})", types[0])),
             Some((_, ty, nullable, _)) => {
                 if !types.contains(&ty.as_str()) {
@@ -644,7 +752,7 @@ async fn check_table(
         problems.push("no primary key or unique index on (entity_type, entity_id)".to_owned());
     }
     if problems.is_empty() {
-        Ok(())
+        Ok(fetched_at)
     } else {
         Err(SinkBuildError::Schema {
             sink: SINK,
@@ -653,24 +761,45 @@ async fn check_table(
     }
 }
 
-#[async_trait]
-impl Sink for PostgresSink {
-    async fn write(&self, batch: &[Change]) -> Result<WriteReport, SinkError> {
+impl PostgresSink {
+    async fn write_timed(
+        &self,
+        batch: &[Change],
+        fetched_at: &[SystemTime],
+    ) -> Result<WriteReport, SinkError> {
         if batch.is_empty() {
             return Ok(WriteReport::all_durable());
         }
         let started = Instant::now();
         let batch_id = NEXT_BATCH.fetch_add(1, Ordering::Relaxed);
         let result = if self.eos.is_some() {
-            self.write_in_transaction(batch, batch_id).await
+            self.write_in_transaction(batch, fetched_at, batch_id).await
         } else {
-            self.write_batch(batch, batch_id).await
+            self.write_batch(batch, fetched_at, batch_id).await
         };
         if let Err(e) = &result {
             tracing::warn!(sink = SINK, batch_id, records = batch.len(), error = %e, "batch not written");
         }
         crate::metrics::record_batch(SINK, batch.len(), started, &result);
         result
+    }
+}
+
+#[async_trait]
+impl Sink for PostgresSink {
+    /// Writes with the fetch-time guard: each change's [`WriteContext::fetched_at`] is stored and
+    /// compared (see the module docs).
+    async fn write_with(
+        &self,
+        batch: &[Change],
+        ctx: &WriteContext<'_>,
+    ) -> Result<WriteReport, SinkError> {
+        self.write_timed(batch, ctx.fetched_at).await
+    }
+
+    /// Writes without fetch times: unversioned changes overwrite (nothing to compare).
+    async fn write(&self, batch: &[Change]) -> Result<WriteReport, SinkError> {
+        self.write_timed(batch, &[]).await
     }
 
     async fn held_version(&self, key: &EntityKey) -> Result<Option<Version>, SinkError> {

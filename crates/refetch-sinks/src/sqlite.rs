@@ -2,10 +2,14 @@
 //!
 //! Same table idea as the [PostgreSQL sink](crate::postgres): `entity_type`, `entity_id`
 //! (primary key), `version`, `version_kind`, `content_type`, `body` (JSON text when the body is
-//! JSON), `body_raw` (a BLOB otherwise), `deleted` (tombstone flag, 0/1) and `updated_at`
-//! (ISO 8601 UTC), and the same version guard: an upsert replaces the row unless both carry a
-//! version of the same kind and the held one is greater. Keys compare with SQLite's `BINARY`
-//! collation, which is byte order, like [`EntityKey`]'s `Ord`.
+//! JSON), `body_raw` (a BLOB otherwise), `deleted` (tombstone flag, 0/1), `updated_at`
+//! (ISO 8601 UTC) and `fetched_at` (microseconds since the Unix epoch, when the fetch of the held
+//! state started), and the same guards: comparable versions (both set, same kind) decide by
+//! version (equal ones by fetch time), anything else by fetch time, so a state read earlier never overwrites one read later
+//! (see [`WriteContext::fetched_at`]); deletes are guarded by fetch time too, as a guarded
+//! `DELETE` or a tombstone that keeps the version and the delete's fetch time. A table without
+//! `fetched_at` gets it added at start-up. Keys compare with SQLite's `BINARY` collation, which
+//! is byte order, like [`EntityKey`]'s `Ord`.
 //!
 //! Durability: the database runs in WAL mode with `synchronous=FULL`, so a committed transaction
 //! is on disk when `COMMIT` returns; one batch is one `IMMEDIATE` transaction and is acknowledged
@@ -20,10 +24,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use refetch::{Change, EntityKey, Sink, SinkError, Version, WriteReport};
+use refetch::{Change, EntityKey, Sink, SinkError, Version, WriteContext, WriteReport};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
@@ -45,7 +49,8 @@ pub struct SqliteSink {
 type Reply<T> = oneshot::Sender<Result<T, SinkError>>;
 
 enum Command {
-    Write(Vec<Change>, Reply<WriteReport>),
+    /// Changes and, per change, when its fetch started (empty: unknown).
+    Write(Vec<Change>, Vec<SystemTime>, Reply<WriteReport>),
     HeldVersion(EntityKey, Reply<Option<Version>>),
     Get(EntityKey, Reply<Option<StoredEntity>>),
     Snapshot(Reply<BTreeMap<EntityKey, StoredEntity>>),
@@ -69,31 +74,55 @@ fn quote_ident(name: &str) -> String {
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
+/// The fetch-time guard of an update of `{t}` by a change fetched at `fresh`: a state read
+/// earlier never overwrites one read later; an unknown time on either side passes.
+fn fetched_guard(t: &str, fresh: &str) -> String {
+    format!("({t}.fetched_at IS NULL OR {fresh} IS NULL OR {t}.fetched_at <= {fresh})")
+}
+
+/// Microseconds since the Unix epoch (negative before it), as `fetched_at` stores them.
+fn micros(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_micros()).map_or(i64::MIN, |m| -m),
+    }
+}
+
 impl Statements {
     fn new(table: &str, deletes: DeleteMode) -> Self {
         let t = quote_ident(table);
-        let cols = "entity_type, entity_id, version, version_kind, content_type, body, body_raw, deleted, updated_at";
+        let cols = "entity_type, entity_id, version, version_kind, content_type, body, body_raw, deleted, updated_at, fetched_at";
         Statements {
+            // Comparable versions (both set, same kind) decide by version, equal ones by
+            // fetch time; anything else by fetch time.
             upsert: format!(
-                "INSERT INTO {t} ({cols}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, {NOW}) \
+                "INSERT INTO {t} ({cols}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, {NOW}, ?8) \
                  ON CONFLICT (entity_type, entity_id) DO UPDATE SET \
                    version = excluded.version, version_kind = excluded.version_kind, \
                    content_type = excluded.content_type, body = excluded.body, \
-                   body_raw = excluded.body_raw, deleted = 0, updated_at = excluded.updated_at \
-                 WHERE {t}.version IS NULL OR excluded.version IS NULL \
-                   OR {t}.version_kind IS NOT excluded.version_kind \
-                   OR {t}.version <= excluded.version"
+                   body_raw = excluded.body_raw, deleted = 0, updated_at = excluded.updated_at, \
+                   fetched_at = excluded.fetched_at \
+                 WHERE CASE \
+                   WHEN {t}.version IS NOT NULL AND excluded.version IS NOT NULL \
+                     AND {t}.version_kind IS excluded.version_kind \
+                   THEN {t}.version < excluded.version \
+                     OR ({t}.version = excluded.version AND {guard}) \
+                   ELSE {guard} END",
+                guard = fetched_guard(&t, "excluded.fetched_at"),
             ),
             delete: match deletes {
-                DeleteMode::Delete => {
-                    format!("DELETE FROM {t} WHERE entity_type = ?1 AND entity_id = ?2")
-                }
+                DeleteMode::Delete => format!(
+                    "DELETE FROM {t} WHERE entity_type = ?1 AND entity_id = ?2 AND {guard}",
+                    guard = fetched_guard(&t, "?3"),
+                ),
                 DeleteMode::Tombstone => format!(
-                    "INSERT INTO {t} (entity_type, entity_id, deleted, updated_at) \
-                     VALUES (?1, ?2, 1, {NOW}) \
+                    "INSERT INTO {t} (entity_type, entity_id, deleted, updated_at, fetched_at) \
+                     VALUES (?1, ?2, 1, {NOW}, ?3) \
                      ON CONFLICT (entity_type, entity_id) DO UPDATE SET \
                        content_type = NULL, body = NULL, body_raw = NULL, deleted = 1, \
-                       updated_at = excluded.updated_at"
+                       updated_at = excluded.updated_at, fetched_at = excluded.fetched_at \
+                     WHERE {guard}",
+                    guard = fetched_guard(&t, "excluded.fetched_at"),
                 ),
             },
             held_version: format!(
@@ -255,14 +284,19 @@ fn open_connection(cfg: &SqliteConfig) -> Result<Connection, SinkBuildError> {
                body_raw BLOB, \
                deleted INTEGER NOT NULL DEFAULT 0, \
                updated_at TEXT NOT NULL DEFAULT ({NOW}), \
+               fetched_at INTEGER, \
                PRIMARY KEY (entity_type, entity_id))"
         ))
         .map_err(|e| fail("cannot create the table in", e))?;
     }
-    check_table(&conn, &cfg.table).map_err(|message| SinkBuildError::Schema {
+    let fetched_at = check_table(&conn, &cfg.table).map_err(|message| SinkBuildError::Schema {
         sink: SINK,
         message,
     })?;
+    if fetched_at == FetchedAt::Missing {
+        add_fetched_at(&conn, &cfg.table)
+            .map_err(|e| fail("cannot add column fetched_at in", e))?;
+    }
     Ok(conn)
 }
 
@@ -278,9 +312,49 @@ const COLUMNS: &[(&str, bool)] = &[
     ("body_raw", true),
     ("deleted", false),
     ("updated_at", false),
+    ("fetched_at", true),
 ];
 
-fn check_table(conn: &Connection, table: &str) -> Result<(), String> {
+/// Add the `fetched_at` column to a table created before the fetch-time guard existed (a
+/// nullable column: SQLite only changes the schema, no row is rewritten). Rows written before
+/// have no time and are not guarded until their next write. Only done for a table that matches
+/// otherwise ([`check_table`] found nothing else wrong).
+fn add_fetched_at(conn: &Connection, table: &str) -> rusqlite::Result<()> {
+    let columns = |conn: &Connection| -> rusqlite::Result<Vec<String>> {
+        conn.prepare("SELECT name FROM pragma_table_info(?1)")?
+            .query_map([table], |r| r.get(0))?
+            .collect()
+    };
+    match conn.execute_batch(&format!(
+        "ALTER TABLE {} ADD COLUMN fetched_at INTEGER",
+        quote_ident(table)
+    )) {
+        Ok(()) => {
+            tracing::info!(
+                sink = SINK,
+                table,
+                "added column fetched_at (the fetch-time guard)"
+            );
+            Ok(())
+        }
+        // Another process added it at the same moment.
+        Err(e) if columns(conn)?.iter().any(|c| c == "fetched_at") => {
+            tracing::debug!(sink = SINK, error = %e, "fetched_at added by another process");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a table that otherwise matches has the `fetched_at` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FetchedAt {
+    Present,
+    /// A table created before the fetch-time guard: the sink adds the column.
+    Missing,
+}
+
+fn check_table(conn: &Connection, table: &str) -> Result<FetchedAt, String> {
     let db = |e: rusqlite::Error| format!("cannot inspect table {table:?}: {e}");
     let mut stmt = conn
         .prepare("SELECT name, \"notnull\", dflt_value IS NOT NULL, pk FROM pragma_table_info(?1)")
@@ -298,8 +372,10 @@ fn check_table(conn: &Connection, table: &str) -> Result<(), String> {
         ));
     }
     let mut problems = Vec::new();
+    let mut fetched_at = FetchedAt::Present;
     for (name, writes_null) in COLUMNS {
         match cols.iter().find(|c| c.0 == *name) {
+            None if *name == "fetched_at" => fetched_at = FetchedAt::Missing,
             None => problems.push(format!("missing column {name}")),
             Some((_, notnull, _, _)) if *writes_null && *notnull => problems.push(format!(
                 "column {name} is NOT NULL, but the sink writes NULL there"
@@ -324,7 +400,7 @@ fn check_table(conn: &Connection, table: &str) -> Result<(), String> {
         problems.push("no primary key or unique index on (entity_type, entity_id)".to_owned());
     }
     if problems.is_empty() {
-        Ok(())
+        Ok(fetched_at)
     } else {
         Err(format!("table {table:?}: {}", problems.join("; ")))
     }
@@ -354,8 +430,8 @@ fn has_unique_index(conn: &Connection, table: &str) -> rusqlite::Result<bool> {
 fn serve(mut conn: Connection, sql: Statements, rx: mpsc::Receiver<Command>) {
     while let Ok(cmd) = rx.recv() {
         match cmd {
-            Command::Write(batch, reply) => {
-                let _ = reply.send(write_batch(&mut conn, &sql, &batch));
+            Command::Write(batch, fetched_at, reply) => {
+                let _ = reply.send(write_batch(&mut conn, &sql, &batch, &fetched_at));
             }
             Command::HeldVersion(key, reply) => {
                 let r = conn
@@ -456,18 +532,25 @@ fn snapshot(
     Ok(out)
 }
 
-/// Write `batch` in one transaction. Returns how many statements changed a row.
-fn write_rows(conn: &mut Connection, sql: &Statements, batch: &[Change]) -> Result<usize, Failure> {
+/// Write `batch` in one transaction (`fetched_at[i]` is when change `i`'s fetch started, if
+/// known). Returns how many statements changed a row.
+fn write_rows(
+    conn: &mut Connection,
+    sql: &Statements,
+    batch: &[Change],
+    fetched_at: &[Option<i64>],
+) -> Result<usize, Failure> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| classify(&e))?;
     let mut changed = 0;
-    for change in batch {
+    for (i, change) in batch.iter().enumerate() {
         let key = change.key();
+        let at = fetched_at.get(i).copied().flatten();
         let n = match change {
             Change::Delete { .. } => tx
                 .prepare_cached(&sql.delete)
-                .and_then(|mut s| s.execute(params![key.entity_type(), key.id()])),
+                .and_then(|mut s| s.execute(params![key.entity_type(), key.id(), at])),
             Change::Upsert { entity, .. } => {
                 let json = json_text(entity);
                 let raw = if json.is_some() {
@@ -484,7 +567,8 @@ fn write_rows(conn: &mut Connection, sql: &Statements, batch: &[Change]) -> Resu
                         kind,
                         entity.content_type.as_deref(),
                         json,
-                        raw
+                        raw,
+                        at
                     ])
                 })
             }
@@ -500,8 +584,12 @@ fn write_batch(
     conn: &mut Connection,
     sql: &Statements,
     batch: &[Change],
+    fetched_at: &[SystemTime],
 ) -> Result<WriteReport, SinkError> {
-    let message = match write_rows(conn, sql, batch) {
+    let times: Vec<Option<i64>> = (0..batch.len())
+        .map(|i| fetched_at.get(i).copied().map(micros))
+        .collect();
+    let message = match write_rows(conn, sql, batch, &times) {
         Ok(changed) => {
             let skipped = batch.len().saturating_sub(changed);
             if skipped > 0 {
@@ -521,7 +609,12 @@ fn write_batch(
     tracing::warn!(sink = SINK, error = %message, "a record was refused; writing the batch one record at a time");
     let mut failed = Vec::new();
     for (i, change) in batch.iter().enumerate() {
-        match write_rows(conn, sql, std::slice::from_ref(change)) {
+        match write_rows(
+            conn,
+            sql,
+            std::slice::from_ref(change),
+            std::slice::from_ref(&times[i]),
+        ) {
             Ok(_) => {}
             Err(Failure::Transient(m)) => return Err(SinkError::transient(m)),
             Err(Failure::Record(m)) => {
@@ -533,19 +626,42 @@ fn write_batch(
     Ok(WriteReport { failed })
 }
 
-#[async_trait]
-impl Sink for SqliteSink {
-    async fn write(&self, batch: &[Change]) -> Result<WriteReport, SinkError> {
+impl SqliteSink {
+    async fn write_timed(
+        &self,
+        batch: &[Change],
+        fetched_at: &[SystemTime],
+    ) -> Result<WriteReport, SinkError> {
         if batch.is_empty() {
             return Ok(WriteReport::all_durable());
         }
         let started = Instant::now();
-        let result = self.ask(|r| Command::Write(batch.to_vec(), r)).await;
+        let result = self
+            .ask(|r| Command::Write(batch.to_vec(), fetched_at.to_vec(), r))
+            .await;
         if let Err(e) = &result {
             tracing::warn!(sink = SINK, records = batch.len(), error = %e, "batch not written");
         }
         crate::metrics::record_batch(SINK, batch.len(), started, &result);
         result
+    }
+}
+
+#[async_trait]
+impl Sink for SqliteSink {
+    /// Writes with the fetch-time guard: each change's [`WriteContext::fetched_at`] is stored and
+    /// compared (see the module docs).
+    async fn write_with(
+        &self,
+        batch: &[Change],
+        ctx: &WriteContext<'_>,
+    ) -> Result<WriteReport, SinkError> {
+        self.write_timed(batch, ctx.fetched_at).await
+    }
+
+    /// Writes without fetch times: unversioned changes overwrite (nothing to compare).
+    async fn write(&self, batch: &[Change]) -> Result<WriteReport, SinkError> {
+        self.write_timed(batch, &[]).await
     }
 
     async fn held_version(&self, key: &EntityKey) -> Result<Option<Version>, SinkError> {

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use refetch::{
-    Change, Entity, EntityKey, FetchError, FetchOutcome, FetchRequest, Fetcher, Sink, SinkError,
-    Version, WriteReport,
+    Change, Entity, EntityKey, FailureCause, FetchError, FetchOutcome, FetchRequest, Fetcher, Sink,
+    SinkError, Version, WriteReport,
 };
 
 /// One entity's state at the source.
@@ -111,8 +111,8 @@ impl VersionedSource {
         }
     }
 
-    /// Let a poisoned `key` be fetched again.
-    pub fn cure(&self, key: &EntityKey) {
+    /// Stop failing `key` (see [`VersionedSource::poison`]).
+    pub fn unpoison(&self, key: &EntityKey) {
         if let Ok(mut s) = self.state.lock() {
             s.poisoned.remove(key);
         }
@@ -150,7 +150,7 @@ impl Fetcher for VersionedSource {
         }
         self.total.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
-            return Err(FetchError::transient("source is down"));
+            return Err(FetchError::transient("source is down").with_cause(FailureCause::Connect));
         }
         let mut s = self
             .state
@@ -158,11 +158,12 @@ impl Fetcher for VersionedSource {
             .map_err(|_| FetchError::permanent("source state poisoned"))?;
         *s.fetches.entry(req.key.clone()).or_default() += 1;
         if s.poisoned.contains(&req.key) {
-            return Err(FetchError::transient("poisoned entity keeps failing"));
+            return Err(FetchError::transient("poisoned entity keeps failing")
+                .with_cause(FailureCause::Server));
         }
         if s.transient_failures_left > 0 {
             s.transient_failures_left -= 1;
-            return Err(FetchError::transient("injected failure"));
+            return Err(FetchError::transient("injected failure").with_cause(FailureCause::Server));
         }
         match s.entities.get(&req.key) {
             None => Ok(FetchOutcome::Gone),

@@ -118,6 +118,9 @@ pub(crate) struct Member {
     pub failed: bool,
     /// The member's change is part of the issued group write and not yet acknowledged.
     pub in_write: bool,
+    /// The notes the member brought to the action (kept once they move into the key's entry,
+    /// so a failed action dead-letters only them, not ordinary notifications riding along).
+    pub action_notes: crate::coalesce::Notes,
 }
 
 /// An action, from its first member to its write.
@@ -239,6 +242,9 @@ impl Actions {
         };
         let p = m.pending.take();
         let f = m.fields.take();
+        if let Some(p) = &p {
+            m.action_notes = p.notes.clone();
+        }
         if p.is_some() {
             self.held = self.held.saturating_sub(1);
             self.held_bytes = self
@@ -246,6 +252,14 @@ impl Actions {
                 .saturating_sub(key.heap_bytes() + crate::keys::KEY_OVERHEAD);
         }
         (p, f)
+    }
+
+    /// The notes `key` brought to action `id`.
+    pub fn action_notes(&self, id: u64, key: &EntityKey) -> Option<&crate::coalesce::Notes> {
+        self.open
+            .get(&id)
+            .and_then(|a| a.member(key))
+            .map(|m| &m.action_notes)
     }
 
     /// Remove an open action, releasing the count of members still holding notes.
@@ -361,6 +375,7 @@ impl Actions {
                     state: MemberState::Waiting,
                     failed: false,
                     in_write: false,
+                    action_notes: crate::coalesce::Notes::new(),
                 });
             }
         }

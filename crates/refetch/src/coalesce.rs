@@ -127,7 +127,7 @@ pub(crate) struct Flight {
 }
 
 /// Retry state of a key whose fetches fail.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct RetryState {
     /// Attempts that spent budget.
     pub counted: u32,
@@ -135,6 +135,18 @@ pub(crate) struct RetryState {
     pub attempts: u32,
     /// Not before this tick.
     pub next_at: Tick,
+    /// Held without evidence against the key (its source in outage, no other key succeeding,
+    /// a breaker open, a delete held): shown and counted as blocked.
+    pub blocked: bool,
+    /// Its delete is held by the gone guard (its retries are no new evidence).
+    pub gone_held: bool,
+    /// An operator released the deletes the guard held: the next gone answer is written.
+    pub released: bool,
+    /// Its delete waits for the gone guard to have enough outcomes to judge (since then).
+    pub gone_waiting_since: Option<Tick>,
+    /// Where its source's outcome counts stood at the key's previous failure (its source's
+    /// successes since then are evidence about the key).
+    pub last_failure: Option<crate::health::FailureMark>,
 }
 
 /// Rarely used per-key state, boxed so the common key (pending, no retry, no fields) stays small.
@@ -188,6 +200,11 @@ impl KeyState {
     /// The retry state, created with `init` if absent.
     pub fn retry_or_insert(&mut self, init: RetryState) -> &mut RetryState {
         self.extra_mut().retry.get_or_insert(init)
+    }
+
+    /// The retry state, mutable, if the key's fetches are failing.
+    pub fn retry_mut(&mut self) -> Option<&mut RetryState> {
+        self.extra.as_mut().and_then(|e| e.retry.as_mut())
     }
 
     /// Forget the retry state (after success or a dead letter).

@@ -18,6 +18,9 @@ pub enum UnknownTypePolicy {
     DeadLetter,
 }
 
+/// The longest retry-after hint honoured (a longer one is capped).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// Exponential backoff with full jitter.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backoff {
@@ -41,7 +44,8 @@ impl Backoff {
         let jittered = capped * (0.5 + 0.5 * jitter.clamp(0.0, 1.0));
         let d = Duration::from_secs_f64(jittered.max(0.0));
         match retry_after {
-            Some(r) if r > d => r.min(self.max.max(r)),
+            // A source's (or a custom fetcher's) hint wins over the backoff, capped at an hour.
+            Some(r) if r > d => r.min(MAX_RETRY_AFTER),
             _ => d,
         }
     }
@@ -56,6 +60,11 @@ pub struct GoneGuardConfig {
     pub min_samples: usize,
     /// The share of "gone" outcomes above which deletes stop.
     pub max_ratio: f64,
+    /// While the guard has fewer than `min_samples` outcomes and the share of gone answers is
+    /// abnormal (a fresh start whose first answers are gone), a delete waits this long for the
+    /// evidence to come in; a delete still unjudged then (a lone delete on a quiet stream) is
+    /// written.
+    pub wait: Duration,
 }
 
 impl Default for GoneGuardConfig {
@@ -64,6 +73,7 @@ impl Default for GoneGuardConfig {
             window: 200,
             min_samples: 50,
             max_ratio: 0.2,
+            wait: Duration::from_secs(10),
         }
     }
 }
@@ -92,11 +102,20 @@ pub struct EngineConfig {
     pub sink_backoff: Backoff,
     /// Attempts for a single record the sink keeps failing while its batch-mates succeed.
     pub sink_record_budget: u32,
-    /// Window of recent fetch attempts per entity type used to judge source health.
-    pub health_window: usize,
-    /// Share of failed attempts above which a source counts as failing for most keys (its
-    /// failures then spend no retry budget).
+    /// How far back (wall-clock time) the outcomes of a source count when its health is judged:
+    /// a key's failure spends its retry budget only while other keys of the same source
+    /// succeeded within this window.
+    pub health_window: Duration,
+    /// Outcomes a source needs within the window before it can be judged in outage.
+    pub health_min_samples: usize,
+    /// Share of a source's recent outcomes failing with one cause (401/403, a wrong content
+    /// type, 5xx, timeouts, ...) above which the source is in outage: none of its keys is
+    /// dead-lettered, readiness fails.
     pub unhealthy_ratio: f64,
+    /// A "gone" answer for a key whose notification announced a version the sink does not hold
+    /// yet (read right after a create, from a replica behind) is retried as a stale read for this
+    /// long before it counts as a delete.
+    pub gone_grace: Duration,
     /// How often satisfied offsets are committed.
     pub commit_interval: Duration,
     /// Outstanding offsets per partition before that partition pauses.
@@ -149,8 +168,10 @@ impl Default for EngineConfig {
                 multiplier: 2.0,
             },
             sink_record_budget: 8,
-            health_window: 50,
+            health_window: Duration::from_secs(60),
+            health_min_samples: 10,
             unhealthy_ratio: 0.5,
+            gone_grace: Duration::from_secs(10),
             commit_interval: Duration::from_secs(1),
             max_outstanding_per_partition: 100_000,
             max_pending_keys: 200_000,
@@ -203,7 +224,7 @@ impl EngineConfig {
             ("max_pending_keys", self.max_pending_keys),
             ("max_pending_bytes", self.max_pending_bytes),
             ("max_id_len", self.max_id_len),
-            ("health_window", self.health_window),
+            ("health_min_samples", self.health_min_samples),
         ] {
             if v == 0 {
                 return err(key, "must be at least 1".into());
@@ -211,6 +232,12 @@ impl EngineConfig {
         }
         if self.retry_budget == 0 || self.sink_record_budget == 0 {
             return err("retry_budget", "must be at least 1".into());
+        }
+        if self.health_window < Duration::from_secs(1) {
+            return err("health_window", "must be at least 1s".into());
+        }
+        if !(0.0..1.0).contains(&self.unhealthy_ratio) {
+            return err("unhealthy_ratio", "expected a share in [0, 1)".into());
         }
         if !(0.0..1.0).contains(&self.resume_ratio) {
             return err("resume_ratio", "expected a share in [0, 1)".into());
@@ -280,6 +307,11 @@ mod tests {
         assert_eq!(
             b.delay(1, Some(Duration::from_secs(5)), 0.3),
             Duration::from_secs(5)
+        );
+        assert_eq!(
+            b.delay(1, Some(Duration::from_secs(86_400 * 365)), 0.3),
+            MAX_RETRY_AFTER,
+            "a retry-after hint is capped at an hour"
         );
     }
 

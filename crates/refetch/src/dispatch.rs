@@ -234,7 +234,7 @@ async fn held_covers<S: Sink + ?Sized>(sink: &S, job: &FetchJob) -> Option<Fetch
 fn fetch_panicked(key: &EntityKey, p: &(dyn std::any::Any + Send)) -> FetchError {
     let msg = panic_message(p);
     tracing::error!(key = %key, panic = %msg, "fetcher panicked");
-    metrics::counter!("refetch_panics_total", "part" => "fetcher").increment(1);
+    crate::metrics::panicked("fetcher");
     FetchError::transient(format!("fetcher panicked: {msg}"))
 }
 
@@ -467,7 +467,7 @@ pub(crate) fn units<'a, 'b>(batch: &'b [&'a WriteJob]) -> Vec<&'b [&'a WriteJob]
 pub(crate) fn sink_panicked(p: &(dyn std::any::Any + Send)) -> SinkError {
     let msg = panic_message(p);
     tracing::error!(panic = %msg, "sink panicked");
-    metrics::counter!("refetch_panics_total", "part" => "sink").increment(1);
+    crate::metrics::panicked("sink");
     SinkError::transient(format!("sink panicked: {msg}"))
 }
 
@@ -629,10 +629,12 @@ pub(crate) fn dispatch_dead_letter(
                     return;
                 }
                 Ok(Err(DeadLetterFailure::TooLarge(msg))) => {
-                    tracing::warn!(error = %msg, max_payload, "dead letter too large; truncating");
-                    record.truncate(max_payload);
-                    max_payload = (max_payload / 4).max(1024);
-                    Duration::from_millis(10)
+                    // Key, headers and payload together must fit; each round halves the limit
+                    // (never below 1 KiB) and waits a moment, so it never spins.
+                    tracing::warn!(error = %msg, max = max_payload, "dead letter too large; truncating it to fit");
+                    record.fit(max_payload);
+                    max_payload = (max_payload / 2).max(1024);
+                    Duration::from_millis(50)
                 }
                 Ok(Err(DeadLetterFailure::Permanent(msg))) => {
                     if !reported_broken {

@@ -60,6 +60,10 @@ pub mod header {
     pub const ENTITY_ID: &str = "refetch.entity.id";
     /// The original size of a payload that was truncated to fit the broker.
     pub const ORIGINAL_SIZE: &str = "refetch.original.size";
+    /// The key's size before it was truncated to fit the producer's limit.
+    pub const ORIGINAL_KEY_SIZE: &str = "refetch.original.key.size";
+    /// The headers' total size before their values were truncated to fit.
+    pub const ORIGINAL_HEADERS_SIZE: &str = "refetch.original.headers.size";
 }
 
 /// One record for the dead-letter topic.
@@ -122,6 +126,45 @@ pub fn seen_ago(age: Duration) -> SystemTime {
 }
 
 impl DeadLetter {
+    /// Make the whole record (key, headers and payload) fit in `max` bytes: the key is cut to a
+    /// quarter of it, each header value to 1 KiB (while the headers are over a quarter), and the
+    /// payload to what is left; every cut is named with its original size in a header. A record
+    /// that fits is left alone.
+    pub fn fit(&mut self, max: usize) {
+        if self.size() <= max {
+            return;
+        }
+        let key_max = max / 4;
+        if let Some(k) = &mut self.key {
+            if k.len() > key_max {
+                let original = k.len();
+                k.truncate(key_max);
+                self.headers
+                    .push((header::ORIGINAL_KEY_SIZE.to_owned(), original.to_string()));
+            }
+        }
+        let headers_size =
+            |h: &[(String, String)]| -> usize { h.iter().map(|(k, v)| k.len() + v.len()).sum() };
+        let original_headers = headers_size(&self.headers);
+        if original_headers > max / 4 {
+            for (_, v) in &mut self.headers {
+                if v.len() > 1024 {
+                    let mut cut = 1024;
+                    while !v.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    v.truncate(cut);
+                }
+            }
+            self.headers.push((
+                header::ORIGINAL_HEADERS_SIZE.to_owned(),
+                original_headers.to_string(),
+            ));
+        }
+        let fixed = self.key.as_ref().map_or(0, Vec::len) + headers_size(&self.headers) + 64;
+        self.truncate(max.saturating_sub(fixed));
+    }
+
     /// Bytes the record holds (key, payload and headers), counted against the memory cap until
     /// the broker acknowledges it.
     pub fn size(&self) -> usize {
@@ -361,5 +404,31 @@ mod tests {
             !t.broken,
             "an acknowledgement after the last failure clears the broken flag"
         );
+    }
+}
+
+#[cfg(test)]
+mod fit_tests {
+    use super::*;
+
+    #[test]
+    fn key_headers_and_payload_are_cut_to_fit_with_their_original_sizes() {
+        let mut r = DeadLetter {
+            key: Some(vec![b'k'; 100_000]),
+            payload: Some(vec![b'p'; 100_000]),
+            headers: vec![("refetch.error".into(), "e".repeat(100_000))],
+        };
+        r.fit(16 * 1024);
+        assert!(r.size() <= 16 * 1024, "{} bytes", r.size());
+        assert_eq!(r.header(header::ORIGINAL_KEY_SIZE), Some("100000"));
+        assert!(r.header(header::ORIGINAL_HEADERS_SIZE).is_some());
+        assert_eq!(r.header(header::ORIGINAL_SIZE), Some("100000"));
+        let mut small = DeadLetter {
+            key: Some(b"k".to_vec()),
+            payload: Some(b"p".to_vec()),
+            headers: vec![],
+        };
+        small.fit(1024);
+        assert!(small.headers.is_empty(), "a record that fits is left alone");
     }
 }

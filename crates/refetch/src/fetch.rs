@@ -136,6 +136,9 @@ pub enum FailureCause {
     Throttled,
     /// The fetched state is older than the notified version (a replica or cache behind).
     Stale,
+    /// No request could be made for this key (an id that cannot be placed in a URL): evidence
+    /// about the key alone, never about its source.
+    Key,
     /// Anything else (a 4xx for this key, an id that cannot be placed in a URL, ...).
     #[default]
     Other,
@@ -153,6 +156,7 @@ impl FailureCause {
             FailureCause::Connect => "connect",
             FailureCause::Throttled => "throttled",
             FailureCause::Stale => "stale",
+            FailureCause::Key => "key",
             FailureCause::Other => "other",
         }
     }

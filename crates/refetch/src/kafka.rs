@@ -827,7 +827,7 @@ pub use crate::dlq::DeadLetterFailure;
 /// The dead-letter producer: idempotent, `acks=all`; the delivery report is the acknowledgement.
 #[derive(Clone)]
 pub struct DeadLetterProducer {
-    producer: FutureProducer,
+    producer: FutureProducer<crate::client_log::QuietContext>,
     topic: String,
     brokers: String,
 }
@@ -843,7 +843,9 @@ impl std::fmt::Debug for DeadLetterProducer {
 impl DeadLetterProducer {
     /// A producer for `cfg.dead_letter_topic`.
     pub fn new(cfg: &KafkaConfig) -> Result<Self, KafkaSetupError> {
-        let producer: FutureProducer = cfg.producer_client_config().create()?;
+        let producer: FutureProducer<crate::client_log::QuietContext> = cfg
+            .producer_client_config()
+            .create_with_context(crate::client_log::QuietContext)?;
         Ok(DeadLetterProducer {
             producer,
             topic: cfg.dead_letter_topic.clone(),

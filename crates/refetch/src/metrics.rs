@@ -157,6 +157,12 @@ pub const BROKER_REACHABLE: &str = "refetch_broker_reachable";
 pub const DEAD_LETTER_TOPIC_BROKEN: &str = "refetch_dead_letter_topic_broken";
 /// The pipeline is ready.
 pub const READY: &str = "refetch_ready";
+/// Keys held without evidence against them.
+pub const KEYS_BLOCKED: &str = "refetch_keys_blocked";
+/// Fetcher, sink or dead-letter writer calls that panicked.
+pub const PANICS_TOTAL: &str = "refetch_panics_total";
+/// Values of the `part` label of `refetch_panics_total`.
+pub const PANIC_PARTS: &[&str] = &["fetcher", "sink"];
 
 /// Outcomes of `refetch_fetches_total`.
 pub const FETCH_OUTCOMES: &[&str] = &[
@@ -416,6 +422,18 @@ pub const SERIES: &[Series] = &[
         "1",
         "1 while the pipeline is ready (the same judgement as /readyz), 0 otherwise.",
     ),
+    gauge(
+        KEYS_BLOCKED,
+        "keys",
+        "Keys held without evidence against them (their source in outage, no other key of their source succeeding, a breaker open, a delete held): retried with capped backoff, never dead-lettered.",
+    ),
+    labeled(
+        PANICS_TOTAL,
+        Kind::Counter,
+        "calls",
+        &["part"],
+        "Fetcher or sink calls that panicked (each became a transient error of its key or batch).",
+    ),
 ];
 
 /// Give the installed recorder the help text of every series in `series`.
@@ -471,6 +489,7 @@ pub fn register() {
     labeled_counters(DEAD_LETTERS_TOTAL, "reason", DEAD_LETTER_REASONS);
     labeled_counters(ACTIONS_COMPLETED_TOTAL, "by", ACTION_COMPLETED_BY);
     labeled_counters(TRANSACTIONS_TOTAL, "outcome", TRANSACTION_OUTCOMES);
+    labeled_counters(PANICS_TOTAL, "part", PANIC_PARTS);
     for name in [
         TRANSACTION_REFETCHED_TOTAL,
         ACTIONS_INCOMPLETE_TOTAL,
@@ -485,6 +504,7 @@ pub fn register() {
         BROKER_REACHABLE,
         DEAD_LETTER_TOPIC_BROKEN,
         READY,
+        KEYS_BLOCKED,
     ] {
         // Registering creates the gauge at 0 and leaves a value already set alone.
         let _ = metrics::gauge!(name);
@@ -637,6 +657,16 @@ pub fn consumed(tp: &TopicPartition, offset: i64) {
     metrics::gauge!(CONSUMED_OFFSET, "topic" => tp.topic.to_string(),
         "partition" => tp.partition.to_string())
     .set(offset as f64);
+}
+
+/// Keys held without evidence against them.
+pub fn keys_blocked(n: usize) {
+    metrics::gauge!(KEYS_BLOCKED).set(n as f64);
+}
+
+/// A fetcher or sink call panicked.
+pub(crate) fn panicked(part: &'static str) {
+    metrics::counter!(PANICS_TOTAL, "part" => part).increment(1);
 }
 
 pub(crate) fn gone_guard(tripped: bool, _ratio: f64) {

@@ -240,7 +240,7 @@ enum Control {
         Vec<EntityKey>,
         oneshot::Sender<Vec<(EntityKey, RefreshOutcome)>>,
     ),
-    ResetGoneGuard,
+    ResetGoneGuard(Option<String>),
     Reconfigure(Box<EngineConfig>),
     Shutdown,
 }
@@ -294,9 +294,15 @@ impl PipelineHandle {
         rx.await.unwrap_or_default()
     }
 
-    /// Allow deletes again after the gone guard tripped.
+    /// Allow deletes again after the gone guard tripped, for every source: the deletes it held
+    /// are released (fetched again now and, still gone, written).
     pub fn reset_gone_guard(&self) {
-        let _ = self.tx.send(Control::ResetGoneGuard);
+        let _ = self.tx.send(Control::ResetGoneGuard(None));
+    }
+
+    /// Reset the gone guard of one source (see [`PipelineHandle::reset_gone_guard`]).
+    pub fn reset_gone_guard_of(&self, source: impl Into<String>) {
+        let _ = self.tx.send(Control::ResetGoneGuard(Some(source.into())));
     }
 
     /// Apply the settings of `cfg` that can change while the pipeline runs: the debounce window
@@ -397,12 +403,14 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
         } = channels;
 
         let handles_fetcher = fetcher.clone();
+        let sources_fetcher = fetcher.clone();
         let mut engine = Engine::new(
             cfg.clone(),
             decoders,
             Box::new(move |t: &str| handles_fetcher.handles(t)),
             sink.tracks_versions(),
-        );
+        )
+        .with_sources(Box::new(move |t: &str| sources_fetcher.source_name(t)));
         let clock = Clock::start();
         // Cancelled when `run` returns: no fetch, write or dead-letter task outlives the run.
         let stop = CancellationToken::new();
@@ -438,6 +446,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
 
         let mut rt = Runtime {
             revokes: Vec::new(),
+            outages: std::collections::BTreeSet::new(),
             joined: false,
             broker: (true, String::new()),
             commit_in_flight: false,
@@ -507,9 +516,9 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                             finish_refresh(&mut refresh_requests, id);
                         }
                     }
-                    Control::ResetGoneGuard => {
-                        tracing::info!("gone guard reset by operator");
-                        engine.reset_gone_guard();
+                    Control::ResetGoneGuard(source) => {
+                        tracing::info!(source = source.as_deref().unwrap_or("(all)"), "gone guard reset by operator");
+                        engine.reset_gone_guard(source.as_deref());
                     }
                     Control::Reconfigure(new) => {
                         tracing::info!("engine settings changed live");
@@ -548,6 +557,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                 _ = commit_tick.tick() => {
                     rt.commit_tick(&mut engine, &clock, &writes, &commands, &done_tx, cfg.commit_timeout);
                     let st = engine.status(clock.now());
+                    rt.publish_health(&st);
                     crate::metrics::gauges(
                         st.pending_keys,
                         st.oldest_pending_ms.map(Duration::from_millis),
@@ -822,6 +832,8 @@ fn stored_lookup<S: Sink + ?Sized>(
 /// broker reachability; and, with an exactly-once sink, its transactions.
 struct Runtime {
     revokes: Vec<PendingRevoke>,
+    /// Sources whose outage gauge is set.
+    outages: std::collections::BTreeSet<String>,
     joined: bool,
     /// Reachable, and what the client said last.
     broker: (bool, String),
@@ -844,6 +856,21 @@ struct Runtime {
 }
 
 impl Runtime {
+    /// Per-source outage and gone-guard gauges, and the blocked keys, from a status snapshot.
+    fn publish_health(&mut self, st: &EngineStatus) {
+        let now: std::collections::BTreeSet<String> =
+            st.outages.iter().map(|o| o.source.clone()).collect();
+        for gone in self.outages.difference(&now) {
+            crate::metrics::source_outage(gone, false);
+        }
+        for s in &now {
+            crate::metrics::source_outage(s, true);
+        }
+        self.outages = now;
+        crate::metrics::gone_guard(st.gone_guard_tripped, st.gone_ratio);
+        crate::metrics::keys_blocked(st.blocked_keys);
+    }
+
     fn on_event<F: Fetcher + ?Sized>(
         &mut self,
         ev: ConsumerEvent,
@@ -1297,10 +1324,23 @@ fn status_of(engine: &Engine, clock: &Clock, rt: &Runtime, shutting_down: bool) 
     if !rt.joined {
         not_ready.push("not yet joined the consumer group".to_owned());
     }
-    if engine_status.gone_guard_tripped {
+    for o in &engine_status.outages {
         not_ready.push(format!(
-            "gone guard tripped ({:.0}% of recent fetches said gone): deletes are held",
-            engine_status.gone_ratio * 100.0
+            "source {} in outage: {:.0}% of its {} recent fetches failed ({}); its keys are held, \
+             none is dead-lettered",
+            o.source,
+            o.share * 100.0,
+            o.outcomes,
+            o.cause
+        ));
+    }
+    for g in engine_status.gone_guards.iter().filter(|g| g.tripped) {
+        not_ready.push(format!(
+            "gone guard of source {} tripped ({:.0}% of its {} recent fetches said gone): \
+             deletes are held until the share drops or an operator resets the guard",
+            g.source,
+            g.ratio * 100.0,
+            g.samples
         ));
     }
     if engine_status.dead_letter_broken {

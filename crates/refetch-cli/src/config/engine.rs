@@ -41,11 +41,20 @@ pub struct EngineSection {
     /// Attempts for a single record the sink keeps failing while its batch-mates succeed, before
     /// it is dead-lettered.
     pub sink_record_budget: u32,
-    /// Recent fetch attempts per entity type used to judge whether the source is healthy.
-    pub health_window: usize,
-    /// Share of failed attempts above which a source counts as failing for most keys (its
-    /// failures then spend no retry budget).
+    /// How far back the outcomes of a source count when its health is judged: a key's failure
+    /// spends its retry budget only while other keys of the same source succeeded within it.
+    #[serde(with = "humantime_serde")]
+    pub health_window: Duration,
+    /// Outcomes a source needs within the window before it can be judged in outage.
+    pub health_min_samples: usize,
+    /// Share of a source's recent outcomes failing with one cause (401/403, a wrong content type,
+    /// 5xx, timeouts, ...) above which the source is in outage: nothing of it is dead-lettered,
+    /// readiness fails.
     pub unhealthy_ratio: f64,
+    /// A "gone" answer right after a notification announced a version the sink does not hold yet
+    /// is retried as a stale read for this long before it counts as a delete.
+    #[serde(with = "humantime_serde")]
+    pub gone_grace: Duration,
     /// How often satisfied offsets are committed.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
@@ -182,6 +191,11 @@ pub struct GoneGuardSection {
     pub min_samples: usize,
     /// Share of "gone" outcomes above which deletes are held (and readiness fails).
     pub max_ratio: f64,
+    /// Before the guard has `min_samples` outcomes, a delete whose source answers mostly "gone"
+    /// so far waits this long for evidence; a delete still unjudged then (a lone delete) is
+    /// written.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
 }
 
 impl Default for GoneGuardSection {
@@ -191,6 +205,7 @@ impl Default for GoneGuardSection {
             window: g.window,
             min_samples: g.min_samples,
             max_ratio: g.max_ratio,
+            wait: g.wait,
         }
     }
 }
@@ -215,7 +230,9 @@ impl From<&EngineConfig> for EngineSection {
             sink_backoff: e.sink_backoff.into(),
             sink_record_budget: e.sink_record_budget,
             health_window: e.health_window,
+            health_min_samples: e.health_min_samples,
             unhealthy_ratio: e.unhealthy_ratio,
+            gone_grace: e.gone_grace,
             commit_interval: e.commit_interval,
             max_outstanding_per_partition: e.max_outstanding_per_partition,
             max_pending_keys: e.max_pending_keys,
@@ -228,6 +245,7 @@ impl From<&EngineConfig> for EngineSection {
                 window: e.gone_guard.window,
                 min_samples: e.gone_guard.min_samples,
                 max_ratio: e.gone_guard.max_ratio,
+                wait: e.gone_guard.wait,
             },
             rebalance_drain: e.rebalance_drain,
             commit_timeout: e.commit_timeout,
@@ -252,7 +270,9 @@ impl EngineSection {
             sink_backoff: self.sink_backoff.into(),
             sink_record_budget: self.sink_record_budget,
             health_window: self.health_window,
+            health_min_samples: self.health_min_samples,
             unhealthy_ratio: self.unhealthy_ratio,
+            gone_grace: self.gone_grace,
             commit_interval: self.commit_interval,
             max_outstanding_per_partition: self.max_outstanding_per_partition,
             max_pending_keys: self.max_pending_keys,
@@ -265,6 +285,7 @@ impl EngineSection {
                 window: self.gone_guard.window,
                 min_samples: self.gone_guard.min_samples,
                 max_ratio: self.gone_guard.max_ratio,
+                wait: self.gone_guard.wait,
             },
             rebalance_drain: self.rebalance_drain,
             commit_timeout: self.commit_timeout,

@@ -203,6 +203,7 @@ async fn readiness_fails_with_its_reason_while_the_gone_guard_holds_deletes() {
             window: 20,
             min_samples: 5,
             max_ratio: 0.2,
+            ..GoneGuardConfig::default()
         },
         ..fast_engine()
     };

@@ -171,6 +171,7 @@ impl PostgresSink {
     pub(super) async fn write_in_transaction(
         &self,
         batch: &[Change],
+        fetched_at: &[std::time::SystemTime],
         batch_id: u64,
     ) -> Result<WriteReport, SinkError> {
         let Some(eos) = &self.eos else {
@@ -178,7 +179,11 @@ impl PostgresSink {
         };
         let mut slot = eos.conn.lock().await;
         let c = self.txn_conn(&mut slot).await?;
-        let rows: Vec<Row<'_>> = batch.iter().map(Row::new).collect();
+        let rows: Vec<Row<'_>> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Row::new(c, fetched_at.get(i).copied()))
+            .collect();
         match self.rows_under_savepoint(&c.client, &rows, "refetch_batch").await {
             Ok(()) => return Ok(WriteReport::all_durable()),
             Err(Failure::Transient(m)) => {

@@ -32,27 +32,27 @@ fn rows_put_json_in_body_and_everything_else_in_body_raw() {
         key: EntityKey::new("c", "1"),
         entity: Entity::json(r#"{"a":1}"#, Some(Version::Timestamp(9))),
     };
-    let row = Row::new(&json);
+    let row = Row::new(&json, None);
     assert_eq!(row.json, Some(r#"{"a":1}"#));
     assert_eq!(row.raw, None);
     assert_eq!(
         (row.version, row.version_kind),
         (Some(9), Some("timestamp"))
     );
-    assert_eq!(row.params().len(), 7);
+    assert_eq!(row.params().len(), 8);
 
     let nul = Change::Upsert {
         key: EntityKey::new("c", "2"),
         entity: Entity::json(r#"{"a":"\u0000"}"#, None),
     };
-    let row = Row::new(&nul);
+    let row = Row::new(&nul, None);
     assert_eq!(row.json, None);
     assert_eq!(row.raw, Some(&br#"{"a":"\u0000"}"#[..]));
 
     let del = Change::Delete {
         key: EntityKey::new("c", "3"),
     };
-    assert_eq!(Row::new(&del).params().len(), 2);
+    assert_eq!(Row::new(&del, None).params().len(), 3);
 }
 
 #[tokio::test]

@@ -333,3 +333,204 @@ fn concurrent_opens_of_a_new_file_both_succeed() {
         }
     }
 }
+
+// ----- the fetch-time guard ----------------------------------------------------------------------
+
+/// A time `secs` seconds after a fixed base, as the engine's `fetched_at`.
+fn at(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+/// Write one change fetched at `t`, as the engine does.
+async fn write_at(sink: &SqliteSink, change: Change, t: SystemTime) {
+    let report = sink
+        .write_with(&[change], &WriteContext::new(&[t]))
+        .await
+        .unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+}
+
+fn stored_fetched_at(path: &Path, id: &str) -> Option<i64> {
+    let conn = Connection::open(path).unwrap();
+    conn.query_row(
+        "SELECT fetched_at FROM refetch_entities WHERE entity_type = 'customer' AND entity_id = ?1",
+        [id],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// An unversioned state read earlier never overwrites one read later (the late write of a former
+/// owner of the partition), and a late delete fetched before the held state does not remove it.
+#[tokio::test]
+async fn unversioned_states_and_deletes_are_guarded_by_fetch_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(&dir, DeleteMode::Delete);
+    let sink = SqliteSink::open(&c).await.unwrap();
+    write_at(&sink, upsert("1", json!({"s": "new"}), None), at(20)).await;
+    assert_eq!(stored_fetched_at(&c.path, "1"), Some(micros(at(20))));
+    write_at(&sink, upsert("1", json!({"s": "late"}), None), at(10)).await;
+    assert_eq!(
+        body_of(&sink, "1").await,
+        Some(StoredBody::Json(json!({"s": "new"}))),
+        "a state fetched earlier overwrote one fetched later"
+    );
+    // Equal times overwrite: a retried batch is idempotent.
+    write_at(&sink, upsert("1", json!({"s": "retry"}), None), at(20)).await;
+    assert_eq!(
+        body_of(&sink, "1").await,
+        Some(StoredBody::Json(json!({"s": "retry"})))
+    );
+    // A versioned state over an unversioned row cannot compare versions: fetch time decides.
+    write_at(&sink, upsert("1", json!({"s": "v9"}), Some(9)), at(15)).await;
+    assert_eq!(
+        body_of(&sink, "1").await,
+        Some(StoredBody::Json(json!({"s": "retry"})))
+    );
+    // A late delete fetched before the held state does not remove it.
+    write_at(&sink, Change::Delete { key: key("1") }, at(19)).await;
+    assert!(
+        sink.get(&key("1")).await.unwrap().is_some(),
+        "a delete fetched earlier removed a state fetched later"
+    );
+    write_at(&sink, Change::Delete { key: key("1") }, at(21)).await;
+    assert_eq!(sink.get(&key("1")).await.unwrap(), None);
+
+    // Without a time (`write`) there is nothing to compare: it overwrites and leaves no time.
+    write_at(&sink, upsert("2", json!({"s": "timed"}), None), at(30)).await;
+    sink.write(&[upsert("2", json!({"s": "untimed"}), None)])
+        .await
+        .unwrap();
+    assert_eq!(
+        body_of(&sink, "2").await,
+        Some(StoredBody::Json(json!({"s": "untimed"})))
+    );
+    assert_eq!(stored_fetched_at(&c.path, "2"), None);
+}
+
+/// Comparable versions keep deciding by version, whatever the fetch times say.
+#[tokio::test]
+async fn versioned_states_stay_guarded_by_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SqliteSink::open(&cfg(&dir, DeleteMode::Delete))
+        .await
+        .unwrap();
+    write_at(&sink, upsert("1", json!({"v": 2}), Some(2)), at(10)).await;
+    write_at(&sink, upsert("1", json!({"v": 1}), Some(1)), at(20)).await;
+    assert_eq!(
+        body_of(&sink, "1").await,
+        Some(StoredBody::Json(json!({"v": 2})))
+    );
+    write_at(&sink, upsert("1", json!({"v": 3}), Some(3)), at(5)).await;
+    assert_eq!(
+        body_of(&sink, "1").await,
+        Some(StoredBody::Json(json!({"v": 3})))
+    );
+    // Equal versions: a later read (or a retry of the same) overwrites, an earlier one does not.
+    write_at(&sink, upsert("1", json!({"v": "3b"}), Some(3)), at(6)).await;
+    write_at(&sink, upsert("1", json!({"v": "3b"}), Some(3)), at(6)).await;
+    write_at(&sink, upsert("1", json!({"v": "3-early"}), Some(3)), at(4)).await;
+    assert_eq!(
+        body_of(&sink, "1").await,
+        Some(StoredBody::Json(json!({"v": "3b"}))),
+        "an earlier read of an equal version overwrote a later one"
+    );
+}
+
+/// A tombstone keeps the last version: a late write of that same version, read before the
+/// delete (a former owner's write on the wire), must not resurrect the entity.
+#[tokio::test]
+async fn a_tombstone_is_not_resurrected_by_a_late_read_of_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SqliteSink::open(&cfg(&dir, DeleteMode::Tombstone))
+        .await
+        .unwrap();
+    write_at(&sink, upsert("1", json!({"v": 5}), Some(5)), at(10)).await;
+    write_at(&sink, Change::Delete { key: key("1") }, at(20)).await;
+    write_at(&sink, upsert("1", json!({"v": 5}), Some(5)), at(15)).await;
+    let row = sink.get(&key("1")).await.unwrap().unwrap();
+    assert!(
+        row.deleted,
+        "a read of v5 from before the delete resurrected the entity"
+    );
+    assert_eq!(row.version, Some(Version::Int(5)));
+    write_at(&sink, upsert("1", json!({"v": 6}), Some(6)), at(12)).await;
+    assert!(
+        !sink.get(&key("1")).await.unwrap().unwrap().deleted,
+        "a newer version comes back"
+    );
+}
+
+/// Tombstones record the delete's fetch time: a late delete does not hide a newer state, and a
+/// late upsert fetched before the delete does not resurrect the entity.
+#[tokio::test]
+async fn tombstones_are_guarded_by_fetch_time_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SqliteSink::open(&cfg(&dir, DeleteMode::Tombstone))
+        .await
+        .unwrap();
+    write_at(&sink, upsert("1", json!({"s": "live"}), None), at(20)).await;
+    write_at(&sink, Change::Delete { key: key("1") }, at(10)).await;
+    let row = sink.get(&key("1")).await.unwrap().unwrap();
+    assert!(
+        !row.deleted,
+        "a delete fetched earlier hid a state fetched later"
+    );
+    write_at(&sink, Change::Delete { key: key("1") }, at(30)).await;
+    assert!(sink.get(&key("1")).await.unwrap().unwrap().deleted);
+    write_at(&sink, upsert("1", json!({"s": "stale"}), None), at(25)).await;
+    assert!(
+        sink.get(&key("1")).await.unwrap().unwrap().deleted,
+        "a state fetched before the delete resurrected the entity"
+    );
+    write_at(&sink, upsert("1", json!({"s": "back"}), None), at(40)).await;
+    let row = sink.get(&key("1")).await.unwrap().unwrap();
+    assert!(!row.deleted);
+    assert_eq!(row.body, Some(StoredBody::Json(json!({"s": "back"}))));
+}
+
+/// A table created before the fetch-time guard gets the `fetched_at` column at start-up; its old
+/// rows have no time (overwritten by the next write), new writes are guarded. A table that does
+/// not match otherwise is refused without being altered.
+#[tokio::test]
+async fn a_table_without_fetched_at_gets_the_column_and_the_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(&dir, DeleteMode::Delete);
+    c.create_table = false;
+    let conn = Connection::open(&c.path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE refetch_entities (entity_type TEXT NOT NULL, entity_id TEXT NOT NULL, \
+         version INTEGER, version_kind TEXT, content_type TEXT, body TEXT, body_raw BLOB, \
+         deleted INTEGER NOT NULL DEFAULT 0, updated_at TEXT NOT NULL DEFAULT '', \
+         PRIMARY KEY (entity_type, entity_id)); \
+         INSERT INTO refetch_entities (entity_type, entity_id, body) VALUES ('customer', 'old', '{}'); \
+         CREATE TABLE wrong (entity_type TEXT, entity_id TEXT, body TEXT NOT NULL);",
+    )
+    .unwrap();
+    drop(conn);
+    let sink = SqliteSink::open(&c).await.unwrap();
+    assert_eq!(stored_fetched_at(&c.path, "old"), None);
+    write_at(&sink, upsert("old", json!({"s": "new"}), None), at(20)).await;
+    write_at(&sink, upsert("old", json!({"s": "late"}), None), at(10)).await;
+    assert_eq!(
+        body_of(&sink, "old").await,
+        Some(StoredBody::Json(json!({"s": "new"})))
+    );
+    drop(sink);
+    // Opening again finds the column and changes nothing.
+    let sink = SqliteSink::open(&c).await.unwrap();
+    assert_eq!(stored_fetched_at(&c.path, "old"), Some(micros(at(20))));
+    drop(sink);
+
+    c.table = "wrong".into();
+    assert!(SqliteSink::open(&c).await.is_err());
+    let conn = Connection::open(&c.path).unwrap();
+    let added: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('wrong') WHERE name = 'fetched_at'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(added, 0, "a refused table is not altered");
+}

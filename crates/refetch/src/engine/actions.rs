@@ -493,10 +493,25 @@ impl Engine {
                     );
                 }
                 _ => {
-                    // Between attempts (backoff): its notes wait in the key's pending entry.
+                    // Between attempts (backoff): its notes wait in the key's pending entry,
+                    // maybe with later, unrelated notifications: only the action's go.
+                    let only = self
+                        .acts
+                        .action_notes(id, &key)
+                        .cloned()
+                        .unwrap_or_default();
                     let pending = kid.and_then(|k| self.keys.get_mut(k)).and_then(|e| {
                         e.state.clear_retry();
-                        e.state.pending.take()
+                        let mut p = e.state.pending.take()?;
+                        let (mine, rest): (Notes, Notes) =
+                            p.notes.iter().copied().partition(|n| only.contains(n));
+                        if !rest.is_empty() {
+                            let mut keep = p.clone();
+                            keep.notes = rest;
+                            e.state.pending = Some(keep);
+                        }
+                        p.notes = mine;
+                        Some(p)
                     });
                     if let Some(p) = pending.filter(|p| !p.notes.is_empty()) {
                         let mut notes = Notes::new();

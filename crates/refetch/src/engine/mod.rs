@@ -38,6 +38,8 @@ mod txn;
 
 pub use txn::TransactionPlan;
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::acked::{Acked, AckedCache};
@@ -53,7 +55,7 @@ use crate::fetch::{FetchError, FetchOutcome, FetchRequest, Validators};
 use crate::intake::{Intake, Screen};
 use crate::key::{EntityKey, Version};
 use crate::keys::{KeyId, KeyTable};
-use crate::outcome::{FetchVerdict, Policy, WriteVerdict};
+use crate::outcome::{FetchContext, FetchVerdict, GuardState, Policy, SourceOutage, WriteVerdict};
 use crate::partitions::{AssignOutcome, PartRef, PartitionTable};
 use crate::sink::{Change, SinkError};
 use crate::stats::{Counters, LatencyHistogram};
@@ -253,7 +255,17 @@ pub struct EngineStatus {
     pub latency_p99_ms: Option<f64>,
     /// Business actions collecting or being fetched and written.
     pub open_actions: usize,
+    /// Keys held without evidence against them (source in outage, no other key of their source
+    /// succeeding, breaker open, delete held).
+    pub blocked_keys: usize,
+    /// Sources in outage.
+    pub outages: Vec<SourceOutage>,
+    /// Every source's gone guard.
+    pub gone_guards: Vec<GuardState>,
 }
+
+/// Names the source serving an entity type.
+pub type SourceOf = Box<dyn Fn(&str) -> Arc<str> + Send + Sync>;
 
 /// Dead-letter reason of members dead-lettered because another member of their action failed.
 const ACTION_REASON: &str = "action";
@@ -263,6 +275,10 @@ pub struct Engine {
     cfg: EngineConfig,
     screen: Screen,
     sink_tracks_versions: bool,
+    /// The source serving an entity type (the unit of health and of the gone guard).
+    source_of: SourceOf,
+    /// Sources by entity type, as `source_of` answered (bounded).
+    sources: HashMap<Arc<str>, Arc<str>>,
 
     parts: PartitionTable,
     keys: KeyTable,
@@ -320,6 +336,8 @@ impl Engine {
             cfg,
             screen,
             sink_tracks_versions,
+            source_of: Box::new(|t: &str| Arc::from(t)),
+            sources: HashMap::new(),
             parts: PartitionTable::new(),
             keys: KeyTable::new(),
             dead: dlq::InFlight::new(),
@@ -334,6 +352,28 @@ impl Engine {
             counters: Counters::default(),
             latency: LatencyHistogram::default(),
         }
+    }
+
+    /// Name the source serving each entity type (for example [`crate::Fetcher::source_name`]):
+    /// health and the gone guard are judged per source. By default each type is its own source.
+    pub fn with_sources(mut self, source_of: SourceOf) -> Self {
+        self.source_of = source_of;
+        self.sources.clear();
+        self
+    }
+
+    /// The source serving `key`'s type.
+    fn source(&mut self, key: &EntityKey) -> Arc<str> {
+        if let Some(s) = self.sources.get(key.entity_type()) {
+            return s.clone();
+        }
+        let s = (self.source_of)(key.entity_type());
+        // Types come from payloads; keep the map bounded whatever they announce.
+        if self.sources.len() < 1024 {
+            self.sources
+                .insert(key.entity_type_arc().clone(), s.clone());
+        }
+        s
     }
 
     /// The settings.
@@ -928,10 +968,23 @@ impl Engine {
             }
         }
         let retry = self.retry_of(id);
-        match self
-            .policy
-            .judge_fetch(key, min, result, retry, &mut self.counters)
-        {
+        let source = self.source(key);
+        let held = self.acked.version(key, &self.parts);
+        let age = self
+            .keys
+            .get(id)
+            .and_then(|e| e.state.flight.as_ref())
+            .map_or(Duration::ZERO, |f| now.since(f.batch.first_at));
+        let ctx = FetchContext {
+            key,
+            source: &source,
+            min,
+            held,
+            age,
+            retry,
+            now,
+        };
+        match self.policy.judge_fetch(&ctx, result, &mut self.counters) {
             FetchVerdict::Write { change, validators } => match action {
                 Some(a) => self.park(key, a, Some(change), validators, now),
                 None => self.begin_write(id, change, validators),
@@ -954,13 +1007,43 @@ impl Engine {
                     None => self.finish_success(id, now),
                 }
             }
-            FetchVerdict::Retry { retry, delay } => self.back_off(id, retry, delay, now),
+            FetchVerdict::Retry {
+                retry,
+                delay,
+                refresh_failure,
+            } => {
+                if let Some(message) = refresh_failure {
+                    self.fail_refreshes(id, &message);
+                }
+                self.back_off(id, retry, delay, now)
+            }
             FetchVerdict::DeadLetter {
                 reason,
                 message,
                 class,
                 attempts,
             } => self.dead_letter_flight(id, reason, &message, class, attempts, now),
+        }
+    }
+
+    /// Answer the on-demand refreshes riding on `id`'s flight now, with `message`, instead of
+    /// keeping them waiting (their Kafka notifications keep waiting).
+    fn fail_refreshes(&mut self, id: KeyId, message: &str) {
+        let Some(f) = self.keys.get_mut(id).and_then(|e| e.state.flight.as_mut()) else {
+            return;
+        };
+        let mut failed = Vec::new();
+        f.batch.notes.retain(|n| {
+            if n.is_refresh() {
+                failed.push(n.offset as u64);
+                false
+            } else {
+                true
+            }
+        });
+        for waiter in failed {
+            self.refresh_done
+                .push((waiter, RefreshOutcome::Failed(message.to_owned())));
         }
     }
 
@@ -989,6 +1072,14 @@ impl Engine {
         let Some(f) = self.keys.take_flight(id) else {
             return;
         };
+        if f.batch.notes.is_empty() {
+            // Only refreshes rode on it, and they were answered: nothing is left to retry.
+            if let Some(e) = self.keys.get_mut(id) {
+                e.state.clear_retry();
+            }
+            self.after_flight(id, now);
+            return;
+        }
         let Some(entry) = self.keys.get_mut(id) else {
             return;
         };
@@ -1259,13 +1350,33 @@ impl Engine {
             return;
         };
         let action = f.action;
+        // A failed business action dead-letters only the notes its members brought: ordinary
+        // notifications that rode along with the member's fetch are pending again.
+        let only = match (why, action) {
+            (ACTION_REASON, Some(a)) => self.acts.action_notes(a, &key).cloned(),
+            _ => None,
+        };
         let mut notes = Notes::new();
-        for n in f.batch.notes {
-            if n.is_refresh() {
+        let mut riders = Notes::new();
+        for n in f.batch.notes.iter().copied() {
+            if only.as_ref().is_some_and(|o| !o.contains(&n)) {
+                riders.push(n);
+            } else if n.is_refresh() {
                 self.refresh_done
                     .push((n.offset as u64, RefreshOutcome::Failed(message.to_owned())));
             } else {
                 notes.push(n);
+            }
+        }
+        if !riders.is_empty() {
+            let mut p = f.batch.clone();
+            p.notes = riders;
+            p.deadline = now;
+            if let Some(e) = self.keys.get_mut(id) {
+                match &mut e.state.pending {
+                    Some(existing) => existing.absorb(p),
+                    None => e.state.pending = Some(p),
+                }
             }
         }
         if !notes.is_empty() {
@@ -1487,9 +1598,59 @@ impl Engine {
         &self.counters
     }
 
-    /// Reset the gone guard (an operator decided the gone outcomes are real).
-    pub fn reset_gone_guard(&mut self) {
-        self.policy.reset_gone_guard();
+    /// Reset the gone guard of `source` (every source with `None`): an operator decided the
+    /// gone answers are real. Every delete the guard held is released through the normal path:
+    /// the key is fetched again now and, still gone, deleted.
+    pub fn reset_gone_guard(&mut self, source: Option<&str>) {
+        self.policy.reset_gone_guard(source);
+        let now = self.last_tick;
+        let mut released = Vec::new();
+        let held: Vec<(KeyId, EntityKey)> = self
+            .keys
+            .iter()
+            .filter(|(_, e)| e.state.retry().is_some_and(|r| r.gone_held))
+            .map(|(id, e)| (id, e.key.clone()))
+            .collect();
+        for (id, key) in held {
+            if source.is_some_and(|s| *self.source(&key) != *s) {
+                continue;
+            }
+            if let Some(e) = self.keys.get_mut(id) {
+                if let Some(r) = e.state.retry_mut() {
+                    r.gone_held = false;
+                    r.released = true;
+                    r.next_at = now;
+                }
+            }
+            released.push(id);
+        }
+        tracing::info!(
+            source = source.unwrap_or("(all)"),
+            released = released.len(),
+            "gone guard reset: held deletes released"
+        );
+        for id in released {
+            self.keys.schedule(id);
+        }
+    }
+
+    /// Sources in outage now (most of their recent outcomes fail the same way).
+    pub fn outages(&self) -> Vec<SourceOutage> {
+        self.policy.outages(self.last_tick)
+    }
+
+    /// Every source's gone guard.
+    pub fn gone_guards(&self) -> Vec<GuardState> {
+        self.policy.guards()
+    }
+
+    /// Keys held without evidence against them (their source in outage, no other key of their
+    /// source succeeding, a breaker open, a delete held).
+    pub fn blocked_keys(&self) -> usize {
+        self.keys
+            .iter()
+            .filter(|(_, e)| e.state.retry().is_some_and(|r| r.blocked))
+            .count()
     }
 
     /// Is the gone guard holding deletes back?
@@ -1579,6 +1740,9 @@ impl Engine {
                 .quantile(0.99)
                 .map(|d| d.as_secs_f64() * 1000.0),
             open_actions: self.acts.open.len(),
+            blocked_keys: self.blocked_keys(),
+            outages: self.policy.outages(now.max(self.last_tick)),
+            gone_guards: self.policy.guards(),
         }
     }
 }
