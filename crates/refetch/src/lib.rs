@@ -31,8 +31,10 @@
 //!   retried without end while nothing is committed.
 //!
 //! What is *not* promised: order across different entities (except inside a business action,
-//! see [`action`]), and exactly-once writes (a crash re-delivers notifications after the last
-//! commit; sinks should upsert and guard on version).
+//! see [`action`]), and, by default, exactly-once writes (a crash re-delivers notifications
+//! after the last commit; sinks should upsert and guard on version). A *transactional* sink
+//! ([`Sink::offset_store`]) gets exactly-once: every input offset covered by one committed write,
+//! its transactions committing the input offsets with the writes (see `engine/txn.rs`).
 //!
 //! ## Embedding
 //! Implement [`Fetcher`] and [`Sink`] (or use the built-in HTTP fetcher and sinks from the
@@ -87,6 +89,8 @@
 //! | [`health`] | source health for retry budgets, and the gone-rate guard |
 //! | [`dlq`] | dead-letter record layout, reasons, and dead letters awaiting acknowledgement |
 //! | [`dispatch`] | running fetch, write and dead-letter jobs; sink batching, retries and fencing |
+//! | `txn_writer` (inside the engine) | the writer of a transactional sink: writes, commits and aborts in one order |
+//! | `engine/txn.rs` | exactly-once: provisional offsets, commit plans, aborts, starting from stored offsets |
 //! | [`consumer`] / `kafka` | the consumer interface; librdkafka driver, rebalances, commits, dead-letter producer (feature `kafka`, on by default) |
 //! | [`pipeline`] | builder, handle and the async runtime (shutdown, revokes, commits, backpressure) |
 //! | [`config`] | engine settings and their validation |
