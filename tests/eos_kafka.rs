@@ -156,7 +156,9 @@ level = "info"
                 }
                 let sends = pending.iter().map(|(id, payload)| {
                     producer.send(
-                        FutureRecord::<str, str>::to(&topic).key(id).payload(payload),
+                        FutureRecord::<str, str>::to(&topic)
+                            .key(id)
+                            .payload(payload),
                         Duration::from_secs(30),
                     )
                 });
@@ -257,24 +259,29 @@ async fn analyse(s: &EosScenario) -> anyhow::Result<Analysis> {
         };
         let held = last.get(&id).and_then(|l| l.2);
         if held != Some(version) {
-            a.mismatched.push(format!("{t}:{id}: source v{version}, output {held:?}"));
+            a.mismatched
+                .push(format!("{t}:{id}: source v{version}, output {held:?}"));
         }
     }
     Ok(a)
 }
 
 async fn until_committed(s: &EosScenario, logs: &[&ChildProcess]) -> anyhow::Result<()> {
-    let r = wait_for("commits to reach the end", Duration::from_secs(120), || async {
-        let end = kafka::end_offsets(&s.brokers, &s.input).await.ok();
-        let committed = kafka::committed_offsets(&s.brokers, &s.group, &s.input)
-            .await
-            .ok();
-        match (end, committed) {
-            // Transaction markers in the input do not occur (plain producer): end is exact.
-            (Some(e), Some(c)) => e.iter().all(|(p, o)| *o == 0 || c.get(p) == Some(o)),
-            _ => false,
-        }
-    })
+    let r = wait_for(
+        "commits to reach the end",
+        Duration::from_secs(120),
+        || async {
+            let end = kafka::end_offsets(&s.brokers, &s.input).await.ok();
+            let committed = kafka::committed_offsets(&s.brokers, &s.group, &s.input)
+                .await
+                .ok();
+            match (end, committed) {
+                // Transaction markers in the input do not occur (plain producer): end is exact.
+                (Some(e), Some(c)) => e.iter().all(|(p, o)| *o == 0 || c.get(p) == Some(o)),
+                _ => false,
+            }
+        },
+    )
     .await;
     if r.is_err() {
         for l in logs {
@@ -354,7 +361,11 @@ async fn exactly_once_into_kafka_covers_every_input_offset_once_through_kills_an
         "input offsets not covered: {:?}",
         &a.uncovered[..a.uncovered.len().min(20)]
     );
-    assert!(a.mismatched.is_empty(), "sink differs from source: {:?}", a.mismatched);
+    assert!(
+        a.mismatched.is_empty(),
+        "sink differs from source: {:?}",
+        a.mismatched
+    );
 }
 
 /// The same kills with `delivery = "at_least_once"`: after each SIGKILL the notifications after
@@ -370,5 +381,43 @@ async fn at_least_once_covers_input_offsets_twice_under_the_same_kills() {
         !a.twice.is_empty(),
         "at-least-once delivery under SIGKILL should cover some input offsets twice: {a:?}"
     );
-    assert!(a.mismatched.is_empty(), "sink differs from source: {:?}", a.mismatched);
+    assert!(
+        a.mismatched.is_empty(),
+        "sink differs from source: {:?}",
+        a.mismatched
+    );
+}
+
+/// Two live instances with one `instance_id`: the second one's producer fences the first, whose
+/// pipeline stops with an error that names the `transactional.id` and says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real broker: run scripts/test"]
+async fn a_fenced_producer_stops_the_pipeline_with_a_clear_error() {
+    let s = EosScenario::new("eos_fenced", "exactly_once")
+        .await
+        .unwrap();
+    let mut first = s.spawn("same", 0).unwrap();
+    wait_for_log(&first, "partitions assigned").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mutator = s.mutate(stop.clone(), 11);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut second = s.spawn("same", 1).unwrap();
+    let status = first
+        .wait(Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| panic!("{e}: the fenced instance kept running: {}", first.log()));
+    stop.store(true, Ordering::SeqCst);
+    mutator.await.unwrap();
+    let log = first.log();
+    assert_ne!(status.code(), Some(0), "{log}");
+    let id = format!("{}-same", s.group);
+    assert!(
+        log.contains("cannot go on") && log.contains(&id) && log.contains("instance_id"),
+        "the error names the transactional id and the remedy: {}",
+        refetch_testkit::process::tail(&log, 30)
+    );
+    let status = terminate(&mut second, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{}", second.log());
 }

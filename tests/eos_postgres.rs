@@ -16,13 +16,13 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use refetch::Delivery;
 use refetch::consumer::{ConsumerChannels, ConsumerCommand};
 use refetch::decode::JsonDecoder;
 use refetch::kafka::{DeadLetterProducer, KafkaConfig, start_consumer};
 use refetch::{EngineConfig, Pipeline};
 use refetch_integration_tests::refetch_binary;
 use refetch_sinks::postgres::PostgresSink;
-use refetch::Delivery;
 use refetch_sinks::{PostgresConfig, Secret};
 use refetch_testkit::http_source::{HttpSource, HttpSourceOptions};
 use refetch_testkit::kafka;
@@ -162,7 +162,13 @@ async fn run_child(setup: ChildSetup) -> ! {
 /// Run this test binary as the child until it prints `ACKED`, then SIGKILL it.
 fn run_child_until_stored(test: &str, setup: &ChildSetup) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--include-ignored", "--test-threads=1"])
+        .args([
+            test,
+            "--exact",
+            "--nocapture",
+            "--include-ignored",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, serde_json::to_string(setup).unwrap())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -196,7 +202,9 @@ async fn sigkill_between_commits(delivery_after: &str) -> Vec<String> {
     kafka::create_topic(&brokers, &format!("{group}.dlq"), 1)
         .await
         .unwrap();
-    let source = HttpSource::start(HttpSourceOptions::default()).await.unwrap();
+    let source = HttpSource::start(HttpSourceOptions::default())
+        .await
+        .unwrap();
     // The table, with a trigger counting every row's writes.
     let (client, schema) = refetch_testkit::postgres::fresh_schema().await.unwrap();
     drop(
@@ -242,8 +250,13 @@ async fn sigkill_between_commits(delivery_after: &str) -> Vec<String> {
         &setup,
     );
     // The database is ahead of the group: the group committed nothing.
-    let committed = kafka::committed_offsets(&brokers, &group, &topic).await.unwrap();
-    assert!(committed.is_empty(), "the child's Kafka commits were dropped: {committed:?}");
+    let committed = kafka::committed_offsets(&brokers, &group, &topic)
+        .await
+        .unwrap();
+    assert!(
+        committed.is_empty(),
+        "the child's Kafka commits were dropped: {committed:?}"
+    );
     let stored: i64 = client
         .query_one(
             &format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM {schema}.refetch_offsets"),

@@ -179,7 +179,10 @@ async fn a_crash_and_a_restart_cover_every_offset_once() {
         "the offsets written after it are stored as satisfied ranges: {stored:?}"
     );
     let (commits, aborts) = sink.transactions();
-    assert!(commits > 0 && aborts >= 2, "commits {commits}, aborts {aborts}");
+    assert!(
+        commits > 0 && aborts >= 2,
+        "commits {commits}, aborts {aborts}"
+    );
     // What the lost transactions held was fetched and written again: every offset but key 0's
     // is covered once already.
     let covered = covered_counts(&sink);

@@ -73,7 +73,10 @@ async fn drain(brokers: &str, topic: &str, source: &VersionedSource, sink: Arc<d
         if end.iter().all(|(p, o)| c.get(p) == Some(o)) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(300), "drain stalled");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "drain stalled"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = started.elapsed();
@@ -119,7 +122,9 @@ fn best(v: &[f64]) -> f64 {
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
-        println!("eos_throughput: run with `cargo bench -p refetch-integration-tests --bench eos_throughput`");
+        println!(
+            "eos_throughput: run with `cargo bench -p refetch-integration-tests --bench eos_throughput`"
+        );
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -100,13 +100,17 @@ level = "info"
 }
 
 async fn assigned(child: &ChildProcess) {
-    wait_for("the instance to get partitions", Duration::from_secs(60), || {
-        let log = child.log();
-        async move {
-            log.lines()
-                .any(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
-        }
-    })
+    wait_for(
+        "the instance to get partitions",
+        Duration::from_secs(60),
+        || {
+            let log = child.log();
+            async move {
+                log.lines()
+                    .any(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
+            }
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}: {}", child.log()));
 }
@@ -118,7 +122,9 @@ async fn three_instances_share_one_budget_and_two_keep_all_of_it() {
     let g = Group {
         topic: unique("budget"),
         group: unique("budget_group"),
-        source: HttpSource::start(HttpSourceOptions::default()).await.unwrap(),
+        source: HttpSource::start(HttpSourceOptions::default())
+            .await
+            .unwrap(),
         dir: tempfile::tempdir().unwrap(),
         brokers,
     };
@@ -132,7 +138,10 @@ async fn three_instances_share_one_budget_and_two_keep_all_of_it() {
     for i in 0..4_000 {
         let id = i.to_string();
         g.source.put("customer", &id, json!({"n": i}));
-        records.push((Some(id.clone().into_bytes()), json!({"id": id}).to_string().into_bytes()));
+        records.push((
+            Some(id.clone().into_bytes()),
+            json!({"id": id}).to_string().into_bytes(),
+        ));
     }
     kafka::produce(&g.brokers, &g.topic, records).await.unwrap();
 

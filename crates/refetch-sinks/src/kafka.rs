@@ -18,8 +18,10 @@
 //!
 //! ## Exactly-once (`delivery = "exactly_once"`)
 //!
-//! The producer is transactional (`transactional.id` = `<transactional_id_prefix>-<instance_id>`,
-//! `init_transactions` at start-up). The first write after a commit or abort begins a
+//! The producer is transactional (`transactional.id` = `<transactional_id_prefix>-<instance_id>`;
+//! `init_transactions` when the sink is first used: the first stored-offsets read of an
+//! assignment, a write or a commit, so a restarted instance fences its former self before it
+//! reads the group's offsets, and merely building the sink fences nobody). The first write after a commit or abort begins a
 //! transaction; the engine's commit sends the input offsets with `send_offsets_to_transaction`
 //! and the consumer's group metadata (so the group coordinator fences a member that is no longer
 //! current, Kafka 2.5 and later), then commits. The offsets go to the consumer group inside the
@@ -87,6 +89,8 @@ pub struct KafkaSink {
 /// The transactional producer's state.
 struct Eos {
     transactional_id: String,
+    /// `init_transactions` succeeded.
+    initialized: tokio::sync::OnceCell<()>,
     timeout: Duration,
     state: Mutex<TxnState>,
     /// The configuration of the client that reads the group's committed offsets.
@@ -118,9 +122,11 @@ fn txn_class(e: &KafkaError) -> TxnClass {
         KafkaError::Transaction(r) if r.txn_requires_abort() => TxnClass::Abort,
         KafkaError::Transaction(r) if r.is_retriable() => TxnClass::Retry,
         _ => match e.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch) => {
-                TxnClass::Fatal
-            }
+            Some(
+                RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch,
+            ) => TxnClass::Fatal,
             _ => TxnClass::Other,
         },
     }
@@ -236,12 +242,10 @@ impl KafkaSink {
                 if cfg.transaction_timeout < Duration::from_secs(1) {
                     return Err(bad("transaction_timeout must be at least 1s".into()));
                 }
-                client
-                    .set("transactional.id", &transactional_id)
-                    .set(
-                        "transaction.timeout.ms",
-                        cfg.transaction_timeout.as_millis().to_string(),
-                    );
+                client.set("transactional.id", &transactional_id).set(
+                    "transaction.timeout.ms",
+                    cfg.transaction_timeout.as_millis().to_string(),
+                );
                 // Deliveries must not outlive the transaction.
                 if cfg.delivery_timeout > cfg.transaction_timeout {
                     client.set(
@@ -257,14 +261,22 @@ impl KafkaSink {
                     .set("isolation.level", "read_committed")
                     .set("client.id", "refetch-sink-offsets");
                 for (k, v) in &cfg.properties {
-                    let shared = ["security.", "sasl.", "ssl.", "socket.", "broker.", "api.version"]
-                        .iter()
-                        .any(|p| k.starts_with(p));
+                    let shared = [
+                        "security.",
+                        "sasl.",
+                        "ssl.",
+                        "socket.",
+                        "broker.",
+                        "api.version",
+                    ]
+                    .iter()
+                    .any(|p| k.starts_with(p));
                     if shared {
                         reader_config.set(k, v);
                     }
                 }
                 Some(Eos {
+                    initialized: tokio::sync::OnceCell::new(),
                     transactional_id,
                     timeout: cfg.transaction_timeout,
                     state: Mutex::new(TxnState::default()),
@@ -288,33 +300,33 @@ impl KafkaSink {
     }
 
     /// With `delivery = "exactly_once"`: register the transactional id with the broker
-    /// (`init_transactions`), which fences an older producer with the same id and aborts its
-    /// open transaction. A no-op otherwise.
-    pub async fn init_transactions(&self) -> Result<(), SinkBuildError> {
+    /// (`init_transactions`, once), which fences an older producer with the same id and aborts
+    /// its open transaction. A no-op otherwise, and once it succeeded. The sink calls it itself
+    /// before its first transactional use.
+    pub async fn init_transactions(&self) -> Result<(), TransactionError> {
         let Some(eos) = &self.eos else {
             return Ok(());
         };
-        let producer = self
-            .producer()
-            .map_err(|e| SinkBuildError::unavailable(SINK, e.to_string()))?;
-        let timeout = eos.timeout.max(Duration::from_secs(10));
-        blocking(move || {
-            producer
-                .init_transactions(timeout)
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| {
-            SinkBuildError::unavailable(
-                SINK,
-                format!(
-                    "cannot initialise transactions for transactional.id {}: {e}",
-                    eos.transactional_id
-                ),
-            )
-        })?;
-        tracing::info!(sink = SINK, transactional_id = %eos.transactional_id, "transactional producer ready");
-        Ok(())
+        eos.initialized
+            .get_or_try_init(|| async {
+                let producer = self
+                    .producer()
+                    .map_err(|e| TransactionError::aborted(e.to_string()))?;
+                let timeout = eos.timeout.max(Duration::from_secs(10));
+                match blocking_kafka(move || producer.init_transactions(timeout)).await {
+                    Ok(()) => {
+                        tracing::info!(sink = SINK, transactional_id = %eos.transactional_id, "transactional producer ready");
+                        Ok(())
+                    }
+                    Err((TxnClass::Fatal, text)) => Err(self.fatal(text)),
+                    Err((_, text)) => Err(TransactionError::aborted(format!(
+                        "cannot initialise transactions for transactional.id {}: {text}",
+                        eos.transactional_id
+                    ))),
+                }
+            })
+            .await
+            .map(|_| ())
     }
 
     /// The producer's `transactional.id` (exactly-once only).
@@ -336,7 +348,9 @@ impl KafkaSink {
             .lock()
             .map_err(|_| SinkError::transient("transaction state poisoned"))?;
         if let Some(f) = &st.fatal {
-            return Err(SinkError::transient(format!("the producer cannot go on: {f}")));
+            return Err(SinkError::transient(format!(
+                "the producer cannot go on: {f}"
+            )));
         }
         if let Some(d) = &st.doomed {
             return Err(SinkError::transient(format!(
@@ -355,7 +369,9 @@ impl KafkaSink {
                 if matches!(txn_class(&e), TxnClass::Fatal) {
                     st.fatal = Some(e.to_string());
                 }
-                Err(SinkError::transient(format!("cannot begin a transaction: {e}")))
+                Err(SinkError::transient(format!(
+                    "cannot begin a transaction: {e}"
+                )))
             }
         }
     }
@@ -466,6 +482,11 @@ impl Sink for KafkaSink {
         ctx: &WriteContext<'_>,
     ) -> Result<WriteReport, SinkError> {
         let started = Instant::now();
+        if let Err(e) = self.init_transactions().await {
+            let e = SinkError::transient(e.to_string());
+            crate::metrics::record_batch(SINK, batch.len(), started, &Err(e.clone()));
+            return Err(e);
+        }
         let producer = self.producer()?;
         if let Err(e) = self.begin_if_needed(&producer) {
             crate::metrics::record_batch(SINK, batch.len(), started, &Err(e.clone()));
@@ -598,6 +619,7 @@ impl Sink for KafkaSink {
         let Some(eos) = &self.eos else {
             return Err(TransactionError::fatal("the sink is not transactional"));
         };
+        self.init_transactions().await?;
         let producer = self
             .producer()
             .map_err(|e| TransactionError::aborted(e.to_string()))?;
@@ -646,7 +668,8 @@ impl Sink for KafkaSink {
                     let Some(cgm) = g.downcast_ref::<ConsumerGroupMetadata>() else {
                         return Err(None);
                     };
-                    p.send_offsets_to_transaction(&t, cgm, timeout).map_err(Some)
+                    p.send_offsets_to_transaction(&t, cgm, timeout)
+                        .map_err(Some)
                 })
                 .await
                 .map_err(|e| TransactionError::aborted(format!("blocking task failed: {e}")))?;
@@ -740,6 +763,12 @@ impl Sink for KafkaSink {
         if self.eos.is_none() || partitions.is_empty() {
             return Ok(Vec::new());
         }
+        // Fence a former self first: its open transaction would hold the group's offsets
+        // unstable until it times out.
+        self.init_transactions().await.map_err(|e| match e {
+            TransactionError::Fatal { message } => SinkError::permanent(message),
+            TransactionError::Aborted { message } => SinkError::transient(message),
+        })?;
         let reader = self.reader(group_id)?;
         let mut tpl = TopicPartitionList::new();
         for tp in partitions {

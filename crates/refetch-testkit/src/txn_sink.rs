@@ -104,8 +104,10 @@ impl TransactionalSink {
 
     /// Every write takes this long.
     pub fn set_delay(&self, d: Duration) {
-        self.delay_ms
-            .store(d.as_millis().min(u128::from(u64::MAX)) as u64, Ordering::SeqCst);
+        self.delay_ms.store(
+            d.as_millis().min(u128::from(u64::MAX)) as u64,
+            Ordering::SeqCst,
+        );
     }
 
     /// Every committed output, in commit order.
@@ -169,7 +171,9 @@ impl Sink for TransactionalSink {
         let mut s = self.state();
         let mut session = self.session_state();
         if session.doomed {
-            return Err(SinkError::transient("the transaction was lost; roll back first"));
+            return Err(SinkError::transient(
+                "the transaction was lost; roll back first",
+            ));
         }
         if s.write_failures > 0 {
             s.write_failures -= 1;

@@ -83,7 +83,10 @@ pub(crate) enum Completion {
     Stored {
         assignments: Vec<crate::assignment::Assignment>,
         result: Result<
-            Vec<(crate::assignment::TopicPartition, crate::offsets::StoredOffset)>,
+            Vec<(
+                crate::assignment::TopicPartition,
+                crate::offsets::StoredOffset,
+            )>,
             SinkError,
         >,
     },

@@ -144,8 +144,8 @@ pub use fetch::{
 #[cfg(feature = "kafka")]
 pub use kafka::{GroupProtocol, KafkaConfig};
 pub use key::{EntityKey, Version, VersionKind};
-pub use pipeline::{Pipeline, PipelineBuilder, PipelineError, PipelineHandle, RunReport, Status};
 pub use offsets::StoredOffset;
+pub use pipeline::{Pipeline, PipelineBuilder, PipelineError, PipelineHandle, RunReport, Status};
 pub use sink::{
     Change, Delivery, OffsetStore, Sink, SinkError, TransactionCommit, TransactionError,
     WriteContext, WriteReport,

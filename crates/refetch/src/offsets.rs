@@ -137,14 +137,18 @@ impl StoredOffset {
         let mut covered = Vec::new();
         let mut prev = offset;
         for part in rest.split(',').filter(|p| !p.is_empty()) {
-            let (gap, len) = part.split_once('+').ok_or_else(|| bad("a range is not gap+length"))?;
+            let (gap, len) = part
+                .split_once('+')
+                .ok_or_else(|| bad("a range is not gap+length"))?;
             let gap: i64 = gap.parse().map_err(|_| bad("a gap is not a number"))?;
             let len: i64 = len.parse().map_err(|_| bad("a length is not a number"))?;
             let min_gap = if covered.is_empty() { 1 } else { 2 };
             if gap < min_gap || len < 0 {
                 return Err(bad("ranges must be ascending, apart, and above the offset"));
             }
-            let a = prev.checked_add(gap).ok_or_else(|| bad("offset overflow"))?;
+            let a = prev
+                .checked_add(gap)
+                .ok_or_else(|| bad("offset overflow"))?;
             let b = a.checked_add(len).ok_or_else(|| bad("offset overflow"))?;
             covered.push((a, b));
             prev = b;
@@ -546,7 +550,11 @@ mod tests {
         }
         assert!(t.provisional(1));
         assert!(!t.provisional(1), "already provisional");
-        assert_eq!(t.commit_point(), Some(1), "a provisional offset is not satisfied");
+        assert_eq!(
+            t.commit_point(),
+            Some(1),
+            "a provisional offset is not satisfied"
+        );
         assert_eq!(t.provisional_count(), 1);
         assert!(t.revert(1));
         assert!(!t.revert(1));
@@ -607,7 +615,13 @@ mod tests {
             StoredOffset::decode(7, "written by another tool"),
             Ok(StoredOffset::at(7))
         );
-        for bad in ["refetch1:x+1", "refetch1:0+1", "refetch1:3+1,1+0", "refetch1:3+-1", "refetch1:3"] {
+        for bad in [
+            "refetch1:x+1",
+            "refetch1:0+1",
+            "refetch1:3+1,1+0",
+            "refetch1:3+-1",
+            "refetch1:3",
+        ] {
             assert!(StoredOffset::decode(7, bad).is_err(), "{bad}");
         }
     }
@@ -638,7 +652,11 @@ mod tests {
             assert!(t.stored_covers(o));
             t.receive_satisfied(o).unwrap();
         }
-        assert_eq!(t.to_store(), Some(stored.clone()), "never behind the stored offset");
+        assert_eq!(
+            t.to_store(),
+            Some(stored.clone()),
+            "never behind the stored offset"
+        );
         assert!(!t.stored_covers(10));
         t.receive(10).unwrap();
         assert!(!t.stored_covers(11));

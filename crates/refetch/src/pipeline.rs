@@ -426,7 +426,10 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
         engine.set_wants_inputs(sink.wants_inputs());
         let writes = match store {
             Some(store) => {
-                tracing::info!(?store, "exactly-once delivery: writes are held in transactions with the input offsets");
+                tracing::info!(
+                    ?store,
+                    "exactly-once delivery: writes are held in transactions with the input offsets"
+                );
                 engine.enable_transactions(store, sink.max_stored_ranges());
                 Writer::Txn(start_txn_writer(
                     sink.clone(),
@@ -458,7 +461,12 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             fatal: None,
             store,
             txn_timeout: sink.transaction_timeout(),
-            stored: stored_lookup(sink.clone(), group_id.clone(), done_tx.clone(), stop.clone()),
+            stored: stored_lookup(
+                sink.clone(),
+                group_id.clone(),
+                done_tx.clone(),
+                stop.clone(),
+            ),
         };
         let mut refreshes: HashMap<u64, (usize, usize)> = HashMap::new();
         let mut refresh_requests: HashMap<usize, RefreshRequest> = HashMap::new();
@@ -816,7 +824,8 @@ fn stored_lookup<S: Sink + ?Sized>(
                             tracing::warn!(error = %e, attempt, partitions = tps.len(),
                                 "cannot read the offsets the sink stored; the partitions wait");
                         }
-                        let wait = Duration::from_millis(200u64.saturating_mul(1 << attempt.min(6)));
+                        let wait =
+                            Duration::from_millis(200u64.saturating_mul(1 << attempt.min(6)));
                         tokio::select! {
                             () = stop.cancelled() => return,
                             () = tokio::time::sleep(wait) => {}
@@ -979,7 +988,11 @@ impl Runtime {
 
     fn drop_awaiting(&mut self, assignments: &[Assignment]) {
         for a in assignments {
-            if self.awaiting.get(&a.tp).is_some_and(|w| w.assignment.same(a)) {
+            if self
+                .awaiting
+                .get(&a.tp)
+                .is_some_and(|w| w.assignment.same(a))
+            {
                 if let Some(w) = self.awaiting.remove(&a.tp) {
                     self.held_bytes = self.held_bytes.saturating_sub(w.bytes);
                 }
@@ -1082,7 +1095,8 @@ impl Runtime {
                         plan.transaction
                     ))
                 } else if !plan.fits {
-                    let must = !self.revokes.is_empty() || self.transaction_near_timeout(engine, clock);
+                    let must =
+                        !self.revokes.is_empty() || self.transaction_near_timeout(engine, clock);
                     if must {
                         TxnGo::Abort("the satisfied ranges to store do not fit the sink".into())
                     } else {
@@ -1098,7 +1112,10 @@ impl Runtime {
                 } else {
                     TxnGo::Commit {
                         offsets: plan.offsets,
-                        group_metadata: self.group_metadata.as_ref().and_then(GroupMetadataSource::current),
+                        group_metadata: self
+                            .group_metadata
+                            .as_ref()
+                            .and_then(GroupMetadataSource::current),
                     }
                 };
                 if matches!(go, TxnGo::Postpone) {
@@ -1145,7 +1162,10 @@ impl Runtime {
                 let mut resume = Vec::new();
                 let paused = engine.paused();
                 for a in assignments {
-                    let waiting = self.awaiting.get(&a.tp).is_some_and(|w| w.assignment.same(&a));
+                    let waiting = self
+                        .awaiting
+                        .get(&a.tp)
+                        .is_some_and(|w| w.assignment.same(&a));
                     if !waiting {
                         continue;
                     }
@@ -1284,7 +1304,10 @@ impl Runtime {
                     }
                 },
             }
-            if !self.txn_commit_in_flight && asked && engine.open_transaction().is_some_and(|t| t <= start) {
+            if !self.txn_commit_in_flight
+                && asked
+                && engine.open_transaction().is_some_and(|t| t <= start)
+            {
                 // Postponed (what to store did not fit): ask once more, as an abort if it
                 // still does not fit near the end.
                 asked = false;

@@ -273,7 +273,11 @@ impl<S: Sink + ?Sized> Writer<S> {
         };
         match r {
             Ok(()) => {
-                tracing::debug!(txn = self.txn, partitions = offsets.len(), "transaction committed");
+                tracing::debug!(
+                    txn = self.txn,
+                    partitions = offsets.len(),
+                    "transaction committed"
+                );
                 let _ = self.done.send(Completion::TxnEnded {
                     txn: self.txn,
                     result: Ok(offsets),
@@ -384,9 +388,11 @@ impl<S: Sink + ?Sized> Writer<S> {
                             return Ok(finish(out, self.txn));
                         }
                         e @ SinkError::Transient { .. } => {
-                            let delay =
-                                self.backoff
-                                    .delay(attempt, e.class().retry_after(), jitter(attempt));
+                            let delay = self.backoff.delay(
+                                attempt,
+                                e.class().retry_after(),
+                                jitter(attempt),
+                            );
                             if attempt == 1 || attempt % 10 == 0 {
                                 tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64,
                                     "sink unavailable; retrying the batch in a new transaction");

@@ -928,10 +928,8 @@ fn exactly_once_is_refused_on_a_sink_that_cannot_deliver_it() {
         "kind = \"jsonl\"\ndelivery = \"at_least_once\"",
     ))
     .expect("at_least_once is accepted");
-    let e = rejected(&MINIMAL.replace(
-        "kind = \"jsonl\"",
-        "kind = \"jsonl\"\ndelivery = \"twice\"",
-    ));
+    let e =
+        rejected(&MINIMAL.replace("kind = \"jsonl\"", "kind = \"jsonl\"\ndelivery = \"twice\""));
     assert_eq!(e.path.as_deref(), Some("sink.delivery"), "{e}");
 }
 
@@ -972,7 +970,9 @@ fn exactly_once_into_kafka_needs_a_transactional_id_and_a_timeout_above_the_comm
         refetch_sinks::kafka::transactional_id(k).as_deref(),
         Ok("orders-a")
     );
-    let e = rejected(&format!("{named}transaction_timeout = \"5s\"\n[engine]\ncommit_interval = \"5s\"\n"));
+    let e = rejected(&format!(
+        "{named}transaction_timeout = \"5s\"\n[engine]\ncommit_interval = \"5s\"\n"
+    ));
     assert_eq!(e.path.as_deref(), Some("sink.transaction_timeout"), "{e}");
     assert!(e.message.contains("commit_interval"), "{e}");
 }

@@ -184,7 +184,10 @@ impl PostgresSink {
             .enumerate()
             .map(|(i, c)| Row::new(c, fetched_at.get(i).copied()))
             .collect();
-        match self.rows_under_savepoint(&c.client, &rows, "refetch_batch").await {
+        match self
+            .rows_under_savepoint(&c.client, &rows, "refetch_batch")
+            .await
+        {
             Ok(()) => return Ok(WriteReport::all_durable()),
             Err(Failure::Transient(m)) => {
                 c.doomed = Some(m.clone());
@@ -311,11 +314,7 @@ impl PostgresSink {
             }
         };
         for (a, stored) in commit.offsets {
-            let claim = eos
-                .claims
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&a.tp).copied());
+            let claim = eos.claims.lock().ok().and_then(|m| m.get(&a.tp).copied());
             let Some(claim) = claim else {
                 c.doomed = Some(format!("no claim on {}", a.tp));
                 return Err(TransactionError::aborted(format!(
@@ -455,9 +454,8 @@ impl PostgresSink {
                 m.insert(tp.clone(), claimed);
             }
             if let Some(next) = next {
-                let stored = StoredOffset::decode(next, &covered).map_err(|e| {
-                    SinkError::permanent(format!("stored offsets of {tp}: {e}"))
-                })?;
+                let stored = StoredOffset::decode(next, &covered)
+                    .map_err(|e| SinkError::permanent(format!("stored offsets of {tp}: {e}")))?;
                 out.push((tp.clone(), stored));
             }
         }

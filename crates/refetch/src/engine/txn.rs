@@ -259,7 +259,11 @@ impl Engine {
             return;
         };
         if t.open != txn {
-            tracing::warn!(txn, open = t.open, "commit of a transaction that is not open; ignored");
+            tracing::warn!(
+                txn,
+                open = t.open,
+                "commit of a transaction that is not open; ignored"
+            );
             return;
         }
         t.open += 1;
@@ -296,7 +300,11 @@ impl Engine {
             return;
         };
         if t.open != txn {
-            tracing::warn!(txn, open = t.open, "abort of a transaction that is not open; ignored");
+            tracing::warn!(
+                txn,
+                open = t.open,
+                "abort of a transaction that is not open; ignored"
+            );
             return;
         }
         t.open += 1;
