@@ -1038,7 +1038,10 @@ impl Runtime {
         if let Some(w) = writes.txn() {
             if !self.txn_commit_in_flight && self.fatal.is_none() {
                 let plan = engine.transaction_plan();
-                if !plan.is_empty() {
+                if plan.must_abort {
+                    w.abort();
+                    self.txn_commit_in_flight = true;
+                } else if !plan.is_empty() {
                     if plan.fits || !self.transaction_near_timeout(engine, clock) {
                         w.commit();
                     } else {
@@ -1094,6 +1097,8 @@ impl Runtime {
                         "the engine is at transaction {}, the writer at {txn}",
                         plan.transaction
                     ))
+                } else if plan.must_abort {
+                    TxnGo::Abort("an assignment whose writes it holds ended".into())
                 } else if !plan.fits {
                     let must =
                         !self.revokes.is_empty() || self.transaction_near_timeout(engine, clock);

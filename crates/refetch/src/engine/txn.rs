@@ -59,6 +59,9 @@ pub(crate) struct Transactions {
     /// When the open transaction got its first provisional write.
     since: Option<Tick>,
     max_ranges: usize,
+    /// The open transaction holds writes of an assignment that ended: it must not commit (the
+    /// partition's next owner writes them again), only abort.
+    doomed: bool,
 }
 
 /// What a transaction commit should store.
@@ -72,6 +75,10 @@ pub struct TransactionPlan {
     pub writes: usize,
     /// Every entry's ranges fit the sink's limit (see [`crate::Sink::max_stored_ranges`]).
     pub fits: bool,
+    /// The transaction holds writes of an assignment that ended (revoked past its drain
+    /// deadline, or lost): it must abort, not commit, since the partition's next owner writes
+    /// them again.
+    pub must_abort: bool,
 }
 
 impl TransactionPlan {
@@ -91,6 +98,7 @@ impl Engine {
             writes: Vec::new(),
             since: None,
             max_ranges: max_ranges.max(1),
+            doomed: false,
         });
     }
 
@@ -244,6 +252,7 @@ impl Engine {
             offsets,
             writes: t.writes.len(),
             fits,
+            must_abort: t.doomed,
         }
     }
 
@@ -268,6 +277,7 @@ impl Engine {
         }
         t.open += 1;
         t.since = None;
+        t.doomed = false;
         let writes = std::mem::take(&mut t.writes);
         for w in writes {
             match w.cache {
@@ -309,6 +319,7 @@ impl Engine {
         }
         t.open += 1;
         t.since = None;
+        t.doomed = false;
         let writes = std::mem::take(&mut t.writes);
         let notes: usize = writes.iter().map(|w| w.batch.notes.len()).sum();
         self.counters.transactions_aborted += 1;
@@ -354,14 +365,24 @@ impl Engine {
         self.keys.schedule(id);
     }
 
-    /// Assignments ended: drop their provisional notifications (the writes stay in the
-    /// transaction; whoever owns the partitions next starts from what the sink stored).
+    /// Assignments ended: drop their provisional notifications. If the open transaction held
+    /// any, it must abort: committing it would commit writes whose offsets the partition's next
+    /// owner reads (and writes) again.
     pub(super) fn forget_provisional_of(&mut self, refs: &[PartRef]) {
         let Some(t) = &mut self.txn else {
             return;
         };
         for w in &mut t.writes {
+            let before = w.batch.notes.len();
             w.batch.notes.retain(|n| !refs.contains(&n.part));
+            if w.batch.notes.len() != before {
+                t.doomed = true;
+            }
+        }
+        if t.doomed {
+            tracing::warn!(
+                "an assignment ended while the open transaction held its writes: the transaction aborts"
+            );
         }
     }
 }
