@@ -721,7 +721,81 @@ mod tests {
         ]
     }
 
+    #[derive(Debug, Clone)]
+    enum TxnOp {
+        Receive { gap: u8, satisfied: bool },
+        Satisfy(usize),
+        Provisional(usize),
+        Revert(usize),
+    }
+
+    fn txn_op() -> impl Strategy<Value = TxnOp> {
+        prop_oneof![
+            (0u8..3, any::<bool>()).prop_map(|(gap, satisfied)| TxnOp::Receive { gap, satisfied }),
+            any::<usize>().prop_map(TxnOp::Satisfy),
+            any::<usize>().prop_map(TxnOp::Provisional),
+            any::<usize>().prop_map(TxnOp::Revert),
+        ]
+    }
+
     proptest! {
+        /// What a transaction stores, against a model of received offsets and their states
+        /// (0 open, 1 provisional, 2 satisfied): the stored offset is the oldest open one (or the
+        /// next after everything), no open offset is inside a stored range, and every satisfied
+        /// or provisional offset above the stored offset is inside one (else a restart would
+        /// write it again).
+        #[test]
+        fn what_to_store_matches_the_model(ops in proptest::collection::vec(txn_op(), 1..200)) {
+            let mut t = OffsetTracker::new();
+            let mut model: Vec<(i64, u8)> = Vec::new();
+            let mut next = 0i64;
+            for op in ops {
+                match op {
+                    TxnOp::Receive { gap, satisfied } => {
+                        next += i64::from(gap);
+                        if satisfied { t.receive_satisfied(next).unwrap(); } else { t.receive(next).unwrap(); }
+                        model.push((next, if satisfied { 2 } else { 0 }));
+                        next += 1;
+                    }
+                    TxnOp::Satisfy(i) | TxnOp::Provisional(i) | TxnOp::Revert(i) if model.is_empty() => { let _ = i; }
+                    TxnOp::Satisfy(i) => {
+                        let i = i % model.len();
+                        prop_assert_eq!(t.satisfy(model[i].0), model[i].1 != 2);
+                        model[i].1 = 2;
+                    }
+                    TxnOp::Provisional(i) => {
+                        let i = i % model.len();
+                        prop_assert_eq!(t.provisional(model[i].0), model[i].1 == 0);
+                        if model[i].1 == 0 { model[i].1 = 1; }
+                    }
+                    TxnOp::Revert(i) => {
+                        let i = i % model.len();
+                        prop_assert_eq!(t.revert(model[i].0), model[i].1 == 1);
+                        if model[i].1 == 1 { model[i].1 = 0; }
+                    }
+                }
+                let Some(s) = t.to_store() else {
+                    prop_assert!(model.is_empty());
+                    continue;
+                };
+                let inside = |o: i64| s.covered.iter().any(|&(a, b)| a <= o && o <= b);
+                let oldest_open = model.iter().find(|e| e.1 == 0).map(|e| e.0);
+                prop_assert_eq!(s.offset, oldest_open.unwrap_or(next));
+                for &(o, st) in &model {
+                    if st == 0 {
+                        prop_assert!(!inside(o), "open {} inside {:?}", o, s);
+                    } else if o > s.offset {
+                        prop_assert!(inside(o), "covered {} outside {:?}", o, s);
+                    }
+                }
+                for w in s.covered.windows(2) {
+                    prop_assert!(w[0].1 + 1 < w[1].0, "ranges apart and ascending: {:?}", s);
+                }
+                prop_assert!(s.covered.iter().all(|&(a, b)| a > s.offset && a <= b));
+                prop_assert_eq!(StoredOffset::decode(s.offset, &s.encode_ranges()), Ok(s.clone()));
+            }
+        }
+
         /// Against a reference model (a plain list of received offsets and their state): the
         /// commit point never passes an unsatisfied offset, and is exactly the oldest unsatisfied
         /// one, or the next after the last received.
