@@ -417,3 +417,78 @@ async fn refresh_goes_through_single_flight() {
     assert_eq!(h.sink.held().get(&key(9)), Some(&1));
     h.stop().await;
 }
+
+/// Issue 19.2: once a delete is written, late notifications at or below the delete's version are
+/// satisfied from the acknowledged-version cache (a tombstone) without a fetch or a second
+/// delete; a newer version (the entity re-created) is fetched and written.
+#[tokio::test(start_paused = true)]
+async fn late_notifications_of_a_deleted_entity_are_satisfied_by_its_tombstone() {
+    let h = start(cfg(10, 100), 1);
+    let k = key(1);
+    let publish = |v: i64| {
+        h.topics.produce(
+            TOPIC,
+            0,
+            None,
+            format!(r#"{{"id":"c1","v":{v}}}"#).as_bytes(),
+            0,
+        )
+    };
+    h.source.change(&k);
+    h.source.change(&k);
+    let deleted_at = h.source.delete(&k);
+    assert_eq!(deleted_at, 3);
+    publish(deleted_at);
+    // Gone right after the notification of an unseen version is a stale read for `gone_grace`
+    // (10 s); then the lone delete waits `gone_guard.wait` (10 s) for evidence and is written.
+    h.until_committed(Duration::from_secs(25)).await;
+    let deletes = |h: &Harness| {
+        h.sink
+            .log()
+            .iter()
+            .filter(|w| w.key == k && w.delete)
+            .count()
+    };
+    assert_eq!(deletes(&h), 1, "the delete is written: {:?}", h.sink.log());
+    let fetched = h.source.fetches_of(&k);
+    let satisfied = h
+        .handle
+        .status()
+        .await
+        .expect("running")
+        .engine
+        .counters
+        .satisfied_by_version;
+    // Late and duplicated notifications, at and below the delete's version.
+    for v in [1, 2, 3, 2, 3] {
+        publish(v);
+    }
+    h.until_committed(Duration::from_secs(30)).await;
+    assert_eq!(
+        h.source.fetches_of(&k),
+        fetched,
+        "a stale notification of a deleted entity was fetched again"
+    );
+    assert_eq!(deletes(&h), 1, "the delete was written again");
+    let now = h
+        .handle
+        .status()
+        .await
+        .expect("running")
+        .engine
+        .counters
+        .satisfied_by_version;
+    assert_eq!(
+        now - satisfied,
+        5,
+        "each late notification is satisfied by the tombstone"
+    );
+    // The entity is created again: its newer version is fetched and written.
+    let v = h.source.change(&k);
+    publish(v);
+    h.until_committed(Duration::from_secs(30)).await;
+    assert_eq!(h.sink.held().get(&k), Some(&v));
+    assert!(h.sink.diff(&h.source).is_empty());
+    assert!(h.dead.records().is_empty());
+    h.stop().await;
+}

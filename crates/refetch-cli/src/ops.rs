@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -212,17 +212,37 @@ async fn readyz(State(s): State<Shared>) -> Response {
     }
 }
 
-async fn reset_gone_guard(State(s): State<Shared>) -> Response {
+/// The query of `POST /gone-guard/reset`: `?source=<name>` resets one source's guard, no
+/// query resets every source's.
+#[derive(Debug, serde::Deserialize)]
+struct ResetQuery {
+    source: Option<String>,
+}
+
+async fn reset_gone_guard(State(s): State<Shared>, Query(q): Query<ResetQuery>) -> Response {
     if s.ops.handle.status().await.is_none() {
         return (StatusCode::SERVICE_UNAVAILABLE, "pipeline stopped\n").into_response();
     }
-    tracing::warn!("gone guard reset through the operations endpoint");
-    s.ops.handle.reset_gone_guard();
-    (
-        StatusCode::OK,
-        "gone guard reset: deletes are let through again\n",
-    )
-        .into_response()
+    match q.source.filter(|v| !v.is_empty()) {
+        Some(source) => {
+            tracing::warn!(source = %source, "gone guard of one source reset through the operations endpoint");
+            s.ops.handle.reset_gone_guard_of(source.clone());
+            (
+                StatusCode::OK,
+                format!("gone guard of {source} reset: its held deletes are released\n"),
+            )
+                .into_response()
+        }
+        None => {
+            tracing::warn!("gone guard reset through the operations endpoint");
+            s.ops.handle.reset_gone_guard();
+            (
+                StatusCode::OK,
+                "gone guard reset: every held delete is released\n",
+            )
+                .into_response()
+        }
+    }
 }
 
 /// The document `/status.json` serves.

@@ -247,6 +247,8 @@ struct MemoryState {
     partitions: BTreeMap<TopicPartition, Log>,
     committed: BTreeMap<TopicPartition, i64>,
     commit_log: Vec<(TopicPartition, i64)>,
+    /// Records handed to the engine so far (re-deliveries included).
+    delivered: u64,
 }
 
 /// In-memory topics and a consumer over them, for tests and examples without a broker.
@@ -455,6 +457,12 @@ impl MemoryConsumer {
             .lock()
             .map(|s| s.committed.clone())
             .unwrap_or_default()
+    }
+
+    /// How many records the consumer has handed to the engine so far (re-deliveries after a
+    /// rebalance included): what the engine has taken in, counted outside the engine.
+    pub fn delivered(&self) -> u64 {
+        self.state.lock().map(|s| s.delivered).unwrap_or(0)
     }
 
     /// Every commit that reached the broker side, in order.
@@ -697,7 +705,8 @@ impl MemoryDriver {
     fn deliver(&mut self) -> bool {
         let mut batch = Vec::new();
         let mut positions = Vec::new();
-        if let Ok(s) = self.state.lock() {
+        if let Ok(mut guard) = self.state.lock() {
+            let s = &mut *guard;
             for (tp, (epoch, pos)) in self.owned.iter_mut() {
                 if self.paused.contains(tp) {
                     continue;
@@ -712,6 +721,7 @@ impl MemoryDriver {
                     *pos = r.offset + 1;
                     n += 1;
                 }
+                s.delivered += n as u64;
                 if start + n == log.records.len() {
                     // Everything delivered: markers after the last record move the position.
                     *pos = (*pos).max(log.end);

@@ -139,7 +139,7 @@ pub enum FailureCause {
     /// No request could be made for this key (an id that cannot be placed in a URL): evidence
     /// about the key alone, never about its source.
     Key,
-    /// Anything else (a 4xx for this key, an id that cannot be placed in a URL, ...).
+    /// Anything else (a 4xx for this key, a body over the size limit, ...).
     #[default]
     Other,
 }

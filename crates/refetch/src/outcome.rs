@@ -244,7 +244,11 @@ impl Policy {
             counters.add_fetch_outcome("stale");
             let mut r = ctx.retry.unwrap_or_default();
             r.attempts += 1;
-            let delay = self.backoff(r.attempts, None);
+            // Never past the end of the grace by more than a moment: then it is judged as gone.
+            let left = self.cfg.gone_grace.saturating_sub(ctx.age);
+            let delay = self
+                .backoff(r.attempts, None)
+                .min(left + Duration::from_millis(10));
             tracing::debug!(key = %ctx.key, age_ms = ctx.age.as_millis() as u64,
                 "gone right after the notification of an unseen version: retried as a stale read");
             return FetchVerdict::Retry {

@@ -17,6 +17,7 @@ const TOPIC: &str = "changes";
 struct Harness {
     consumer: MemoryConsumer,
     source: VersionedSource,
+    sink: RecordingSink,
     handle: PipelineHandle,
     server: OpsServer,
     run: Option<tokio::task::JoinHandle<Result<refetch::RunReport, refetch::PipelineError>>>,
@@ -28,9 +29,10 @@ async fn start(engine: EngineConfig) -> Harness {
     consumer.create_topic(TOPIC, 2);
     let (channels, control) = consumer.start();
     let source = VersionedSource::new();
+    let sink = RecordingSink::new();
     let pipeline = Pipeline::builder::<VersionedSource, RecordingSink>()
         .fetcher(source.clone())
-        .sink(RecordingSink::new())
+        .sink(sink.clone())
         .consumer(channels)
         .dead_letters(MemoryDeadLetters::new())
         .topic_decoder(TOPIC, JsonDecoder::fixed_type("customer", "/id"))
@@ -58,6 +60,7 @@ async fn start(engine: EngineConfig) -> Harness {
     let run = tokio::spawn(pipeline.run(std::future::pending::<()>()));
     Harness {
         consumer,
+        sink,
         source,
         handle,
         server,
@@ -223,7 +226,7 @@ async fn readiness_fails_with_its_reason_while_the_gone_guard_holds_deletes() {
     }
     wait_for("readiness to fail", Duration::from_secs(20), || async {
         let (code, body) = get(&h, "/readyz").await;
-        code == 503 && body.contains("gone guard tripped")
+        code == 503 && body.contains("gone guard of source customer tripped")
     })
     .await
     .expect("guard trips");
@@ -232,13 +235,40 @@ async fn readiness_fails_with_its_reason_while_the_gone_guard_holds_deletes() {
     assert!(page.contains("tripped: deletes held"), "{page}");
     // Liveness is unaffected: the process is healthy, just not ready.
     assert_eq!(get(&h, "/healthz").await.0, 200);
-    // The operator decides the deletes are real.
+    // Nothing was deleted while the guard held the deletes.
+    assert!(
+        h.sink.log().iter().all(|w| !w.delete),
+        "a delete passed the tripped guard"
+    );
+    // The operator decides the deletes of this source are real.
     let resp = reqwest::Client::new()
-        .post(format!("http://{}/gone-guard/reset", h.server.addr))
+        .post(format!(
+            "http://{}/gone-guard/reset?source=customer",
+            h.server.addr
+        ))
         .send()
         .await
         .expect("request");
     assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.expect("body");
+    assert!(text.contains("gone guard of customer reset"), "{text}");
+    // Every held delete is released and written.
+    wait_for(
+        "the held deletes to be written",
+        Duration::from_secs(20),
+        || async {
+            let deleted: std::collections::BTreeSet<_> = h
+                .sink
+                .log()
+                .into_iter()
+                .filter(|w| w.delete)
+                .map(|w| w.key)
+                .collect();
+            deleted.len() == 10
+        },
+    )
+    .await
+    .expect("deletes written after the reset");
     wait_for(
         "readiness after the reset",
         Duration::from_secs(20),

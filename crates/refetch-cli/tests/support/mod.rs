@@ -179,6 +179,14 @@ level = "{level}"
     }
 }
 
+/// The `refetch` binary the tests drive: `REFETCH_TEST_BIN` when set (to run a test file against
+/// a binary built from another commit), otherwise the one cargo built for this test.
+pub fn refetch_bin() -> PathBuf {
+    std::env::var_os("REFETCH_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_refetch")))
+}
+
 /// A `refetch` child process with its stdout and stderr in a log file. Killed when dropped.
 pub struct Run {
     child: Child,
@@ -194,7 +202,7 @@ impl Run {
     /// [`Run::start`] in folder `dir`.
     pub fn start_in(args: &[&str], dir: &Path, log: &Path) -> Run {
         let file = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_refetch"))
+        let child = Command::new(refetch_bin())
             .args(args)
             .current_dir(dir)
             .env_remove("RUST_LOG")
