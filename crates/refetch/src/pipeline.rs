@@ -467,6 +467,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                 done_tx.clone(),
                 stop.clone(),
             ),
+            finalizing: false,
         };
         let mut refreshes: HashMap<u64, (usize, usize)> = HashMap::new();
         let mut refresh_requests: HashMap<usize, RefreshRequest> = HashMap::new();
@@ -862,6 +863,9 @@ struct Runtime {
     store: Option<OffsetStore>,
     txn_timeout: Option<Duration>,
     stored: StoredLookup,
+    /// The final transaction of a shutdown is being committed: one that cannot be committed
+    /// aborts instead of waiting.
+    finalizing: bool,
 }
 
 impl Runtime {
@@ -1100,8 +1104,9 @@ impl Runtime {
                 } else if plan.must_abort {
                     TxnGo::Abort("an assignment whose writes it holds ended".into())
                 } else if !plan.fits {
-                    let must =
-                        !self.revokes.is_empty() || self.transaction_near_timeout(engine, clock);
+                    let must = self.finalizing
+                        || !self.revokes.is_empty()
+                        || self.transaction_near_timeout(engine, clock);
                     if must {
                         TxnGo::Abort("the satisfied ranges to store do not fit the sink".into())
                     } else {
@@ -1279,6 +1284,7 @@ impl Runtime {
         let Some(start) = engine.open_transaction() else {
             return;
         };
+        self.finalizing = true;
         let until = tokio::time::Instant::now() + timeout;
         let mut asked = false;
         let mut consumer_open = true;

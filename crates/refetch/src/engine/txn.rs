@@ -386,3 +386,134 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::assignment::{Epoch, TopicPartition};
+    use crate::clock::Tick;
+    use crate::config::EngineConfig;
+    use crate::decode::{JsonDecoder, RecordView};
+    use crate::engine::{Action, Decoders, FetchResult};
+    use crate::fetch::{Entity, FetchOutcome};
+    use crate::key::Version;
+
+    fn engine() -> (Engine, Assignment) {
+        let cfg = EngineConfig {
+            window: Duration::from_millis(10),
+            max_wait: Duration::from_millis(100),
+            ..EngineConfig::default()
+        };
+        let decoders =
+            Decoders::new().default_decoder(Arc::new(JsonDecoder::fixed_type("customer", "/id")));
+        let mut e = Engine::new(cfg, decoders, Box::new(|_: &str| true), false);
+        e.enable_transactions(OffsetStore::Sink, 10);
+        let a = Assignment::new(TopicPartition::new("t", 0), Epoch(1));
+        e.assign(std::slice::from_ref(&a));
+        (e, a)
+    }
+
+    fn record(e: &mut Engine, offset: i64, id: &str, now: Tick) {
+        let payload = format!(r#"{{"id":"{id}"}}"#);
+        e.on_record(
+            &RecordView {
+                topic: "t",
+                partition: 0,
+                offset,
+                key: None,
+                payload: Some(payload.as_bytes()),
+                headers: &[],
+            },
+            now,
+        );
+    }
+
+    /// Poll until the key's fetch and write are issued; returns the flight.
+    fn fetch_and_write(e: &mut Engine, now: Tick) -> (EntityKey, u64) {
+        e.poll(now);
+        let Some(Action::Fetch(job)) = e.take_actions().into_iter().next() else {
+            panic!("a fetch");
+        };
+        let key = job.request.key.clone();
+        e.on_fetch_done(
+            &key,
+            job.flight,
+            FetchResult::Outcome(FetchOutcome::Found(Entity::json(
+                "{}",
+                Some(Version::Int(1)),
+            ))),
+            now,
+        );
+        let writes: Vec<Action> = e.take_actions();
+        assert!(
+            writes.iter().any(|a| matches!(a, Action::Write(_))),
+            "a write: {writes:?}"
+        );
+        (key, job.flight)
+    }
+
+    #[test]
+    fn a_durable_write_is_provisional_until_its_transaction_commits() {
+        let (mut e, a) = engine();
+        record(&mut e, 0, "c1", Tick(0));
+        let (key, flight) = fetch_and_write(&mut e, Tick(50));
+        e.on_transactional_write_done(&key, flight, WriteResult::Durable, 0, Tick(60));
+        let plan = e.transaction_plan();
+        assert_eq!(plan.writes, 1);
+        assert_eq!(plan.offsets, vec![(a.clone(), StoredOffset::at(1))]);
+        assert_eq!(
+            e.commits(),
+            vec![(a.clone(), 0)],
+            "a provisional offset holds the group commit"
+        );
+        e.transaction_committed(0, &plan.offsets, Tick(70));
+        assert_eq!(e.commits(), vec![(a.clone(), 1)]);
+        assert_eq!(e.transaction_plan().offsets, vec![], "stored already");
+        assert_eq!(e.open_transaction(), Some(1));
+    }
+
+    #[test]
+    fn a_write_in_a_transaction_that_ended_already_is_fetched_again() {
+        let (mut e, a) = engine();
+        record(&mut e, 0, "c1", Tick(0));
+        let (key, flight) = fetch_and_write(&mut e, Tick(50));
+        // The writer aborted transaction 0 before it reported this write (a later unit of the
+        // batch failed): the write is in the aborted transaction.
+        e.transaction_aborted(0, Tick(55));
+        e.on_transactional_write_done(&key, flight, WriteResult::Durable, 0, Tick(60));
+        assert_eq!(e.transaction_plan().writes, 0);
+        assert_eq!(e.commits(), vec![(a, 0)]);
+        e.poll(Tick(60));
+        assert!(
+            e.take_actions()
+                .iter()
+                .any(|x| matches!(x, Action::Fetch(j) if j.request.key == key)),
+            "fetched again"
+        );
+    }
+
+    #[test]
+    fn an_abort_fetches_again_and_an_ended_assignment_dooms_the_transaction() {
+        let (mut e, a) = engine();
+        record(&mut e, 0, "c1", Tick(0));
+        let (key, flight) = fetch_and_write(&mut e, Tick(50));
+        e.on_transactional_write_done(&key, flight, WriteResult::Durable, 0, Tick(60));
+        e.transaction_aborted(0, Tick(70));
+        assert_eq!(e.pending_keys(), 1, "pending again");
+        let (key, flight) = fetch_and_write(&mut e, Tick(80));
+        e.on_transactional_write_done(&key, flight, WriteResult::Durable, 1, Tick(90));
+        assert!(!e.transaction_plan().must_abort);
+        e.lose(std::slice::from_ref(&a));
+        let plan = e.transaction_plan();
+        assert!(
+            plan.must_abort,
+            "the transaction holds a write of the lost assignment"
+        );
+        e.transaction_aborted(1, Tick(100));
+        assert!(!e.transaction_plan().must_abort);
+        assert_eq!(e.pending_keys(), 0, "the lost assignment's notes are gone");
+    }
+}
