@@ -300,6 +300,16 @@ impl<S: ?Sized> ObservedSink<S> {
 #[async_trait]
 impl<S: Sink + ?Sized> Sink for ObservedSink<S> {
     async fn write(&self, batch: &[Change]) -> Result<WriteReport, SinkError> {
+        let fetched_at = vec![std::time::SystemTime::now(); batch.len()];
+        self.write_with(batch, &refetch::WriteContext::new(&fetched_at))
+            .await
+    }
+
+    async fn write_with(
+        &self,
+        batch: &[Change],
+        ctx: &refetch::WriteContext<'_>,
+    ) -> Result<WriteReport, SinkError> {
         let span = tracing::debug_span!(
             "sink_batch",
             sink = self.kind,
@@ -308,7 +318,11 @@ impl<S: Sink + ?Sized> Sink for ObservedSink<S> {
             otel.status_code = tracing::field::Empty,
         );
         let started = Instant::now();
-        let r = self.inner.write(batch).instrument(span.clone()).await;
+        let r = self
+            .inner
+            .write_with(batch, ctx)
+            .instrument(span.clone())
+            .await;
         if r.is_err() {
             span.record("otel.status_code", "ERROR");
         }
@@ -331,6 +345,41 @@ impl<S: Sink + ?Sized> Sink for ObservedSink<S> {
 
     async fn check(&self) -> Result<(), SinkError> {
         self.inner.check().await
+    }
+
+    fn offset_store(&self) -> Option<refetch::OffsetStore> {
+        self.inner.offset_store()
+    }
+
+    async fn commit_transaction(
+        &self,
+        commit: &refetch::TransactionCommit<'_>,
+    ) -> Result<(), refetch::TransactionError> {
+        self.inner.commit_transaction(commit).await
+    }
+
+    async fn abort_transaction(&self) -> Result<(), refetch::TransactionError> {
+        self.inner.abort_transaction().await
+    }
+
+    async fn stored_offsets(
+        &self,
+        group_id: &str,
+        partitions: &[refetch::TopicPartition],
+    ) -> Result<Vec<(refetch::TopicPartition, refetch::StoredOffset)>, SinkError> {
+        self.inner.stored_offsets(group_id, partitions).await
+    }
+
+    fn transaction_timeout(&self) -> Option<std::time::Duration> {
+        self.inner.transaction_timeout()
+    }
+
+    fn max_stored_ranges(&self) -> usize {
+        self.inner.max_stored_ranges()
+    }
+
+    fn wants_inputs(&self) -> bool {
+        self.inner.wants_inputs()
     }
 }
 

@@ -120,7 +120,7 @@ impl Parts {
     pub async fn build(cfg: &Config) -> anyhow::Result<Parts> {
         let (fetcher, stats) = wiring::build_fetcher(&cfg.fetcher)?;
         let http = fetcher.inner().clone();
-        let sink = wiring::build_sink(&cfg.sink).await?;
+        let sink = wiring::build_consuming_sink(&cfg.sink).await?;
         let kafka = cfg.kafka_config();
         let dead_letters =
             DeadLetterProducer::new(&kafka).context("cannot create the dead-letter producer")?;

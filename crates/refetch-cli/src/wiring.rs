@@ -40,8 +40,24 @@ pub fn build_fetcher(cfg: &HttpFetcherConfig) -> anyhow::Result<(AppFetcher, Arc
     Ok((ObservedFetcher::new(fetcher, stats.clone()), stats))
 }
 
-/// Build (connect and check) the sink.
+/// Build (connect and check) the sink of a one-shot command (`backfill`, `reconcile`,
+/// `refresh`, `validate`): such writes cover no input offsets, so a sink configured with
+/// `delivery = "exactly_once"` writes at-least-once here (a transactional Kafka producer would
+/// otherwise fence the running instance that shares its `transactional.id`).
 pub async fn build_sink(cfg: &refetch_sinks::SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
+    let mut cfg = cfg.clone();
+    match &mut cfg {
+        refetch_sinks::SinkConfig::Kafka(k) => k.delivery = refetch::Delivery::AtLeastOnce,
+        refetch_sinks::SinkConfig::Postgres(p) => p.delivery = refetch::Delivery::AtLeastOnce,
+        _ => {}
+    }
+    build_consuming_sink(&cfg).await
+}
+
+/// Build (connect and check) the sink of `refetch run`, with the configured delivery.
+pub async fn build_consuming_sink(
+    cfg: &refetch_sinks::SinkConfig,
+) -> anyhow::Result<Arc<dyn Sink>> {
     let sink = match refetch_sinks::build_sink(cfg).await {
         Ok(sink) => sink,
         // A setting only the sink checks (a table name, a template): exit 2 like the file's.

@@ -20,6 +20,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use refetch::Delivery;
 use serde::{Deserialize, Serialize};
 
 use crate::secret::Secret;
@@ -49,6 +50,21 @@ impl Default for SinkConfig {
 }
 
 impl SinkConfig {
+    /// The delivery the configuration asks for (`delivery = "exactly_once"` exists on the
+    /// `postgres` and `kafka` sinks only; every other sink is at-least-once).
+    pub fn delivery(&self) -> Delivery {
+        match self {
+            SinkConfig::Postgres(c) => c.delivery,
+            SinkConfig::Kafka(c) => c.delivery,
+            _ => Delivery::AtLeastOnce,
+        }
+    }
+
+    /// Can this kind of sink deliver exactly once?
+    pub fn supports_exactly_once(kind: &str) -> bool {
+        matches!(kind, "postgres" | "kafka")
+    }
+
     /// The `kind` label (also the `sink` label of the sink metrics).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -99,6 +115,13 @@ pub struct PostgresConfig {
     pub statement_timeout: Duration,
     /// Largest batch written in one transaction.
     pub max_batch: usize,
+    /// `"at_least_once"` (default: one transaction per batch) or `"exactly_once"`: the
+    /// transaction spans batches until the engine commits it together with the input offsets,
+    /// which it stores in `offsets_table`.
+    pub delivery: Delivery,
+    /// With `delivery = "exactly_once"`: the table (in `schema`) holding the next offset per
+    /// consumer group, topic and partition, created when missing.
+    pub offsets_table: String,
 }
 
 impl Default for PostgresConfig {
@@ -113,6 +136,8 @@ impl Default for PostgresConfig {
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
             max_batch: 256,
+            delivery: Delivery::AtLeastOnce,
+            offsets_table: "refetch_offsets".to_owned(),
         }
     }
 }
@@ -138,6 +163,27 @@ pub struct KafkaConfig {
     /// `enable.idempotence` and `acks` cannot be weakened. Values of keys that look secret
     /// (`password`, `secret`, `token`, `key`) are never printed.
     pub properties: BTreeMap<String, String>,
+    /// `"at_least_once"` (default) or `"exactly_once"`: states are produced in transactions that
+    /// also commit the input offsets to the consumer group (`send_offsets_to_transaction`), so
+    /// consumers reading with `isolation.level=read_committed` see each input offset covered
+    /// once.
+    pub delivery: Delivery,
+    /// With `delivery = "exactly_once"` (required then): the stable prefix of the producer's
+    /// `transactional.id`, which is `<prefix>-<instance_id>`.
+    pub transactional_id_prefix: Option<String>,
+    /// With `delivery = "exactly_once"`: what makes this instance's `transactional.id` its own
+    /// (unset: the host name). Keep it stable across restarts, so a restarted instance fences
+    /// its former self at once, and distinct between instances (two live producers with one id
+    /// fence each other).
+    pub instance_id: Option<String>,
+    /// With `delivery = "exactly_once"`: `transaction.timeout.ms`, how long a transaction may stay
+    /// open before the broker aborts it. Must exceed the engine's `commit_interval` plus
+    /// `commit_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
+    /// Add a header `refetch-inputs` to every record naming the input offsets it covers
+    /// (`topic:partition:offset`, comma-separated).
+    pub input_offsets_header: bool,
 }
 
 impl Default for KafkaConfig {
@@ -149,6 +195,11 @@ impl Default for KafkaConfig {
             queue_timeout: Duration::from_secs(5),
             max_batch: 1000,
             properties: BTreeMap::new(),
+            delivery: Delivery::AtLeastOnce,
+            transactional_id_prefix: None,
+            instance_id: None,
+            transaction_timeout: Duration::from_secs(60),
+            input_offsets_header: false,
         }
     }
 }
@@ -191,6 +242,11 @@ impl fmt::Debug for KafkaConfig {
             .field("queue_timeout", &self.queue_timeout)
             .field("max_batch", &self.max_batch)
             .field("properties", &RedactedMap(&self.properties))
+            .field("delivery", &self.delivery)
+            .field("transactional_id_prefix", &self.transactional_id_prefix)
+            .field("instance_id", &self.instance_id)
+            .field("transaction_timeout", &self.transaction_timeout)
+            .field("input_offsets_header", &self.input_offsets_header)
             .finish()
     }
 }

@@ -79,6 +79,9 @@ pub async fn build_sink(cfg: &SinkConfig) -> Result<Arc<dyn Sink>, SinkBuildErro
         #[cfg(feature = "postgres")]
         SinkConfig::Postgres(c) => Ok(Arc::new(crate::postgres::PostgresSink::connect(c).await?)),
         #[cfg(feature = "kafka")]
+        // Exactly-once: the transactional id is registered (fencing an older producer with it)
+        // when the sink is first used, not here, so building a sink (`refetch validate`, a
+        // pipeline rebuilt on reload) never fences one that is running.
         SinkConfig::Kafka(c) => Ok(Arc::new(crate::kafka::KafkaSink::new(c)?)),
         #[cfg(feature = "http")]
         SinkConfig::Http(c) => Ok(Arc::new(crate::http::HttpSink::new(c)?)),

@@ -11,8 +11,8 @@
 //!
 //! | module | target | cargo feature |
 //! |---|---|---|
-//! | [`postgres`] | a PostgreSQL table, version-guarded upserts, one transaction per batch | `postgres` |
-//! | [`kafka`] | a (compacted) Kafka topic keyed by entity, idempotent producer, `acks=all` | `kafka` |
+//! | [`postgres`] | a PostgreSQL table, version-guarded upserts, one transaction per batch (or, exactly-once, per commit with the input offsets) | `postgres` |
+//! | [`kafka`] | a (compacted) Kafka topic keyed by entity, idempotent producer, `acks=all` (or, exactly-once, transactional with the input offsets) | `kafka` |
 //! | [`http`] | `PUT`/`DELETE` to an HTTP endpoint built from a URL template | `http` |
 //! | [`sqlite`] | an embedded SQLite database (WAL, `synchronous=FULL`) | `sqlite` |
 //! | [`jsonl`] | an append-only JSON Lines file, `fsync`ed before acknowledging | always |

@@ -61,6 +61,13 @@
 //! Data and constraint errors (SQLSTATE classes 22, 23, 54) belong to one record: the sink then
 //! writes the batch's records one by one, each in its own transaction, and reports only the
 //! rejected ones as permanent in [`WriteReport::failed`].
+//!
+//! ## Exactly-once (`delivery = "exactly_once"`)
+//!
+//! The database transaction spans batches until the engine commits it; the commit also stores
+//! the next offset of every partition it covers in the offsets table (in the same transaction),
+//! and a new assignment starts from the stored offset. See the `eos` module for the table and
+//! the fencing of a former owner.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,7 +75,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use refetch::{Change, EntityKey, Sink, SinkError, Version, WriteContext, WriteReport};
+use refetch::{
+    Change, Delivery, EntityKey, OffsetStore, Sink, SinkError, StoredOffset, TopicPartition,
+    TransactionCommit, TransactionError, Version, WriteContext, WriteReport,
+};
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
@@ -76,6 +86,8 @@ use crate::body::{json_text, version_from_parts, version_parts};
 use crate::config::{DeleteMode, PostgresConfig};
 use crate::factory::SinkBuildError;
 use crate::stored::{HeldVersion, StoredEntity, stored_body};
+
+mod eos;
 
 const SINK: &str = "postgres";
 
@@ -86,6 +98,8 @@ pub struct PostgresSink {
     sql: Statements,
     force_sync_commit: bool,
     max_batch: usize,
+    /// Set with `delivery = "exactly_once"`.
+    eos: Option<eos::Eos>,
 }
 
 impl std::fmt::Debug for PostgresSink {
@@ -404,14 +418,32 @@ impl PostgresSink {
                 "the server runs with synchronous_commit = off; the sink sets it on for its own transactions"
             );
         }
+        let eos = match cfg.delivery {
+            Delivery::AtLeastOnce => None,
+            Delivery::ExactlyOnce => {
+                check_ident("offsets table", &cfg.offsets_table)?;
+                let sql = eos::OffsetStatements::new(&cfg.schema, &cfg.offsets_table);
+                if let Err(e) = client.batch_execute(sql.create()).await {
+                    let racing = matches!(
+                        e.code().map(|c| c.code()),
+                        Some("23505" | "42P06" | "42P07")
+                    );
+                    if !racing {
+                        return Err(db_err("cannot create the offsets table", e));
+                    }
+                }
+                Some(eos::Eos::new(sql))
+            }
+        };
         drop(client);
-        tracing::info!(sink = SINK, table = %table, "PostgreSQL sink ready");
+        tracing::info!(sink = SINK, table = %table, exactly_once = eos.is_some(), "PostgreSQL sink ready");
         Ok(PostgresSink {
             pool,
             sql: Statements::new(&table, cfg.deletes),
             table,
             force_sync_commit,
             max_batch: cfg.max_batch.max(1),
+            eos,
         })
     }
 
@@ -740,7 +772,11 @@ impl PostgresSink {
         }
         let started = Instant::now();
         let batch_id = NEXT_BATCH.fetch_add(1, Ordering::Relaxed);
-        let result = self.write_batch(batch, fetched_at, batch_id).await;
+        let result = if self.eos.is_some() {
+            self.write_in_transaction(batch, fetched_at, batch_id).await
+        } else {
+            self.write_batch(batch, fetched_at, batch_id).await
+        };
         if let Err(e) = &result {
             tracing::warn!(sink = SINK, batch_id, records = batch.len(), error = %e, "batch not written");
         }
@@ -790,6 +826,32 @@ impl Sink for PostgresSink {
             .await
             .map_err(|e| SinkError::transient(describe(&e)))?;
         Ok(())
+    }
+
+    fn offset_store(&self) -> Option<OffsetStore> {
+        self.eos.as_ref().map(|_| OffsetStore::Sink)
+    }
+
+    async fn commit_transaction(
+        &self,
+        commit: &TransactionCommit<'_>,
+    ) -> Result<(), TransactionError> {
+        self.commit_in_transaction(commit).await
+    }
+
+    async fn abort_transaction(&self) -> Result<(), TransactionError> {
+        if self.eos.is_none() {
+            return Ok(());
+        }
+        self.abort_in_transaction().await
+    }
+
+    async fn stored_offsets(
+        &self,
+        group_id: &str,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<(TopicPartition, StoredOffset)>, SinkError> {
+        self.claim_stored(group_id, partitions).await
     }
 }
 

@@ -10,6 +10,7 @@
 //! | [`mock`] | librdkafka's mock cluster with no initial rebalance delay |
 //! | [`raw_http`] | a hostile HTTP server writing raw bytes (broken chunking, slowloris, wrong content types) |
 //! | [`memory`] | an in-memory versioned source (a `Fetcher`) and a recording sink with failure injection |
+//! | [`txn_sink`] | an in-memory transactional sink (exactly-once) that loses transactions the way a database does |
 
 pub mod http_source;
 pub mod kafka;
@@ -19,3 +20,4 @@ pub mod names;
 pub mod postgres;
 pub mod process;
 pub mod raw_http;
+pub mod txn_sink;

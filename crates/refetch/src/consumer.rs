@@ -65,6 +65,54 @@ impl OwnedRecord {
     }
 }
 
+/// The consumer's group metadata (member id, generation), opaque to the engine: a transactional
+/// sink that commits offsets to the group hands it to the broker, which fences a member that is
+/// no longer current. The librdkafka driver puts an `rdkafka::consumer::ConsumerGroupMetadata` in
+/// it.
+#[derive(Clone)]
+pub struct GroupMetadata(Arc<dyn std::any::Any + Send + Sync>);
+
+impl GroupMetadata {
+    /// Wrap a client's group metadata.
+    pub fn new<T: std::any::Any + Send + Sync>(metadata: T) -> Self {
+        GroupMetadata(Arc::new(metadata))
+    }
+
+    /// The client's group metadata, if it is a `T`.
+    pub fn downcast_ref<T: std::any::Any>(&self) -> Option<&T> {
+        self.0.downcast_ref::<T>()
+    }
+}
+
+impl std::fmt::Debug for GroupMetadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupMetadata(..)")
+    }
+}
+
+/// Reads the consumer's current group metadata (it changes with every rebalance), from any
+/// thread; `None` while the consumer has none (not joined, or closed).
+#[derive(Clone)]
+pub struct GroupMetadataSource(Arc<dyn Fn() -> Option<GroupMetadata> + Send + Sync>);
+
+impl GroupMetadataSource {
+    /// A source that calls `read`.
+    pub fn new(read: impl Fn() -> Option<GroupMetadata> + Send + Sync + 'static) -> Self {
+        GroupMetadataSource(Arc::new(read))
+    }
+
+    /// The metadata now.
+    pub fn current(&self) -> Option<GroupMetadata> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for GroupMetadataSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupMetadataSource(..)")
+    }
+}
+
 /// Offsets to commit (the next offset to consume), each for the assignment it belongs to.
 pub type Offsets = Vec<(Assignment, i64)>;
 
@@ -96,6 +144,12 @@ pub enum ConsumerEvent {
     /// The consumer's position (next offset it will deliver) of assignments, sent after records:
     /// past transaction markers it is ahead of the last record delivered.
     Positions(Vec<(Assignment, i64)>),
+    /// How many partitions the subscribed topics have in all (from metadata; sent when it is
+    /// first known and whenever it changes). A group-wide source budget is split by it.
+    PartitionCount(usize),
+    /// Where the consumer's group metadata can be read (sent once, before the first
+    /// assignment, by drivers that have it).
+    GroupMetadata(GroupMetadataSource),
     /// Whether the brokers can be reached changed.
     Broker {
         /// At least one broker answers.
@@ -474,7 +528,9 @@ impl MemoryDriver {
             .lock()
             .map(|s| s.partitions.keys().cloned().collect())
             .unwrap_or_default();
+        let total = all.len();
         self.assign(all);
+        let _ = self.events.send(ConsumerEvent::PartitionCount(total));
         let mut tick = tokio::time::interval(Duration::from_millis(5));
         let mut control_open = true;
         loop {

@@ -59,6 +59,37 @@ pub(crate) enum Completion {
         sent: Offsets,
         result: CommitResult,
     },
+    /// Writes of a transactional sink, each with the transaction it was written in.
+    TxnWritten(Vec<(EntityKey, u64, WriteResult, u64)>),
+    /// The transaction writer reached a commit: every write before it was reported. It waits
+    /// for the answer.
+    TxnReady {
+        txn: u64,
+        /// Something was written in the transaction.
+        dirty: bool,
+        reply: tokio::sync::oneshot::Sender<crate::txn_writer::TxnGo>,
+    },
+    /// A transaction ended: committed with these offsets stored, or aborted.
+    TxnEnded {
+        txn: u64,
+        result: Result<
+            Vec<(crate::assignment::Assignment, crate::offsets::StoredOffset)>,
+            crate::sink::TransactionError,
+        >,
+    },
+    /// The transactional sink failed for good.
+    TxnFatal(String),
+    /// What the sink stored for new assignments.
+    Stored {
+        assignments: Vec<crate::assignment::Assignment>,
+        result: Result<
+            Vec<(
+                crate::assignment::TopicPartition,
+                crate::offsets::StoredOffset,
+            )>,
+            SinkError,
+        >,
+    },
 }
 
 /// Where dead letters are written.
@@ -98,7 +129,7 @@ impl DeadLetterWriter for MemoryDeadLetters {
 }
 
 /// The text of a caught panic.
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -409,13 +440,13 @@ pub(crate) fn start_sink_writer<S: Sink + ?Sized>(
 }
 
 /// How many more writes of `job`'s action group follow it.
-fn group_rest(job: &WriteJob) -> usize {
+pub(crate) fn group_rest(job: &WriteJob) -> usize {
     job.group.map_or(0, |g| g.size.saturating_sub(1))
 }
 
 /// Split a batch into units that must stay together: each action group, and every other write
 /// on its own.
-fn units<'a, 'b>(batch: &'b [&'a WriteJob]) -> Vec<&'b [&'a WriteJob]> {
+pub(crate) fn units<'a, 'b>(batch: &'b [&'a WriteJob]) -> Vec<&'b [&'a WriteJob]> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < batch.len() {
@@ -436,7 +467,7 @@ fn units<'a, 'b>(batch: &'b [&'a WriteJob]) -> Vec<&'b [&'a WriteJob]> {
 }
 
 /// A sink call that panicked: a transient failure of the batch, retried like any other.
-fn sink_panicked(p: &(dyn std::any::Any + Send)) -> SinkError {
+pub(crate) fn sink_panicked(p: &(dyn std::any::Any + Send)) -> SinkError {
     let msg = panic_message(p);
     tracing::error!(panic = %msg, "sink panicked");
     crate::metrics::panicked("sink");
@@ -481,9 +512,9 @@ async fn write_with_retry<S: Sink + ?Sized>(
             any_fenced |= !batch[i].fence.is_unfenced();
             fence.merge(&batch[i].fence);
         }
-        let ctx = WriteContext {
-            fetched_at: &fetched_at,
-        };
+        let inputs: Vec<&[crate::dlq::Coordinate]> =
+            live.iter().map(|&i| batch[i].inputs.as_slice()).collect();
+        let ctx = WriteContext::new(&fetched_at).with_inputs(&inputs);
         let started = tokio::time::Instant::now();
         let r = tokio::select! {
             biased;
@@ -558,7 +589,7 @@ async fn write_with_retry<S: Sink + ?Sized>(
     }
 }
 
-fn jitter(seed: u32) -> f64 {
+pub(crate) fn jitter(seed: u32) -> f64 {
     let x = (u64::from(seed) ^ 0x5DEE_CE66D).wrapping_mul(0x2545_F491_4F6C_DD1D);
     (x >> 11) as f64 / (1u64 << 53) as f64
 }
@@ -650,6 +681,7 @@ mod tests {
             group: group.map(|(action, size)| WriteGroup { action, size }),
             fence: Fence::unfenced(),
             fetched_at: SystemTime::UNIX_EPOCH,
+            inputs: Vec::new(),
         }
     }
 

@@ -180,11 +180,15 @@ impl DeadLetter {
 
 // ----- building records --------------------------------------------------------------------------
 
-/// Where one notification came from, for a key's dead letter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Coordinate {
+/// Where one notification came from: its topic, partition and offset (in a key's dead letter,
+/// and in [`crate::WriteContext::inputs`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Coordinate {
+    /// Topic.
     pub topic: std::sync::Arc<str>,
+    /// Partition.
     pub partition: i32,
+    /// Offset.
     pub offset: i64,
 }
 

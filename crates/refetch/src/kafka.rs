@@ -26,8 +26,8 @@ use tokio::sync::mpsc;
 
 use crate::assignment::{Assignment, Epoch, EpochCounter, TopicPartition};
 use crate::consumer::{
-    CommitResult, ConsumerChannels, ConsumerCommand, ConsumerEvent, Offsets, OwnedRecord,
-    QueuedBytes,
+    CommitResult, ConsumerChannels, ConsumerCommand, ConsumerEvent, GroupMetadata,
+    GroupMetadataSource, Offsets, OwnedRecord, QueuedBytes,
 };
 use crate::dlq::DeadLetter;
 
@@ -265,6 +265,8 @@ struct DriverContext {
     committer: Mutex<Option<std::sync::mpsc::Sender<CommitJob>>>,
     /// Last reported broker reachability (`None` before the first report).
     broker_up: Mutex<Option<bool>>,
+    /// Dropped when the consumer closes: the metadata thread stops.
+    metadata_stop: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 impl DriverContext {
@@ -536,6 +538,7 @@ pub fn start_consumer(
         }),
         committer: Mutex::new(None),
         broker_up: Mutex::new(None),
+        metadata_stop: Mutex::new(None),
     };
     let consumer: BaseConsumer<DriverContext> =
         cfg.consumer_client_config().create_with_context(ctx)?;
@@ -551,6 +554,28 @@ pub fn start_consumer(
         .map_err(|e| KafkaSetupError::Thread(e.to_string()))?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
+    // The group metadata (member, generation) for a transactional sink, read when it commits.
+    let weak = Arc::downgrade(&consumer);
+    let _ = ev_tx.send(ConsumerEvent::GroupMetadata(GroupMetadataSource::new(
+        move || {
+            weak.upgrade()
+                .and_then(|c| c.group_metadata())
+                .map(GroupMetadata::new)
+        },
+    )));
+    // The partition count of the subscribed topics, for a group-wide source budget: from
+    // metadata, on a thread of its own (off the poll thread).
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+    if let Ok(mut m) = consumer.context().metadata_stop.lock() {
+        *m = Some(stop_tx);
+    }
+    let weak = Arc::downgrade(&consumer);
+    let names = cfg.topics.clone();
+    let events = ev_tx.clone();
+    std::thread::Builder::new()
+        .name("refetch-metadata".into())
+        .spawn(move || partition_count_loop(weak, names, events, stop_rx))
+        .map_err(|e| KafkaSetupError::Thread(e.to_string()))?;
     let queued = QueuedBytes::new();
     let q = queued.clone();
     std::thread::Builder::new()
@@ -670,6 +695,9 @@ fn poll_loop(
     let mut last_positions = std::time::Instant::now();
     let close = |consumer: Arc<BaseConsumer<DriverContext>>| {
         consumer.context().closing.store(true, Ordering::SeqCst);
+        if let Ok(mut m) = consumer.context().metadata_stop.lock() {
+            m.take();
+        }
         // The committer finishes what it was given and exits, dropping its handle.
         if let Ok(mut c) = consumer.context().committer.lock() {
             c.take();
@@ -730,6 +758,58 @@ fn poll_loop(
         if last_positions.elapsed() >= Duration::from_millis(500) {
             last_positions = std::time::Instant::now();
             report_positions(&consumer, &events, &mut reported);
+        }
+    }
+}
+
+/// How often the partition count of the subscribed topics is read again (partitions can be
+/// added to a topic).
+const PARTITION_COUNT_EVERY: Duration = Duration::from_secs(30);
+
+/// Report the partition count of `topics` when first known and whenever it changes, until the
+/// consumer closes.
+fn partition_count_loop(
+    consumer: std::sync::Weak<BaseConsumer<DriverContext>>,
+    topics: Vec<String>,
+    events: mpsc::UnboundedSender<ConsumerEvent>,
+    stop: std::sync::mpsc::Receiver<()>,
+) {
+    let mut reported = None;
+    let mut wait = Duration::ZERO;
+    loop {
+        match stop.recv_timeout(wait) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let Some(c) = consumer.upgrade() else {
+            return;
+        };
+        let mut total = 0usize;
+        let mut known = true;
+        for t in &topics {
+            match c.fetch_metadata(Some(t), Duration::from_secs(10)) {
+                Ok(md) => match md.topics().first() {
+                    Some(mt) if mt.error().is_none() => total += mt.partitions().len(),
+                    _ => known = false,
+                },
+                Err(e) => {
+                    tracing::debug!(topic = %t, error = %e, "partition count unknown for now");
+                    known = false;
+                }
+            }
+        }
+        drop(c);
+        // Retry soon while unknown, then refresh now and then.
+        wait = if known {
+            PARTITION_COUNT_EVERY
+        } else {
+            Duration::from_secs(2)
+        };
+        if known && reported != Some(total) {
+            reported = Some(total);
+            if events.send(ConsumerEvent::PartitionCount(total)).is_err() {
+                return;
+            }
         }
     }
 }

@@ -31,8 +31,10 @@
 //!   retried without end while nothing is committed.
 //!
 //! What is *not* promised: order across different entities (except inside a business action,
-//! see [`action`]), and exactly-once writes (a crash re-delivers notifications after the last
-//! commit; sinks should upsert and guard on version).
+//! see [`action`]), and, by default, exactly-once writes (a crash re-delivers notifications
+//! after the last commit; sinks should upsert and guard on version). A *transactional* sink
+//! ([`Sink::offset_store`]) gets exactly-once: every input offset covered by one committed write,
+//! its transactions committing the input offsets with the writes (see `engine/txn.rs`).
 //!
 //! ## Embedding
 //! Implement [`Fetcher`] and [`Sink`] (or use the built-in HTTP fetcher and sinks from the
@@ -87,6 +89,8 @@
 //! | [`health`] | source health for retry budgets, and the gone-rate guard |
 //! | [`dlq`] | dead-letter record layout, reasons, and dead letters awaiting acknowledgement |
 //! | [`dispatch`] | running fetch, write and dead-letter jobs; sink batching, retries and fencing |
+//! | `txn_writer` (inside the engine) | the writer of a transactional sink: writes, commits and aborts in one order |
+//! | `engine/txn.rs` | exactly-once: provisional offsets, commit plans, aborts, starting from stored offsets |
 //! | [`consumer`] / `kafka` | the consumer interface; librdkafka driver, rebalances, commits, dead-letter producer (feature `kafka`, on by default) |
 //! | [`pipeline`] | builder, handle and the async runtime (shutdown, revokes, commits, backpressure) |
 //! | [`config`] | engine settings and their validation |
@@ -121,14 +125,16 @@ pub(crate) mod partitions;
 pub mod pipeline;
 pub mod sink;
 pub mod stats;
+pub(crate) mod txn_writer;
 
 pub use action::{ActionConfig, ActionFailurePolicy, ActionTag};
 pub use assignment::{Assignment, Epoch, Fence, TopicPartition};
 pub use async_trait::async_trait;
 pub use config::{Backoff, EngineConfig, GoneGuardConfig, UnknownTypePolicy};
-pub use consumer::{ConsumerChannels, MemoryConsumer};
+pub use consumer::{ConsumerChannels, GroupMetadata, MemoryConsumer};
 pub use decode::{DecodeError, Decoded, Notification, NotificationDecoder, RecordView};
 pub use dispatch::{DeadLetterWriter, MemoryDeadLetters};
+pub use dlq::Coordinate;
 pub use engine::RefreshOutcome;
 pub use error::ErrorClass;
 pub use fetch::{
@@ -138,5 +144,9 @@ pub use fetch::{
 #[cfg(feature = "kafka")]
 pub use kafka::{GroupProtocol, KafkaConfig};
 pub use key::{EntityKey, Version, VersionKind};
+pub use offsets::StoredOffset;
 pub use pipeline::{Pipeline, PipelineBuilder, PipelineError, PipelineHandle, RunReport, Status};
-pub use sink::{Change, Sink, SinkError, WriteContext, WriteReport};
+pub use sink::{
+    Change, Delivery, OffsetStore, Sink, SinkError, TransactionCommit, TransactionError,
+    WriteContext, WriteReport,
+};

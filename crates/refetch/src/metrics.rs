@@ -141,6 +141,10 @@ pub const ACTION_SIZE: &str = "refetch_action_size";
 pub const ACTION_COMPLETION_SECONDS: &str = "refetch_action_completion_seconds";
 /// Members that arrived after their action closed.
 pub const ACTION_LATE_MEMBERS_TOTAL: &str = "refetch_action_late_members_total";
+/// Transactions of a transactional sink, by outcome.
+pub const TRANSACTIONS_TOTAL: &str = "refetch_transactions_total";
+/// Notifications fetched again because the transaction of their write aborted.
+pub const TRANSACTION_REFETCHED_TOTAL: &str = "refetch_transaction_refetched_total";
 /// Automatic offset resets by librdkafka.
 pub const OFFSET_RESETS_TOTAL: &str = "refetch_offset_resets_total";
 /// A source is judged in outage.
@@ -183,6 +187,8 @@ pub const DEAD_LETTER_REASONS: &[&str] = &[
 ];
 /// Reasons of `refetch_records_ignored_total` known in advance (a custom decoder may add its own).
 pub const IGNORED_REASONS: &[&str] = &["unknown_type"];
+/// Outcomes of `refetch_transactions_total`.
+pub const TRANSACTION_OUTCOMES: &[&str] = &["committed", "aborted"];
 /// Values of the `by` label of `refetch_actions_completed_total`.
 pub const ACTION_COMPLETED_BY: &[&str] = &["count", "timeout"];
 
@@ -370,6 +376,18 @@ pub const SERIES: &[Series] = &[
         "notifications",
         "Action members that arrived after their action closed (handled as ordinary notifications).",
     ),
+    labeled(
+        TRANSACTIONS_TOTAL,
+        Kind::Counter,
+        "transactions",
+        &["outcome"],
+        "Transactions of an exactly-once sink, by outcome: committed (with the input offsets) or aborted (their notifications are fetched again).",
+    ),
+    counter(
+        TRANSACTION_REFETCHED_TOTAL,
+        "notifications",
+        "Notifications fetched again because the transaction holding their write aborted.",
+    ),
     counter(
         OFFSET_RESETS_TOTAL,
         "resets",
@@ -470,8 +488,10 @@ pub fn register() {
     labeled_counters(IGNORED_TOTAL, "reason", IGNORED_REASONS);
     labeled_counters(DEAD_LETTERS_TOTAL, "reason", DEAD_LETTER_REASONS);
     labeled_counters(ACTIONS_COMPLETED_TOTAL, "by", ACTION_COMPLETED_BY);
+    labeled_counters(TRANSACTIONS_TOTAL, "outcome", TRANSACTION_OUTCOMES);
     labeled_counters(PANICS_TOTAL, "part", PANIC_PARTS);
     for name in [
+        TRANSACTION_REFETCHED_TOTAL,
         ACTIONS_INCOMPLETE_TOTAL,
         ACTION_LATE_MEMBERS_TOTAL,
         OFFSET_RESETS_TOTAL,
@@ -682,6 +702,14 @@ pub(crate) fn action_completed(by: &'static str, size: usize, took: Duration) {
 
 pub(crate) fn action_incomplete() {
     metrics::counter!(ACTIONS_INCOMPLETE_TOTAL).increment(1);
+}
+
+pub(crate) fn transaction(outcome: &'static str) {
+    metrics::counter!(TRANSACTIONS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn transaction_refetched(notes: usize) {
+    metrics::counter!(TRANSACTION_REFETCHED_TOTAL).increment(notes as u64);
 }
 
 pub(crate) fn action_late_member() {

@@ -7,22 +7,52 @@
 //! is satisfied it is the consumer's position (the offset after the last received record, or
 //! further when transaction markers follow it). A partition that received nothing has no commit
 //! point, and a commit point already committed is not offered again.
+//!
+//! ## Transactions
+//!
+//! With a transactional sink (exactly-once delivery) an offset has a third state: *provisional*,
+//! satisfied by a write the sink holds in its open transaction. A provisional offset becomes
+//! satisfied when the transaction commits and unsatisfied again when it aborts. What a
+//! transaction commits with its writes is a [`StoredOffset`]: the oldest offset that is neither
+//! satisfied nor provisional, plus the ranges above it that are (their writes are in the sink
+//! already, although an older offset is still open). A restart or a new owner of the partition
+//! starts from the stored offset and takes records in the stored ranges as satisfied on arrival
+//! ([`StartFilter`]), so no offset is covered by two committed writes.
 
 use std::collections::VecDeque;
+
+/// The state of one received offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    /// Not satisfied.
+    Open,
+    /// Satisfied by a write the sink holds in its open transaction.
+    Provisional,
+    /// Satisfied.
+    Done,
+}
 
 /// Per-partition record of received offsets and their state.
 #[derive(Debug, Default, Clone)]
 pub struct OffsetTracker {
-    /// Received offsets, oldest first, with a satisfied flag. The satisfied prefix is popped
-    /// eagerly, so the front, if any, is always unsatisfied.
-    window: VecDeque<(i64, bool)>,
+    /// Received offsets, oldest first, with their state. The satisfied prefix is popped eagerly,
+    /// so the front, if any, is always open or provisional.
+    window: VecDeque<(i64, Mark)>,
+    /// Open and provisional offsets.
     unsatisfied: usize,
+    /// Provisional offsets.
+    provisional: usize,
     last_received: Option<i64>,
     /// The consumer's position (next offset it will deliver), when it is past the last received
     /// record: transaction markers and compacted-away offsets leave the position ahead of
     /// `last_received + 1`.
     position: Option<i64>,
     committed: Option<i64>,
+    /// What the sink stored last for this partition (exactly-once delivery).
+    stored: Option<StoredOffset>,
+    /// What the sink had stored when the assignment began, while records it covers may still
+    /// arrive (see [`OffsetTracker::start_from`]).
+    start: Option<StartFilter>,
 }
 
 /// A record arrived whose offset is not above the last one received.
@@ -33,6 +63,147 @@ pub struct OutOfOrder {
     pub offset: i64,
     /// The last offset received before it.
     pub last: i64,
+}
+
+/// What a transactional sink stores for a partition with its writes: the next offset to
+/// consume (every offset below it is satisfied) and the ranges above it that are satisfied too.
+///
+/// Ranges are inclusive, sorted, non-overlapping and above `offset`. Offsets inside a range
+/// that were never received are not records (transaction markers, compacted offsets), so a
+/// range may span them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct StoredOffset {
+    /// The next offset to consume.
+    pub offset: i64,
+    /// Satisfied ranges above `offset`, `(first, last)` inclusive.
+    pub covered: Vec<(i64, i64)>,
+}
+
+/// Stored offset metadata that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unreadable stored offset ranges {text:?}: {reason}")]
+pub struct BadStoredRanges {
+    /// The text.
+    pub text: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// The prefix of encoded ranges (a format version).
+const RANGES_V1: &str = "refetch1:";
+
+impl StoredOffset {
+    /// A stored offset without ranges.
+    pub fn at(offset: i64) -> Self {
+        StoredOffset {
+            offset,
+            covered: Vec::new(),
+        }
+    }
+
+    /// The ranges as text (for a database column or a Kafka offset's metadata): empty without
+    /// ranges, else `refetch1:` and `gap+length` pairs separated by commas, each gap counted
+    /// from the end of the previous range (from `offset` for the first one). Compact: a few
+    /// bytes per range.
+    pub fn encode_ranges(&self) -> String {
+        use std::fmt::Write as _;
+        if self.covered.is_empty() {
+            return String::new();
+        }
+        let mut out = String::with_capacity(RANGES_V1.len() + self.covered.len() * 6);
+        out.push_str(RANGES_V1);
+        let mut prev = self.offset;
+        for (i, (a, b)) in self.covered.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{}+{}", a - prev, b - a);
+            prev = *b;
+        }
+        out
+    }
+
+    /// Read ranges written by [`StoredOffset::encode_ranges`] for a stored `offset`. Empty text
+    /// (or text another tool wrote, without the prefix) means no ranges; text with the prefix
+    /// that does not parse is an error (the ranges cannot be trusted, nor ignored).
+    pub fn decode(offset: i64, text: &str) -> Result<StoredOffset, BadStoredRanges> {
+        let bad = |reason| BadStoredRanges {
+            text: text.chars().take(200).collect(),
+            reason,
+        };
+        let Some(rest) = text.strip_prefix(RANGES_V1) else {
+            return Ok(StoredOffset::at(offset));
+        };
+        let mut covered = Vec::new();
+        let mut prev = offset;
+        for part in rest.split(',').filter(|p| !p.is_empty()) {
+            let (gap, len) = part
+                .split_once('+')
+                .ok_or_else(|| bad("a range is not gap+length"))?;
+            let gap: i64 = gap.parse().map_err(|_| bad("a gap is not a number"))?;
+            let len: i64 = len.parse().map_err(|_| bad("a length is not a number"))?;
+            let min_gap = if covered.is_empty() { 1 } else { 2 };
+            if gap < min_gap || len < 0 {
+                return Err(bad("ranges must be ascending, apart, and above the offset"));
+            }
+            let a = prev
+                .checked_add(gap)
+                .ok_or_else(|| bad("offset overflow"))?;
+            let b = a.checked_add(len).ok_or_else(|| bad("offset overflow"))?;
+            covered.push((a, b));
+            prev = b;
+        }
+        Ok(StoredOffset { offset, covered })
+    }
+}
+
+/// Which records of a partition arrive satisfied because the sink stored them already: those
+/// below the stored offset and those in its ranges. Records arrive in order, so a lookup is
+/// O(1) amortised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartFilter {
+    stored: StoredOffset,
+    /// The first range not yet passed.
+    cursor: usize,
+}
+
+impl StartFilter {
+    /// A filter for what the sink stored.
+    pub fn new(stored: StoredOffset) -> Self {
+        StartFilter { stored, cursor: 0 }
+    }
+
+    /// Is `offset` (not below the last offset asked about) stored already?
+    pub fn covers(&mut self, offset: i64) -> bool {
+        if offset < self.stored.offset {
+            return true;
+        }
+        while let Some(&(_, b)) = self.stored.covered.get(self.cursor) {
+            if b < offset {
+                self.cursor += 1;
+            } else {
+                break;
+            }
+        }
+        self.stored
+            .covered
+            .get(self.cursor)
+            .is_some_and(|&(a, _)| a <= offset)
+    }
+
+    /// The first offset after everything the filter knows about.
+    pub fn horizon(&self) -> i64 {
+        self.stored
+            .covered
+            .last()
+            .map_or(self.stored.offset, |&(_, b)| b + 1)
+            .max(self.stored.offset)
+    }
+
+    /// The stored offset and ranges.
+    pub fn stored(&self) -> &StoredOffset {
+        &self.stored
+    }
 }
 
 impl OffsetTracker {
@@ -49,7 +220,7 @@ impl OffsetTracker {
             }
         }
         self.last_received = Some(offset);
-        self.window.push_back((offset, false));
+        self.window.push_back((offset, Mark::Open));
         self.unsatisfied += 1;
         Ok(())
     }
@@ -64,37 +235,76 @@ impl OffsetTracker {
         }
         self.last_received = Some(offset);
         if !self.window.is_empty() {
-            self.window.push_back((offset, true));
+            self.window.push_back((offset, Mark::Done));
         }
         Ok(())
     }
 
-    /// Mark `offset` satisfied. Returns `false` when it is unknown or was satisfied already.
-    pub fn satisfy(&mut self, offset: i64) -> bool {
-        let Ok(i) = self.window.binary_search_by_key(&offset, |e| e.0) else {
-            return false;
-        };
-        let Some(entry) = self.window.get_mut(i) else {
-            return false;
-        };
-        if entry.1 {
-            return false;
-        }
-        entry.1 = true;
-        self.unsatisfied -= 1;
-        while matches!(self.window.front(), Some((_, true))) {
+    fn entry_mut(&mut self, offset: i64) -> Option<&mut (i64, Mark)> {
+        let i = self.window.binary_search_by_key(&offset, |e| e.0).ok()?;
+        self.window.get_mut(i)
+    }
+
+    fn pop_done(&mut self) {
+        while matches!(self.window.front(), Some((_, Mark::Done))) {
             self.window.pop_front();
         }
+    }
+
+    /// Mark `offset` satisfied (also when it is provisional). Returns `false` when it is unknown
+    /// or was satisfied already.
+    pub fn satisfy(&mut self, offset: i64) -> bool {
+        let Some(entry) = self.entry_mut(offset) else {
+            return false;
+        };
+        let was = entry.1;
+        if was == Mark::Done {
+            return false;
+        }
+        entry.1 = Mark::Done;
+        self.unsatisfied -= 1;
+        if was == Mark::Provisional {
+            self.provisional -= 1;
+        }
+        self.pop_done();
         true
     }
 
-    /// Is `offset` received and not yet satisfied?
+    /// Mark an open `offset` provisional: a write the sink holds in its open transaction
+    /// satisfies it. Returns `false` when it is unknown or not open.
+    pub fn provisional(&mut self, offset: i64) -> bool {
+        let Some(entry) = self.entry_mut(offset) else {
+            return false;
+        };
+        if entry.1 != Mark::Open {
+            return false;
+        }
+        entry.1 = Mark::Provisional;
+        self.provisional += 1;
+        true
+    }
+
+    /// The transaction of a provisional `offset` aborted: it is open again. Returns `false`
+    /// when it is unknown or not provisional.
+    pub fn revert(&mut self, offset: i64) -> bool {
+        let Some(entry) = self.entry_mut(offset) else {
+            return false;
+        };
+        if entry.1 != Mark::Provisional {
+            return false;
+        }
+        entry.1 = Mark::Open;
+        self.provisional -= 1;
+        true
+    }
+
+    /// Is `offset` received and not yet satisfied (open or provisional)?
     pub fn is_outstanding(&self, offset: i64) -> bool {
         self.window
             .binary_search_by_key(&offset, |e| e.0)
             .ok()
             .and_then(|i| self.window.get(i))
-            .is_some_and(|e| !e.1)
+            .is_some_and(|e| e.1 != Mark::Done)
     }
 
     /// The consumer's position moved to `position` (the next offset it will deliver). Records
@@ -107,16 +317,19 @@ impl OffsetTracker {
         }
     }
 
-    /// The offset it is safe to commit: the oldest unsatisfied received offset, or else the
-    /// consumer's position (at least the one after the last received record). `None` when
-    /// nothing was received.
+    /// The offset after everything received (at least the consumer's position).
+    fn next(&self) -> Option<i64> {
+        let next = self.last_received? + 1;
+        Some(self.position.map_or(next, |p| p.max(next)))
+    }
+
+    /// The offset it is safe to commit: the oldest unsatisfied received offset (a provisional
+    /// one included), or else the consumer's position (at least the one after the last
+    /// received record). `None` when nothing was received.
     pub fn commit_point(&self) -> Option<i64> {
         match self.window.front() {
             Some((offset, _)) => Some(*offset),
-            None => {
-                let next = self.last_received? + 1;
-                Some(self.position.map_or(next, |p| p.max(next)))
-            }
+            None => self.next(),
         }
     }
 
@@ -141,14 +354,126 @@ impl OffsetTracker {
         self.last_received
     }
 
-    /// Received offsets not yet satisfied.
+    /// Received offsets not yet satisfied (provisional ones included).
     pub fn unsatisfied(&self) -> usize {
         self.unsatisfied
+    }
+
+    /// Received offsets satisfied only provisionally.
+    pub fn provisional_count(&self) -> usize {
+        self.provisional
     }
 
     /// Offsets held in memory (unsatisfied ones and satisfied ones behind an unsatisfied head).
     pub fn outstanding(&self) -> usize {
         self.window.len()
+    }
+
+    // ----- exactly-once -------------------------------------------------------------------------
+
+    /// The sink had `stored` for this partition when the assignment began: records below its
+    /// offset and in its ranges are satisfied on arrival (use [`OffsetTracker::stored_covers`]),
+    /// and what the tracker offers to store never goes behind it.
+    pub fn start_from(&mut self, stored: StoredOffset) {
+        self.stored = Some(stored.clone());
+        self.start = Some(StartFilter::new(stored));
+    }
+
+    /// Did the sink store `offset` before this assignment (then it is satisfied on arrival)?
+    /// Asked once per received record, in order.
+    #[inline]
+    pub fn stored_covers(&mut self, offset: i64) -> bool {
+        let Some(f) = &mut self.start else {
+            return false;
+        };
+        f.covers(offset)
+    }
+
+    /// What a transaction should store now: the oldest offset that is neither satisfied nor
+    /// provisional (else the consumer's position), and the satisfied or provisional ranges above
+    /// it, merged with what the sink stored before this assignment and has not been received
+    /// again yet. `None` when nothing is known (nothing received, nothing stored).
+    pub fn to_store(&self) -> Option<StoredOffset> {
+        let start = self
+            .start
+            .as_ref()
+            .filter(|f| self.last_received.is_none_or(|l| l < f.horizon()));
+        let Some(next) = self.next() else {
+            return start.map(|f| f.stored().clone());
+        };
+        // Stored ranges beyond what was received, clipped to start at `next` at the earliest.
+        let ahead = start.into_iter().flat_map(|f| {
+            f.stored()
+                .covered
+                .iter()
+                .filter(move |&&(_, b)| b >= next)
+                .map(move |&(a, b)| (a.max(next), b))
+        });
+        match self.window.iter().position(|e| e.1 == Mark::Open) {
+            Some(i) => {
+                // Runs of satisfied or provisional entries after the oldest open one; the gaps
+                // between received offsets are not records, so a run spans them.
+                let mut covered: Vec<(i64, i64)> = Vec::new();
+                let mut run: Option<(i64, i64)> = None;
+                for &(o, m) in self.window.iter().skip(i + 1) {
+                    if m == Mark::Open {
+                        covered.extend(run.take());
+                    } else {
+                        run = Some(run.map_or((o, o), |(a, _)| (a, o)));
+                    }
+                }
+                // A run that reaches the end of the window continues into a stored range that
+                // starts right at `next`.
+                let last_open = self.window.back().is_some_and(|e| e.1 == Mark::Open);
+                for (a, b) in ahead {
+                    match &mut run {
+                        Some(r) if a == next && !last_open => r.1 = b,
+                        _ => covered.extend(run.replace((a, b))),
+                    }
+                }
+                covered.extend(run);
+                Some(StoredOffset {
+                    offset: self.window[i].0,
+                    covered,
+                })
+            }
+            None => {
+                // Everything received is satisfied or provisional: the point is the first offset
+                // from `next` on that the sink did not store before.
+                let mut point = start.map_or(next, |f| next.max(f.stored().offset));
+                let mut covered = Vec::new();
+                for (a, b) in ahead {
+                    if b < point {
+                        continue;
+                    }
+                    if a <= point {
+                        point = b + 1;
+                    } else {
+                        covered.push((a, b));
+                    }
+                }
+                Some(StoredOffset {
+                    offset: point,
+                    covered,
+                })
+            }
+        }
+    }
+
+    /// What [`OffsetTracker::to_store`] offers, if it differs from what the sink stored last.
+    pub fn pending_store(&self) -> Option<StoredOffset> {
+        let s = self.to_store()?;
+        (self.stored.as_ref() != Some(&s)).then_some(s)
+    }
+
+    /// The sink stored `s` (its transaction committed).
+    pub fn stored(&mut self, s: StoredOffset) {
+        self.stored = Some(s);
+    }
+
+    /// What the sink stored last, if anything is known.
+    pub fn last_stored(&self) -> Option<&StoredOffset> {
+        self.stored.as_ref()
     }
 }
 
@@ -217,6 +542,172 @@ mod tests {
         assert!(!t.satisfy(6));
     }
 
+    #[test]
+    fn provisional_offsets_hold_the_commit_point_until_settled_or_reverted() {
+        let mut t = OffsetTracker::new();
+        for o in [1, 2, 3] {
+            t.receive(o).unwrap();
+        }
+        assert!(t.provisional(1));
+        assert!(!t.provisional(1), "already provisional");
+        assert_eq!(
+            t.commit_point(),
+            Some(1),
+            "a provisional offset is not satisfied"
+        );
+        assert_eq!(t.provisional_count(), 1);
+        assert!(t.revert(1));
+        assert!(!t.revert(1));
+        assert!(t.provisional(1));
+        assert!(t.satisfy(1), "a commit settles it");
+        assert_eq!(t.commit_point(), Some(2));
+        assert_eq!(t.provisional_count(), 0);
+        assert_eq!(t.unsatisfied(), 2);
+    }
+
+    #[test]
+    fn what_to_store_is_the_oldest_open_offset_and_the_ranges_above_it() {
+        let mut t = OffsetTracker::new();
+        assert_eq!(t.to_store(), None);
+        for o in [10, 11, 12, 14, 15, 20, 21] {
+            t.receive(o).unwrap();
+        }
+        t.provisional(11);
+        t.satisfy(12);
+        t.provisional(15);
+        t.provisional(21);
+        // 10 open; 11-15 covered except 14 (open); 20 open; 21 covered.
+        assert_eq!(
+            t.to_store(),
+            Some(StoredOffset {
+                offset: 10,
+                covered: vec![(11, 12), (15, 15), (21, 21)]
+            })
+        );
+        t.satisfy(10);
+        t.provisional(14);
+        assert_eq!(
+            t.to_store(),
+            Some(StoredOffset {
+                offset: 20,
+                covered: vec![(21, 21)]
+            }),
+            "11 to 15 are covered now, so the point moves to 20"
+        );
+        t.provisional(20);
+        assert_eq!(t.to_store(), Some(StoredOffset::at(22)));
+        t.observe_position(25);
+        assert_eq!(t.to_store(), Some(StoredOffset::at(25)), "past markers");
+    }
+
+    #[test]
+    fn ranges_round_trip_as_text_and_bad_text_is_refused() {
+        let s = StoredOffset {
+            offset: 100,
+            covered: vec![(105, 110), (120, 120), (1_000_000, 1_000_400)],
+        };
+        let text = s.encode_ranges();
+        assert_eq!(text, "refetch1:5+5,10+0,999880+400");
+        assert_eq!(StoredOffset::decode(100, &text), Ok(s));
+        assert_eq!(StoredOffset::at(7).encode_ranges(), "");
+        assert_eq!(StoredOffset::decode(7, ""), Ok(StoredOffset::at(7)));
+        assert_eq!(
+            StoredOffset::decode(7, "written by another tool"),
+            Ok(StoredOffset::at(7))
+        );
+        for bad in [
+            "refetch1:x+1",
+            "refetch1:0+1",
+            "refetch1:3+1,1+0",
+            "refetch1:3+-1",
+            "refetch1:3",
+        ] {
+            assert!(StoredOffset::decode(7, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn records_the_sink_stored_are_satisfied_on_arrival() {
+        let mut f = StartFilter::new(StoredOffset {
+            offset: 10,
+            covered: vec![(12, 13), (20, 20)],
+        });
+        let covered: Vec<i64> = (5..23).filter(|&o| f.covers(o)).collect();
+        assert_eq!(covered, vec![5, 6, 7, 8, 9, 12, 13, 20]);
+        assert_eq!(f.horizon(), 21);
+    }
+
+    #[test]
+    fn what_to_store_keeps_what_was_stored_before_the_assignment() {
+        let stored = StoredOffset {
+            offset: 10,
+            covered: vec![(12, 13), (20, 20)],
+        };
+        let mut t = OffsetTracker::new();
+        t.start_from(stored.clone());
+        assert_eq!(t.to_store(), Some(stored.clone()), "nothing received yet");
+        assert_eq!(t.pending_store(), None, "unchanged");
+        // The consumer starts below the stored offset (its commit lagged behind the sink's).
+        for o in 7..10 {
+            assert!(t.stored_covers(o));
+            t.receive_satisfied(o).unwrap();
+        }
+        assert_eq!(
+            t.to_store(),
+            Some(stored.clone()),
+            "never behind the stored offset"
+        );
+        assert!(!t.stored_covers(10));
+        t.receive(10).unwrap();
+        assert!(!t.stored_covers(11));
+        t.receive(11).unwrap();
+        assert_eq!(
+            t.to_store(),
+            Some(StoredOffset {
+                offset: 10,
+                covered: vec![(12, 13), (20, 20)]
+            }),
+            "the stored ranges ahead are kept"
+        );
+        t.provisional(11);
+        assert_eq!(
+            t.to_store(),
+            Some(StoredOffset {
+                offset: 10,
+                covered: vec![(11, 13), (20, 20)]
+            }),
+            "a run reaching the end of the window joins the stored range at the next offset"
+        );
+        t.provisional(10);
+        assert_eq!(
+            t.to_store(),
+            Some(StoredOffset {
+                offset: 14,
+                covered: vec![(20, 20)]
+            })
+        );
+        for o in [12, 13] {
+            assert!(t.stored_covers(o));
+            t.receive_satisfied(o).unwrap();
+        }
+        for o in 14..21 {
+            if t.stored_covers(o) {
+                t.receive_satisfied(o).unwrap();
+            } else {
+                t.receive(o).unwrap();
+            }
+        }
+        t.receive(21).unwrap();
+        assert_eq!(
+            t.to_store(),
+            Some(StoredOffset {
+                offset: 14,
+                covered: vec![(20, 20)]
+            }),
+            "past the horizon only what was received counts"
+        );
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Receive { gap: u8, satisfied: bool },
@@ -230,7 +721,81 @@ mod tests {
         ]
     }
 
+    #[derive(Debug, Clone)]
+    enum TxnOp {
+        Receive { gap: u8, satisfied: bool },
+        Satisfy(usize),
+        Provisional(usize),
+        Revert(usize),
+    }
+
+    fn txn_op() -> impl Strategy<Value = TxnOp> {
+        prop_oneof![
+            (0u8..3, any::<bool>()).prop_map(|(gap, satisfied)| TxnOp::Receive { gap, satisfied }),
+            any::<usize>().prop_map(TxnOp::Satisfy),
+            any::<usize>().prop_map(TxnOp::Provisional),
+            any::<usize>().prop_map(TxnOp::Revert),
+        ]
+    }
+
     proptest! {
+        /// What a transaction stores, against a model of received offsets and their states
+        /// (0 open, 1 provisional, 2 satisfied): the stored offset is the oldest open one (or the
+        /// next after everything), no open offset is inside a stored range, and every satisfied
+        /// or provisional offset above the stored offset is inside one (else a restart would
+        /// write it again).
+        #[test]
+        fn what_to_store_matches_the_model(ops in proptest::collection::vec(txn_op(), 1..200)) {
+            let mut t = OffsetTracker::new();
+            let mut model: Vec<(i64, u8)> = Vec::new();
+            let mut next = 0i64;
+            for op in ops {
+                match op {
+                    TxnOp::Receive { gap, satisfied } => {
+                        next += i64::from(gap);
+                        if satisfied { t.receive_satisfied(next).unwrap(); } else { t.receive(next).unwrap(); }
+                        model.push((next, if satisfied { 2 } else { 0 }));
+                        next += 1;
+                    }
+                    TxnOp::Satisfy(i) | TxnOp::Provisional(i) | TxnOp::Revert(i) if model.is_empty() => { let _ = i; }
+                    TxnOp::Satisfy(i) => {
+                        let i = i % model.len();
+                        prop_assert_eq!(t.satisfy(model[i].0), model[i].1 != 2);
+                        model[i].1 = 2;
+                    }
+                    TxnOp::Provisional(i) => {
+                        let i = i % model.len();
+                        prop_assert_eq!(t.provisional(model[i].0), model[i].1 == 0);
+                        if model[i].1 == 0 { model[i].1 = 1; }
+                    }
+                    TxnOp::Revert(i) => {
+                        let i = i % model.len();
+                        prop_assert_eq!(t.revert(model[i].0), model[i].1 == 1);
+                        if model[i].1 == 1 { model[i].1 = 0; }
+                    }
+                }
+                let Some(s) = t.to_store() else {
+                    prop_assert!(model.is_empty());
+                    continue;
+                };
+                let inside = |o: i64| s.covered.iter().any(|&(a, b)| a <= o && o <= b);
+                let oldest_open = model.iter().find(|e| e.1 == 0).map(|e| e.0);
+                prop_assert_eq!(s.offset, oldest_open.unwrap_or(next));
+                for &(o, st) in &model {
+                    if st == 0 {
+                        prop_assert!(!inside(o), "open {} inside {:?}", o, s);
+                    } else if o > s.offset {
+                        prop_assert!(inside(o), "covered {} outside {:?}", o, s);
+                    }
+                }
+                for w in s.covered.windows(2) {
+                    prop_assert!(w[0].1 + 1 < w[1].0, "ranges apart and ascending: {:?}", s);
+                }
+                prop_assert!(s.covered.iter().all(|&(a, b)| a > s.offset && a <= b));
+                prop_assert_eq!(StoredOffset::decode(s.offset, &s.encode_ranges()), Ok(s.clone()));
+            }
+        }
+
         /// Against a reference model (a plain list of received offsets and their state): the
         /// commit point never passes an unsatisfied offset, and is exactly the oldest unsatisfied
         /// one, or the next after the last received.

@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use crate::assignment::{Assignment, TopicPartition};
 use crate::clock::Clock;
 use crate::config::EngineConfig;
-use crate::consumer::{ConsumerChannels, ConsumerCommand, ConsumerEvent, Offsets};
+use crate::consumer::{
+    ConsumerChannels, ConsumerCommand, ConsumerEvent, GroupMetadataSource, Offsets, OwnedRecord,
+};
 use crate::decode::NotificationDecoder;
 use crate::dispatch::{
     Completion, DeadLetterResult, DeadLetterWriter, FetchDispatcher, dispatch_dead_letter,
@@ -28,7 +30,8 @@ use crate::fetch::{Fetcher, OwnershipShare};
 #[cfg(feature = "kafka")]
 use crate::kafka::{DeadLetterProducer, KafkaConfig, KafkaSetupError, start_consumer};
 use crate::key::EntityKey;
-use crate::sink::Sink;
+use crate::sink::{OffsetStore, Sink};
+use crate::txn_writer::{TxnGo, TxnWriter, start_txn_writer};
 
 /// Building or running a pipeline failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,10 @@ pub enum PipelineError {
     /// The consumer failed for good.
     #[error("consumer failed: {0}")]
     Consumer(String),
+    /// The transactional sink failed for good (for example a Kafka producer fenced by another
+    /// instance with the same `transactional.id`): nothing more was committed.
+    #[error("the exactly-once sink cannot go on: {0}")]
+    Transaction(String),
 }
 
 /// Where records come from.
@@ -63,6 +70,7 @@ pub struct PipelineBuilder<F, S> {
     decoders: Decoders,
     engine: EngineConfig,
     dead_letters: Option<Arc<dyn DeadLetterWriter>>,
+    group_id: Option<String>,
 }
 
 /// A running notification-plus-pull pipeline. See the crate docs for an example.
@@ -73,6 +81,7 @@ pub struct Pipeline<F, S> {
     decoders: Decoders,
     engine: EngineConfig,
     dead_letters: Option<Arc<dyn DeadLetterWriter>>,
+    group_id: String,
     control_tx: mpsc::UnboundedSender<Control>,
     control_rx: mpsc::UnboundedReceiver<Control>,
 }
@@ -87,6 +96,7 @@ impl Pipeline<(), ()> {
             decoders: Decoders::new(),
             engine: EngineConfig::default(),
             dead_letters: None,
+            group_id: None,
         }
     }
 }
@@ -146,6 +156,13 @@ impl<F: Fetcher, S: Sink> PipelineBuilder<F, S> {
         self
     }
 
+    /// The consumer group's name, when the source is not [`PipelineBuilder::kafka`] (which
+    /// names it): an exactly-once sink stores offsets under it. Default `refetch`.
+    pub fn group_id(mut self, group_id: impl Into<String>) -> Self {
+        self.group_id = Some(group_id.into());
+        self
+    }
+
     /// Check the parts and settings.
     pub fn build(self) -> Result<Pipeline<F, S>, PipelineError> {
         let fetcher = self.fetcher.ok_or(PipelineError::Missing("a fetcher"))?;
@@ -169,6 +186,13 @@ impl<F: Fetcher, S: Sink> PipelineBuilder<F, S> {
             }
         };
         self.engine.validate(max_poll)?;
+        check_transactions(&*sink, &self.engine)?;
+        let group_id = match (&source, self.group_id) {
+            (_, Some(g)) => g,
+            #[cfg(feature = "kafka")]
+            (Source::Kafka(k), None) => k.group_id.clone(),
+            _ => "refetch".to_owned(),
+        };
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         Ok(Pipeline {
             fetcher,
@@ -177,10 +201,37 @@ impl<F: Fetcher, S: Sink> PipelineBuilder<F, S> {
             decoders: self.decoders,
             engine: self.engine,
             dead_letters: self.dead_letters,
+            group_id,
             control_tx,
             control_rx,
         })
     }
+}
+
+/// A transactional sink's transaction must commit well within its timeout: the commit interval
+/// plus a commit's own time must fit.
+fn check_transactions<S: Sink + ?Sized>(
+    sink: &S,
+    cfg: &EngineConfig,
+) -> Result<(), crate::config::ConfigError> {
+    if sink.offset_store().is_none() {
+        return Ok(());
+    }
+    if let Some(timeout) = sink.transaction_timeout() {
+        let needed = cfg.commit_interval + cfg.commit_timeout;
+        if needed >= timeout {
+            return Err(crate::config::ConfigError {
+                key: "commit_interval",
+                reason: format!(
+                    "commit_interval ({:?}) + commit_timeout ({:?}) must stay below the sink's \
+                     transaction timeout ({timeout:?}): a transaction is open from its first \
+                     write to the next commit",
+                    cfg.commit_interval, cfg.commit_timeout
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 enum Control {
@@ -284,6 +335,9 @@ struct PendingRevoke {
     reply: std::sync::mpsc::SyncSender<Offsets>,
     /// The handler's deadline, less a margin for the answer to reach it.
     deadline: tokio::time::Instant,
+    /// Exactly-once: the transaction that was open when the writes drained; the revoke is
+    /// answered once it ended (committed or aborted).
+    wait_txn: Option<u64>,
 }
 
 struct RefreshRequest {
@@ -314,6 +368,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             decoders,
             engine: cfg,
             dead_letters,
+            group_id,
             control_tx: _control_tx,
             mut control_rx,
         } = self;
@@ -367,7 +422,30 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             done: done_tx.clone(),
             stop: stop.clone(),
         };
-        let writes = start_sink_writer(sink.clone(), &cfg, done_tx.clone(), stop.clone());
+        let store = sink.offset_store();
+        engine.set_wants_inputs(sink.wants_inputs());
+        let writes = match store {
+            Some(store) => {
+                tracing::info!(
+                    ?store,
+                    "exactly-once delivery: writes are held in transactions with the input offsets"
+                );
+                engine.enable_transactions(store, sink.max_stored_ranges());
+                Writer::Txn(start_txn_writer(
+                    sink.clone(),
+                    &cfg,
+                    group_id.clone(),
+                    done_tx.clone(),
+                    stop.clone(),
+                ))
+            }
+            None => Writer::Plain(start_sink_writer(
+                sink.clone(),
+                &cfg,
+                done_tx.clone(),
+                stop.clone(),
+            )),
+        };
 
         let mut rt = Runtime {
             revokes: Vec::new(),
@@ -375,6 +453,21 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             joined: false,
             broker: (true, String::new()),
             commit_in_flight: false,
+            total_partitions: 0,
+            group_metadata: None,
+            txn_commit_in_flight: false,
+            awaiting: HashMap::new(),
+            held_bytes: 0,
+            fatal: None,
+            store,
+            txn_timeout: sink.transaction_timeout(),
+            stored: stored_lookup(
+                sink.clone(),
+                group_id.clone(),
+                done_tx.clone(),
+                stop.clone(),
+            ),
+            finalizing: false,
         };
         let mut refreshes: HashMap<u64, (usize, usize)> = HashMap::new();
         let mut refresh_requests: HashMap<usize, RefreshRequest> = HashMap::new();
@@ -404,10 +497,10 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                     begin_shutdown(&mut engine, &clock, &cfg, &mut shutdown_deadline);
                 }
                 Some(c) = done_rx.recv() => {
-                    apply_completion(&mut engine, c, &clock, &mut rt.commit_in_flight);
+                    rt.apply(&mut engine, c, &clock, &writes, &commands, &done_tx, cfg.commit_timeout);
                     // Drain whatever else completed, cheaply.
                     while let Ok(c) = done_rx.try_recv() {
-                        apply_completion(&mut engine, c, &clock, &mut rt.commit_in_flight);
+                        rt.apply(&mut engine, c, &clock, &writes, &commands, &done_tx, cfg.commit_timeout);
                     }
                 }
                 Some(ctl) = control_rx.recv() => match ctl {
@@ -461,19 +554,17 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                     }
                     Some(ConsumerEvent::Records(records)) => {
                         queued.sub(&records);
-                        engine.set_queued_bytes(queued.get());
+                        // Records of assignments waiting for what the sink stored are held.
+                        let records = rt.hold(records);
+                        engine.set_queued_bytes(queued.get() + rt.held_bytes);
                         if taking_records {
                             engine.on_records(records.iter().map(|r| r.view()), clock.now());
                         }
                     }
                     Some(ev) => rt.on_event(ev, &mut engine, &commands, &*fetcher),
                 },
-                _ = commit_tick.tick(), if !rt.commit_in_flight => {
-                    let offsets = engine.commits();
-                    if !offsets.is_empty() {
-                        rt.commit_in_flight = true;
-                        spawn_commit(&commands, offsets, done_tx.clone(), cfg.commit_timeout);
-                    }
+                _ = commit_tick.tick() => {
+                    rt.commit_tick(&mut engine, &clock, &writes, &commands, &done_tx, cfg.commit_timeout);
                     let st = engine.status(clock.now());
                     rt.publish_health(&st);
                     crate::metrics::gauges(
@@ -491,7 +582,10 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             }
 
             // Revokes whose writes drained (or whose deadline passed) answer now.
-            rt.answer_revokes(&mut engine, false, &*fetcher);
+            rt.answer_revokes(&mut engine, false, &*fetcher, &writes);
+            if rt.fatal.is_some() {
+                break;
+            }
 
             let now = clock.now();
             engine.poll(now);
@@ -510,7 +604,9 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                     Grouped::Other(Action::Fetch(job)) => fetches.dispatch(vec![job]),
                 }
             }
-            let changes = engine.pause_changes();
+            let mut changes = engine.pause_changes();
+            // Assignments waiting for what the sink stored stay paused until it answers.
+            changes.resume.retain(|tp| !rt.awaiting.contains_key(tp));
             if !changes.pause.is_empty() {
                 let mem = engine.memory();
                 tracing::info!(
@@ -547,6 +643,17 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             }
         }
 
+        if let Some(message) = rt.fatal.take() {
+            // Nothing more may be committed: the transactional sink cannot go on.
+            tracing::error!(error = %message, "stopping: the exactly-once sink failed for good");
+            rt.answer_revokes(&mut engine, true, &*fetcher, &writes);
+            stop.cancel();
+            let (tx, rx) = oneshot::channel();
+            if commands.send(ConsumerCommand::Close { reply: tx }).is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
+            }
+            return Err(PipelineError::Transaction(message));
+        }
         // Final synchronous commit, then close the consumer.
         let drained = engine.is_idle();
         if !drained {
@@ -555,9 +662,39 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                 "shutdown deadline passed; unfinished work is not committed"
             );
         }
+        // The open transaction commits with the final offsets (exactly-once delivery).
+        if rt.store.is_some() {
+            rt.final_transaction(
+                &mut engine,
+                &clock,
+                &writes,
+                &commands,
+                &done_tx,
+                &mut done_rx,
+                &mut events,
+                &queued,
+                &*fetcher,
+                cfg.commit_timeout,
+            )
+            .await;
+            if let Some(message) = rt.fatal.take() {
+                rt.answer_revokes(&mut engine, true, &*fetcher, &writes);
+                stop.cancel();
+                let (tx, rx) = oneshot::channel();
+                if commands.send(ConsumerCommand::Close { reply: tx }).is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
+                }
+                return Err(PipelineError::Transaction(message));
+            }
+        }
         // Answer revokes still waiting so the consumer thread is not blocked.
-        rt.answer_revokes(&mut engine, true, &*fetcher);
-        let offsets = engine.commits();
+        rt.answer_revokes(&mut engine, true, &*fetcher, &writes);
+        // With offsets in the consumer group's transactions, nothing is committed besides.
+        let offsets = if rt.store == Some(OffsetStore::Group) {
+            Vec::new()
+        } else {
+            engine.commits()
+        };
         if offsets.is_empty() {
             tracing::info!(
                 "final commit: nothing left to commit (every consumed offset is committed)"
@@ -584,7 +721,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                             Some(ConsumerEvent::Records(records)) => queued.sub(&records),
                             Some(ev) => {
                                 rt.on_event(ev, &mut engine, &commands, &*fetcher);
-                                rt.answer_revokes(&mut engine, true, &*fetcher);
+                                rt.answer_revokes(&mut engine, true, &*fetcher, &writes);
                             }
                         },
                     }
@@ -614,8 +751,95 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
     }
 }
 
+/// Where writes go: the at-least-once sink writer, or the transaction writer of an exactly-once
+/// sink.
+enum Writer {
+    Plain(crate::dispatch::SinkWriter),
+    Txn(TxnWriter),
+}
+
+impl Writer {
+    fn send(&self, job: crate::engine::WriteJob) {
+        match self {
+            Writer::Plain(w) => w.send(job),
+            Writer::Txn(w) => w.send(job),
+        }
+    }
+
+    fn reconfigure(&self, cfg: &EngineConfig) {
+        match self {
+            Writer::Plain(w) => w.reconfigure(cfg),
+            Writer::Txn(w) => w.reconfigure(cfg),
+        }
+    }
+
+    fn txn(&self) -> Option<&TxnWriter> {
+        match self {
+            Writer::Txn(w) => Some(w),
+            Writer::Plain(_) => None,
+        }
+    }
+}
+
+/// Records of an assignment that waits for what the sink stored (exactly-once delivery).
+struct Awaiting {
+    assignment: Assignment,
+    held: Vec<OwnedRecord>,
+    bytes: usize,
+}
+
+/// Looks up what the sink stored for new assignments, off the engine's task.
+type StoredLookup = Box<dyn Fn(Vec<Assignment>) + Send + Sync>;
+
+fn stored_lookup<S: Sink + ?Sized>(
+    sink: Arc<S>,
+    group_id: String,
+    done: mpsc::UnboundedSender<Completion>,
+    stop: CancellationToken,
+) -> StoredLookup {
+    Box::new(move |assignments: Vec<Assignment>| {
+        let sink = sink.clone();
+        let group_id = group_id.clone();
+        let done = done.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let tps: Vec<TopicPartition> = assignments.iter().map(|a| a.tp.clone()).collect();
+            let mut attempt = 0u32;
+            loop {
+                attempt += 1;
+                let r = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    r = sink.stored_offsets(&group_id, &tps) => r,
+                };
+                match r {
+                    Ok(stored) => {
+                        let _ = done.send(Completion::Stored {
+                            assignments,
+                            result: Ok(stored),
+                        });
+                        return;
+                    }
+                    Err(e) => {
+                        if attempt == 1 || attempt % 10 == 0 {
+                            tracing::warn!(error = %e, attempt, partitions = tps.len(),
+                                "cannot read the offsets the sink stored; the partitions wait");
+                        }
+                        let wait =
+                            Duration::from_millis(200u64.saturating_mul(1 << attempt.min(6)));
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+        });
+    })
+}
+
 /// The runtime's view of the consumer: revokes waiting to be answered, group membership and
-/// broker reachability.
+/// broker reachability; and, with an exactly-once sink, its transactions.
 struct Runtime {
     revokes: Vec<PendingRevoke>,
     /// Sources whose outage gauge is set.
@@ -624,6 +848,24 @@ struct Runtime {
     /// Reachable, and what the client said last.
     broker: (bool, String),
     commit_in_flight: bool,
+    /// Partitions of the subscribed topics in all (0 until the driver knows).
+    total_partitions: usize,
+    /// Where the consumer's group metadata is read.
+    group_metadata: Option<GroupMetadataSource>,
+    /// A commit was asked of the transaction writer and has not ended.
+    txn_commit_in_flight: bool,
+    /// Assignments waiting for what the sink stored, and their records meanwhile.
+    awaiting: HashMap<TopicPartition, Awaiting>,
+    held_bytes: usize,
+    /// The transactional sink failed for good.
+    fatal: Option<String>,
+    /// Where the transactional sink stores offsets (`None`: at-least-once).
+    store: Option<OffsetStore>,
+    txn_timeout: Option<Duration>,
+    stored: StoredLookup,
+    /// The final transaction of a shutdown is being committed: one that cannot be committed
+    /// aborts instead of waiting.
+    finalizing: bool,
 }
 
 impl Runtime {
@@ -654,13 +896,38 @@ impl Runtime {
             ConsumerEvent::Assigned(assignments) => {
                 self.joined = true;
                 tracing::info!(partitions = assignments.len(), "partitions assigned");
+                let fresh: Vec<Assignment> = assignments
+                    .iter()
+                    .filter(|a| engine.assignment_of(&a.tp).as_ref() != Some(*a))
+                    .cloned()
+                    .collect();
                 engine.assign(&assignments);
                 // The engine owns the desired pause state: re-apply it after every assignment.
-                let paused: Vec<TopicPartition> = engine.paused();
+                let mut paused: Vec<TopicPartition> = engine.paused();
+                if self.store.is_some() && !fresh.is_empty() {
+                    // Exactly-once: a new assignment's records wait for what the sink stored.
+                    for a in &fresh {
+                        if let Some(old) = self.awaiting.remove(&a.tp) {
+                            self.held_bytes = self.held_bytes.saturating_sub(old.bytes);
+                        }
+                        self.awaiting.insert(
+                            a.tp.clone(),
+                            Awaiting {
+                                assignment: a.clone(),
+                                held: Vec::new(),
+                                bytes: 0,
+                            },
+                        );
+                        if !paused.contains(&a.tp) {
+                            paused.push(a.tp.clone());
+                        }
+                    }
+                    (self.stored)(fresh);
+                }
                 if !paused.is_empty() {
                     let _ = commands.send(ConsumerCommand::Pause(paused));
                 }
-                ownership_changed(engine, fetcher);
+                self.ownership_changed(engine, fetcher);
             }
             ConsumerEvent::Revoke {
                 assignments,
@@ -671,6 +938,7 @@ impl Runtime {
                     partitions = assignments.len(),
                     "partitions revoked: draining"
                 );
+                self.drop_awaiting(&assignments);
                 engine.revoke_begin(&assignments);
                 // Answer a little before the handler gives up, so the answer reaches it.
                 let margin = Duration::from_millis(100);
@@ -682,14 +950,24 @@ impl Runtime {
                     assignments,
                     reply,
                     deadline,
+                    wait_txn: None,
                 });
             }
             ConsumerEvent::Lost(assignments) => {
                 tracing::warn!(partitions = assignments.len(), "partitions lost");
+                self.drop_awaiting(&assignments);
                 engine.lose(&assignments);
-                ownership_changed(engine, fetcher);
+                self.ownership_changed(engine, fetcher);
             }
             ConsumerEvent::Positions(positions) => engine.observe_positions(&positions),
+            ConsumerEvent::PartitionCount(total) => {
+                if total != self.total_partitions {
+                    tracing::info!(total, "partitions of the subscribed topics");
+                    self.total_partitions = total;
+                    self.ownership_changed(engine, fetcher);
+                }
+            }
+            ConsumerEvent::GroupMetadata(source) => self.group_metadata = Some(source),
             ConsumerEvent::Broker { reachable, reason } => self.broker = (reachable, reason),
             ConsumerEvent::Error { message, fatal } => {
                 if fatal {
@@ -699,8 +977,243 @@ impl Runtime {
         }
     }
 
+    /// Tell the fetcher which share of the group's partitions this instance owns.
+    fn ownership_changed<F: Fetcher + ?Sized>(&self, engine: &Engine, fetcher: &F) {
+        let owned = engine.owned_partitions().len();
+        // Before the driver knows the total, an instance that owns partitions takes the whole
+        // budget rather than none (a total below what it owns is out of date).
+        let total = if self.total_partitions >= owned {
+            self.total_partitions
+        } else {
+            0
+        };
+        fetcher.ownership_changed(OwnershipShare { owned, total });
+    }
+
+    fn drop_awaiting(&mut self, assignments: &[Assignment]) {
+        for a in assignments {
+            if self
+                .awaiting
+                .get(&a.tp)
+                .is_some_and(|w| w.assignment.same(a))
+            {
+                if let Some(w) = self.awaiting.remove(&a.tp) {
+                    self.held_bytes = self.held_bytes.saturating_sub(w.bytes);
+                }
+            }
+        }
+    }
+
+    /// Keep the records of assignments that wait for what the sink stored; return the rest.
+    fn hold(&mut self, records: Vec<OwnedRecord>) -> Vec<OwnedRecord> {
+        if self.awaiting.is_empty() {
+            return records;
+        }
+        let mut rest = Vec::with_capacity(records.len());
+        for r in records {
+            let waiting = self
+                .awaiting
+                .iter_mut()
+                .find(|(tp, _)| *tp.topic == *r.topic && tp.partition == r.partition);
+            match waiting {
+                Some((_, w)) => {
+                    let n = r.size();
+                    w.bytes += n;
+                    self.held_bytes += n;
+                    w.held.push(r);
+                }
+                None => rest.push(r),
+            }
+        }
+        rest
+    }
+
+    /// The commit interval passed: commit the open transaction (exactly-once), and commit
+    /// offsets to the consumer group (unless they go to the group inside the transactions).
+    fn commit_tick(
+        &mut self,
+        engine: &mut Engine,
+        clock: &Clock,
+        writes: &Writer,
+        commands: &mpsc::UnboundedSender<ConsumerCommand>,
+        done: &mpsc::UnboundedSender<Completion>,
+        timeout: Duration,
+    ) {
+        if let Some(w) = writes.txn() {
+            if !self.txn_commit_in_flight && self.fatal.is_none() {
+                let plan = engine.transaction_plan();
+                if plan.must_abort {
+                    w.abort();
+                    self.txn_commit_in_flight = true;
+                } else if !plan.is_empty() {
+                    if plan.fits || !self.transaction_near_timeout(engine, clock) {
+                        w.commit();
+                    } else {
+                        tracing::warn!(
+                            "the satisfied ranges to store do not fit the sink and the transaction nears its timeout: aborting it"
+                        );
+                        w.abort();
+                    }
+                    self.txn_commit_in_flight = true;
+                }
+            }
+        }
+        if self.store != Some(OffsetStore::Group) && !self.commit_in_flight {
+            let offsets = engine.commits();
+            if !offsets.is_empty() {
+                self.commit_in_flight = true;
+                spawn_commit(commands, offsets, done.clone(), timeout);
+            }
+        }
+    }
+
+    /// Has the open transaction used most of the sink's transaction timeout?
+    fn transaction_near_timeout(&self, engine: &Engine, clock: &Clock) -> bool {
+        match (self.txn_timeout, engine.transaction_age(clock.now())) {
+            (Some(timeout), Some(age)) => age >= timeout.mul_f64(0.8),
+            _ => false,
+        }
+    }
+
+    /// Apply a completion to the engine.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &mut self,
+        engine: &mut Engine,
+        c: Completion,
+        clock: &Clock,
+        writes: &Writer,
+        commands: &mpsc::UnboundedSender<ConsumerCommand>,
+        done: &mpsc::UnboundedSender<Completion>,
+        timeout: Duration,
+    ) {
+        let now = clock.now();
+        match c {
+            Completion::TxnWritten(results) => {
+                for (key, flight, r, txn) in results {
+                    engine.on_transactional_write_done(&key, flight, r, txn, now);
+                }
+            }
+            Completion::TxnReady { txn, dirty, reply } => {
+                let plan = engine.transaction_plan();
+                let go = if plan.transaction != txn {
+                    TxnGo::Abort(format!(
+                        "the engine is at transaction {}, the writer at {txn}",
+                        plan.transaction
+                    ))
+                } else if plan.must_abort {
+                    TxnGo::Abort("an assignment whose writes it holds ended".into())
+                } else if !plan.fits {
+                    let must = self.finalizing
+                        || !self.revokes.is_empty()
+                        || self.transaction_near_timeout(engine, clock);
+                    if must {
+                        TxnGo::Abort("the satisfied ranges to store do not fit the sink".into())
+                    } else {
+                        TxnGo::Postpone
+                    }
+                } else if plan.is_empty() && !dirty {
+                    // Nothing written, nothing to store: an empty commit ends the transaction
+                    // cheaply (a revoke may wait for it).
+                    TxnGo::Commit {
+                        offsets: Vec::new(),
+                        group_metadata: None,
+                    }
+                } else {
+                    TxnGo::Commit {
+                        offsets: plan.offsets,
+                        group_metadata: self
+                            .group_metadata
+                            .as_ref()
+                            .and_then(GroupMetadataSource::current),
+                    }
+                };
+                if matches!(go, TxnGo::Postpone) {
+                    self.txn_commit_in_flight = false;
+                }
+                let _ = reply.send(go);
+            }
+            Completion::TxnEnded { txn, result } => {
+                self.txn_commit_in_flight = false;
+                match result {
+                    Ok(offsets) => {
+                        engine.transaction_committed(txn, &offsets, now);
+                        // The consumer group's offsets follow the sink's, for lag tooling.
+                        if self.store == Some(OffsetStore::Sink) && !self.commit_in_flight {
+                            let offsets = engine.commits();
+                            if !offsets.is_empty() {
+                                self.commit_in_flight = true;
+                                spawn_commit(commands, offsets, done.clone(), timeout);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(txn, error = %e, "transaction aborted: fetching again what it held");
+                        engine.transaction_aborted(txn, now);
+                    }
+                }
+            }
+            Completion::TxnFatal(message) => {
+                self.txn_commit_in_flight = false;
+                self.fatal = Some(message);
+            }
+            Completion::Stored {
+                assignments,
+                result,
+            } => {
+                let stored = match result {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // The lookup retries on its own; it only ends with an answer.
+                        tracing::warn!(error = %e, "stored offsets unavailable");
+                        return;
+                    }
+                };
+                let mut resume = Vec::new();
+                let paused = engine.paused();
+                for a in assignments {
+                    let waiting = self
+                        .awaiting
+                        .get(&a.tp)
+                        .is_some_and(|w| w.assignment.same(&a));
+                    if !waiting {
+                        continue;
+                    }
+                    let Some(w) = self.awaiting.remove(&a.tp) else {
+                        continue;
+                    };
+                    self.held_bytes = self.held_bytes.saturating_sub(w.bytes);
+                    if let Some((_, s)) = stored.iter().find(|(tp, _)| *tp == a.tp) {
+                        engine.start_from_stored(&a, s.clone());
+                    }
+                    if !w.held.is_empty() {
+                        engine.on_records(w.held.iter().map(OwnedRecord::view), now);
+                    }
+                    if !paused.contains(&a.tp) {
+                        resume.push(a.tp.clone());
+                    }
+                }
+                if !resume.is_empty() {
+                    let _ = commands.send(ConsumerCommand::Resume(resume));
+                }
+            }
+            other => {
+                let _ = writes;
+                apply_completion(engine, other, clock, &mut self.commit_in_flight);
+            }
+        }
+    }
+
     /// Answer revokes whose writes drained or whose deadline passed (all of them with `all`).
-    fn answer_revokes<F: Fetcher + ?Sized>(&mut self, engine: &mut Engine, all: bool, fetcher: &F) {
+    /// With an exactly-once sink, a drained revoke first waits for the transaction that held
+    /// its writes to end (it asks for a commit).
+    fn answer_revokes<F: Fetcher + ?Sized>(
+        &mut self,
+        engine: &mut Engine,
+        all: bool,
+        fetcher: &F,
+        writes: &Writer,
+    ) {
         if self.revokes.is_empty() {
             return;
         }
@@ -708,10 +1221,28 @@ impl Runtime {
         let mut i = 0;
         let mut answered = false;
         while i < self.revokes.len() {
-            let r = &self.revokes[i];
-            if all || engine.revoke_drained(&r.assignments) || now >= r.deadline {
+            let r = &mut self.revokes[i];
+            let late = now >= r.deadline;
+            let mut ready = all || late || engine.revoke_drained(&r.assignments);
+            if ready && !all && !late {
+                if let (Some(w), Some(open)) = (writes.txn(), engine.open_transaction()) {
+                    let wait = *r.wait_txn.get_or_insert(open);
+                    if open <= wait {
+                        if !self.txn_commit_in_flight && self.fatal.is_none() {
+                            w.commit();
+                            self.txn_commit_in_flight = true;
+                        }
+                        ready = false;
+                    }
+                }
+            }
+            if ready {
                 let r = self.revokes.swap_remove(i);
-                let offsets = engine.revoke_finish(&r.assignments);
+                let mut offsets = engine.revoke_finish(&r.assignments);
+                if self.store == Some(OffsetStore::Group) || self.fatal.is_some() {
+                    // The offsets went to the group inside the transaction (or must not go).
+                    offsets.clear();
+                }
                 tracing::info!(
                     partitions = r.assignments.len(),
                     commits = offsets.len(),
@@ -724,17 +1255,76 @@ impl Runtime {
             }
         }
         if answered {
-            ownership_changed(engine, fetcher);
+            self.ownership_changed(engine, fetcher);
         }
     }
-}
 
-/// Tell the fetcher which share of the group's partitions this instance owns.
-fn ownership_changed<F: Fetcher + ?Sized>(engine: &Engine, fetcher: &F) {
-    fetcher.ownership_changed(OwnershipShare {
-        owned: engine.owned_partitions().len(),
-        total: 0,
-    });
+    /// At shutdown, commit the open transaction with the final offsets, serving completions and
+    /// consumer events meanwhile, within `timeout`.
+    #[allow(clippy::too_many_arguments)]
+    async fn final_transaction<F: Fetcher + ?Sized>(
+        &mut self,
+        engine: &mut Engine,
+        clock: &Clock,
+        writes: &Writer,
+        commands: &mpsc::UnboundedSender<ConsumerCommand>,
+        done_tx: &mpsc::UnboundedSender<Completion>,
+        done_rx: &mut mpsc::UnboundedReceiver<Completion>,
+        events: &mut mpsc::UnboundedReceiver<ConsumerEvent>,
+        queued: &crate::consumer::QueuedBytes,
+        fetcher: &F,
+        timeout: Duration,
+    ) {
+        let Some(w) = writes.txn() else {
+            return;
+        };
+        if self.fatal.is_some() {
+            return;
+        }
+        let Some(start) = engine.open_transaction() else {
+            return;
+        };
+        self.finalizing = true;
+        let until = tokio::time::Instant::now() + timeout;
+        let mut asked = false;
+        let mut consumer_open = true;
+        loop {
+            if self.fatal.is_some() || engine.open_transaction().is_some_and(|t| t > start) {
+                break;
+            }
+            if !self.txn_commit_in_flight && !asked {
+                w.commit();
+                self.txn_commit_in_flight = true;
+                asked = true;
+            }
+            tokio::select! {
+                c = done_rx.recv() => match c {
+                    Some(c) => self.apply(engine, c, clock, writes, commands, done_tx, timeout),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(until) => {
+                    tracing::warn!("the final transaction did not commit in time; it is not committed");
+                    break;
+                }
+                ev = events.recv(), if consumer_open => match ev {
+                    None => consumer_open = false,
+                    Some(ConsumerEvent::Records(records)) => queued.sub(&records),
+                    Some(ev) => {
+                        self.on_event(ev, engine, commands, fetcher);
+                        self.answer_revokes(engine, true, fetcher, writes);
+                    }
+                },
+            }
+            if !self.txn_commit_in_flight
+                && asked
+                && engine.open_transaction().is_some_and(|t| t <= start)
+            {
+                // Postponed (what to store did not fit): ask once more, as an abort if it
+                // still does not fit near the end.
+                asked = false;
+            }
+        }
+    }
 }
 
 fn finish_refresh(reqs: &mut HashMap<usize, RefreshRequest>, id: usize) {
@@ -826,6 +1416,13 @@ fn apply_completion(
             DeadLetterResult::Broken(e) => engine.on_dead_letter_done(id, Err(e)),
             DeadLetterResult::Abandoned => engine.on_dead_letter_abandoned(id),
         },
+        Completion::TxnWritten(_)
+        | Completion::TxnReady { .. }
+        | Completion::TxnEnded { .. }
+        | Completion::TxnFatal(_)
+        | Completion::Stored { .. } => {
+            // Served by `Runtime::apply`.
+        }
         Completion::Committed { sent, result } => {
             *commit_in_flight = false;
             match result {
@@ -883,6 +1480,8 @@ fn spawn_commit(
 }
 
 /// Actions with fetches gathered so keys of one type can share a batched request.
+// Actions are moved once each, right away; boxing them would cost an allocation per write.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Grouped {
     Fetches(Vec<crate::engine::FetchJob>),
     Other(Action),

@@ -73,6 +73,14 @@ pub struct Counters {
     pub actions_dead_lettered: u64,
     /// Members that arrived after their action closed (handled as normal notifications).
     pub action_late_members: u64,
+    /// Records satisfied on arrival because the sink stored their offset before this assignment
+    /// (exactly-once delivery after a restart or a rebalance).
+    pub stored_on_arrival: u64,
+    /// Transactions of an exactly-once sink that committed.
+    pub transactions_committed: u64,
+    /// Transactions of an exactly-once sink that aborted (their notifications are fetched
+    /// again).
+    pub transactions_aborted: u64,
 }
 
 impl Counters {

@@ -345,8 +345,48 @@ fn topics(node: &mut Node<'_>, path: &[Step], col: &mut Collector<'_>) -> bool {
 }
 
 fn sink(node: &mut Node<'_>, path: &[Step], col: &mut Collector<'_>) -> bool {
+    delivery(node, path, col);
     tagged(node, path, SINK_KINDS, col);
     section::<refetch_sinks::SinkConfig>(node, path, col)
+}
+
+/// `delivery` exists on the sinks that can deliver exactly once; on any other sink
+/// `"at_least_once"` is accepted (it is what they do) and `"exactly_once"` is refused with the
+/// reason, instead of an unknown-key error.
+fn delivery(node: &mut Node<'_>, path: &[Step], col: &mut Collector<'_>) {
+    let DeValue::Table(t) = node.get_mut() else {
+        return;
+    };
+    let kind = t
+        .get("kind")
+        .and_then(|k| k.get_ref().as_str())
+        .map(str::to_owned);
+    let Some(kind) = kind else {
+        return;
+    };
+    if refetch_sinks::SinkConfig::supports_exactly_once(&kind) {
+        return;
+    }
+    let Some((_, value)) = t.remove_entry("delivery") else {
+        return;
+    };
+    if value.get_ref().as_str() == Some("at_least_once") {
+        return;
+    }
+    let message = if value.get_ref().as_str() == Some("exactly_once") {
+        format!(
+            "the {kind} sink cannot deliver exactly once (it cannot commit its writes together \
+             with the input offsets): use kind = \"postgres\" or kind = \"kafka\" for \
+             delivery = \"exactly_once\", or remove the key (at-least-once)"
+        )
+    } else {
+        "expected \"at_least_once\" or \"exactly_once\"".to_owned()
+    };
+    col.push(
+        Some(value.span()),
+        Some(tree::display(&tree::join(path, &[key("delivery")]))),
+        message,
+    );
 }
 
 fn fetcher(node: &mut Node<'_>, path: &[Step], col: &mut Collector<'_>) -> bool {

@@ -591,6 +591,36 @@ impl Config {
         out
     }
 
+    /// `delivery = "exactly_once"`: what the sink needs, and a transaction timeout the commit
+    /// interval fits in.
+    fn check_delivery(&self, out: &mut Vec<Invalid>) {
+        let refetch_sinks::SinkConfig::Kafka(k) = &self.sink else {
+            return;
+        };
+        if k.delivery != refetch_sinks::config::Delivery::ExactlyOnce {
+            return;
+        }
+        if let Err(e) = refetch_sinks::kafka::transactional_id(k) {
+            let path = if k.transactional_id_prefix.is_none() {
+                "sink.transactional_id_prefix"
+            } else {
+                "sink.instance_id"
+            };
+            out.push(Invalid::new(path, e));
+        }
+        let needed = self.engine.commit_interval + self.engine.commit_timeout;
+        if k.transaction_timeout <= needed {
+            out.push(Invalid::new(
+                "sink.transaction_timeout",
+                format!(
+                    "{:?} must exceed engine.commit_interval + engine.commit_timeout ({needed:?}): \
+                     a transaction stays open from its first write to the next commit",
+                    k.transaction_timeout
+                ),
+            ));
+        }
+    }
+
     /// Check the relations between settings that serde cannot: required values, exclusive
     /// options, the engine's and Kafka's own validation. Returns every problem found.
     pub fn check(&self) -> Vec<Invalid> {
@@ -658,6 +688,7 @@ impl Config {
             }
             t.decoder.check(&format!("topics[{i}].decoder"), &mut out);
         }
+        self.check_delivery(&mut out);
         let kafka = self.kafka_config();
         if let Err(e) = kafka.validate() {
             let path = match &e {

@@ -911,3 +911,68 @@ fn missing_sections_are_all_named() {
     }
     assert_eq!(e.len(), 3, "{e}");
 }
+
+#[test]
+fn exactly_once_is_refused_on_a_sink_that_cannot_deliver_it() {
+    let text = MINIMAL.replace(
+        "kind = \"jsonl\"",
+        "kind = \"jsonl\"\ndelivery = \"exactly_once\"",
+    );
+    let e = rejected(&text);
+    assert_eq!(e.path.as_deref(), Some("sink.delivery"), "{e}");
+    assert!(e.message.contains("cannot deliver exactly once"), "{e}");
+    assert!(e.message.contains("postgres"), "{e}");
+    // At-least-once is what every sink does: saying so is accepted.
+    load_text(&MINIMAL.replace(
+        "kind = \"jsonl\"",
+        "kind = \"jsonl\"\ndelivery = \"at_least_once\"",
+    ))
+    .expect("at_least_once is accepted");
+    let e =
+        rejected(&MINIMAL.replace("kind = \"jsonl\"", "kind = \"jsonl\"\ndelivery = \"twice\""));
+    assert_eq!(e.path.as_deref(), Some("sink.delivery"), "{e}");
+}
+
+const KAFKA_SINK: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+group_id = "g"
+
+[[topics]]
+name = "changes"
+decoder = { kind = "json", type = "/type" }
+
+[fetcher.sources.customer]
+url = "http://127.0.0.1:1/customers/{id}"
+
+[sink]
+kind = "kafka"
+brokers = "127.0.0.1:9092"
+topic = "entities"
+delivery = "exactly_once"
+"#;
+
+#[test]
+fn exactly_once_into_kafka_needs_a_transactional_id_and_a_timeout_above_the_commit_interval() {
+    let e = rejected(KAFKA_SINK);
+    assert_eq!(
+        e.path.as_deref(),
+        Some("sink.transactional_id_prefix"),
+        "{e}"
+    );
+    let named = format!("{KAFKA_SINK}transactional_id_prefix = \"orders\"\ninstance_id = \"a\"\n");
+    let loaded = load_text(&named).expect("valid");
+    let SinkConfig::Kafka(k) = &loaded.config.sink else {
+        panic!("kafka sink expected");
+    };
+    assert_eq!(k.delivery, refetch::Delivery::ExactlyOnce);
+    assert_eq!(
+        refetch_sinks::kafka::transactional_id(k).as_deref(),
+        Ok("orders-a")
+    );
+    let e = rejected(&format!(
+        "{named}transaction_timeout = \"5s\"\n[engine]\ncommit_interval = \"5s\"\n"
+    ));
+    assert_eq!(e.path.as_deref(), Some("sink.transaction_timeout"), "{e}");
+    assert!(e.message.contains("commit_interval"), "{e}");
+}

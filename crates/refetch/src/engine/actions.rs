@@ -310,7 +310,7 @@ impl Engine {
             let Some(kid) = self.keys.find(&key) else {
                 continue;
             };
-            let (refs, fence, fetched_at) =
+            let (refs, fence, fetched_at, inputs) =
                 match self.keys.get(kid).and_then(|e| e.state.flight.as_ref()) {
                     Some(f) => (
                         f.batch
@@ -320,6 +320,7 @@ impl Engine {
                             .collect::<Vec<PartRef>>(),
                         self.fence_of(&f.batch.notes),
                         f.fetched_at,
+                        self.inputs_of(&f.batch.notes),
                     ),
                     None => continue,
                 };
@@ -333,6 +334,7 @@ impl Engine {
                 group: Some(WriteGroup { action: id, size }),
                 fence,
                 fetched_at,
+                inputs,
             }));
         }
     }

@@ -34,6 +34,9 @@
 //!    an older assignment never touch the current one.
 
 mod actions;
+mod txn;
+
+pub use txn::TransactionPlan;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,6 +93,9 @@ pub struct WriteJob {
     /// When the fetch of this change started, on the wall clock (for sinks that guard
     /// unversioned entities by fetch time).
     pub fetched_at: SystemTime,
+    /// The input offsets the change covers, for sinks that want them
+    /// ([`crate::Sink::wants_inputs`]); empty otherwise.
+    pub inputs: Vec<crate::dlq::Coordinate>,
 }
 
 /// The business action a write belongs to (see [`crate::action`]).
@@ -291,6 +297,10 @@ pub struct Engine {
     dead: dlq::InFlight,
     /// Business actions (notifications with a correlation id).
     acts: Actions,
+    /// Transactions of a transactional sink (exactly-once delivery), when there is one.
+    txn: Option<txn::Transactions>,
+    /// The sink wants the input offsets of each write.
+    wants_inputs: bool,
 
     fetches_in_flight: usize,
     next_flight: u64,
@@ -331,6 +341,8 @@ impl Engine {
             acked: AckedCache::new(cfg.version_cache_capacity),
             policy: Policy::new(cfg.clone()),
             acts: Actions::new(cfg.actions),
+            txn: None,
+            wants_inputs: false,
             cfg,
             screen,
             sink_tracks_versions,
@@ -475,6 +487,7 @@ impl Engine {
             return;
         }
         self.forget_notes_of(refs, true);
+        self.forget_provisional_of(refs);
         for r in refs {
             self.parts.end(r.slot);
         }
@@ -581,6 +594,17 @@ impl Engine {
         }
         if paused || self.globally_paused {
             self.counters.records_while_paused += 1;
+        }
+        if self
+            .parts
+            .get_mut(slot)
+            .is_some_and(|p| p.tracker.stored_covers(record.offset))
+        {
+            // The sink stored this record's offset before this assignment (exactly-once): it
+            // is covered by a committed write already.
+            self.counters.stored_on_arrival += 1;
+            self.track(slot, record.offset, true);
+            return;
         }
         let note = NoteRef {
             part: PartRef { slot, generation },
@@ -788,6 +812,7 @@ impl Engine {
             group: None,
             fence: self.fence_of(&f.batch.notes),
             fetched_at: f.fetched_at,
+            inputs: self.inputs_of(&f.batch.notes),
         };
         self.actions.push(Action::Write(job));
     }
@@ -1083,6 +1108,7 @@ impl Engine {
         };
         let refs: Vec<PartRef> = f.batch.notes.iter().map(|n| n.part).collect();
         let fence = self.fence_of(&f.batch.notes);
+        let inputs = self.inputs_of(&f.batch.notes);
         let fetched_at = f.fetched_at;
         let flight = f.id;
         self.parts.hold(refs);
@@ -1097,6 +1123,7 @@ impl Engine {
             group: None,
             fence,
             fetched_at,
+            inputs,
         }));
     }
 
@@ -1295,6 +1322,21 @@ impl Engine {
                 })
             })
             .collect()
+    }
+
+    /// The input offsets of `notes`, when the sink wants them in its writes.
+    fn inputs_of(&self, notes: &Notes) -> Vec<Coordinate> {
+        if self.wants_inputs {
+            self.coordinates(notes)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Tell the engine whether the sink wants the input offsets of each write
+    /// ([`crate::Sink::wants_inputs`]).
+    pub fn set_wants_inputs(&mut self, on: bool) {
+        self.wants_inputs = on;
     }
 
     fn dead_letter_flight(
@@ -1643,6 +1685,14 @@ impl Engine {
     /// Partitions owned.
     pub fn owned_partitions(&self) -> Vec<TopicPartition> {
         self.parts.iter().map(|p| p.tp().clone()).collect()
+    }
+
+    /// The current assignment of `tp`, if owned.
+    pub fn assignment_of(&self, tp: &TopicPartition) -> Option<Assignment> {
+        self.parts
+            .iter()
+            .find(|p| p.tp() == tp)
+            .map(|p| p.assignment.clone())
     }
 
     /// Assignments owned (partition + epoch).
