@@ -49,6 +49,7 @@ pub fn decode_json(data: &[u8]) {
         key: Some(&data[..split]),
         payload: Some(data),
         headers: &[],
+        timestamp: None,
     };
     for d in decoders() {
         if let Ok(Decoded::Notification(n)) = d.decode(&view) {

@@ -89,6 +89,7 @@ fn view(payload: &[u8], offset: i64) -> RecordView<'_> {
         key: None,
         payload: Some(payload),
         headers: &[],
+        timestamp: None,
     }
 }
 

@@ -32,10 +32,19 @@ pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The wall-clock time now, in milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn wall_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Maps tokio instants to ticks.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     origin: tokio::time::Instant,
+    /// The wall-clock time of the origin, in milliseconds since the Unix epoch.
+    wall_origin_ms: i64,
 }
 
 impl Clock {
@@ -43,7 +52,14 @@ impl Clock {
     pub fn start() -> Self {
         Clock {
             origin: tokio::time::Instant::now(),
+            wall_origin_ms: wall_now_ms(),
         }
+    }
+
+    /// The wall-clock time of `Tick(0)`, in milliseconds since the Unix epoch. Under a paused
+    /// tokio clock, ticks advance with tokio's time and the wall time they stand for with them.
+    pub fn wall_origin_ms(&self) -> i64 {
+        self.wall_origin_ms
     }
 
     /// The current tick.

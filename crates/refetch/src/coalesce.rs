@@ -65,7 +65,10 @@ impl Pending {
         }
     }
 
-    /// Merge one more notification: the deadline slides (trailing edge) but never past max-wait.
+    /// Merge one more notification: the deadline slides (trailing edge) but never past max-wait
+    /// after the first. `window` and `max_wait` are the ones of this notification (shorter for
+    /// one that waited them out before it arrived, see [`crate::EngineConfig::catch_up`]); it
+    /// never moves the deadline earlier.
     pub fn merge(
         &mut self,
         now: Tick,
@@ -74,7 +77,9 @@ impl Pending {
         note: NoteRef,
         version: Option<Version>,
     ) {
-        self.deadline = now.plus(window).min(self.first_at.plus(max_wait));
+        self.deadline = self
+            .deadline
+            .max(now.plus(window).min(self.first_at.plus(max_wait)));
         self.max_version = Version::max_of(self.max_version, version);
         self.all_versioned &= version.is_some();
         self.notes.push(note);

@@ -86,6 +86,17 @@ pub struct EngineConfig {
     /// A key that keeps changing is still flushed at least this often after its first pending
     /// notification.
     pub max_wait: Duration,
+    /// Catch-up: a notification produced longer ago than the window (its record's timestamp,
+    /// as the producer or the broker stamped it) has waited out its window already, so it
+    /// waits only `catch_up_linger` (the same for `max_wait`). A backlog is then fetched as fast
+    /// as it is read instead of paying the window again. A record without a timestamp, or
+    /// stamped in the future, waits the full window. Off: every notification waits the window
+    /// from its arrival.
+    pub catch_up: bool,
+    /// How long a notification that waited out its window already (catch-up) still waits for
+    /// more of its key, so the records read right after it (the rest of the poll, the other
+    /// partitions) merge with it.
+    pub catch_up_linger: Duration,
     /// How many fetches may run at once.
     pub fetch_concurrency: usize,
     /// Largest sink batch.
@@ -116,8 +127,13 @@ pub struct EngineConfig {
     /// is not known to hold at all (read right after a create, from a replica behind), is
     /// retried as a stale read for this long before it counts as a delete.
     pub gone_grace: Duration,
-    /// How often satisfied offsets are committed.
+    /// How often satisfied offsets are committed at the latest (and how often the open
+    /// transaction commits, with an exactly-once sink).
     pub commit_interval: Duration,
+    /// At-least-once: once a write moved a partition's commit point, its commit follows within
+    /// this long instead of waiting for the next `commit_interval` tick (one commit in flight at
+    /// a time; the linger gathers the writes that complete meanwhile).
+    pub commit_linger: Duration,
     /// Outstanding offsets per partition before that partition pauses.
     pub max_outstanding_per_partition: usize,
     /// Pending keys in total before every partition pauses.
@@ -152,6 +168,8 @@ impl Default for EngineConfig {
         EngineConfig {
             window: Duration::from_millis(200),
             max_wait: Duration::from_secs(2),
+            catch_up: true,
+            catch_up_linger: Duration::from_millis(20),
             fetch_concurrency: 64,
             sink_batch_max: 256,
             sink_linger: Duration::from_millis(5),
@@ -173,6 +191,7 @@ impl Default for EngineConfig {
             unhealthy_ratio: 0.5,
             gone_grace: Duration::from_secs(10),
             commit_interval: Duration::from_secs(1),
+            commit_linger: Duration::from_millis(50),
             max_outstanding_per_partition: 100_000,
             max_pending_keys: 200_000,
             max_pending_bytes: 64 * 1024 * 1024,

@@ -38,6 +38,8 @@ pub struct OwnedRecord {
     pub payload: Option<Vec<u8>>,
     /// Headers.
     pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Produce (or log-append) time in milliseconds since the Unix epoch, when known.
+    pub timestamp: Option<i64>,
 }
 
 impl OwnedRecord {
@@ -50,6 +52,7 @@ impl OwnedRecord {
             key: self.key.as_deref(),
             payload: self.payload.as_deref(),
             headers: &self.headers,
+            timestamp: self.timestamp,
         }
     }
 
@@ -405,6 +408,32 @@ impl MemoryConsumer {
         payload: &[u8],
         gap: i64,
     ) -> i64 {
+        self.append(topic, partition, key, payload, gap, None)
+    }
+
+    /// Append a record stamped as produced at `timestamp` (milliseconds since the Unix epoch), as
+    /// a Kafka producer stamps it. Records appended with [`MemoryConsumer::produce`] carry no
+    /// timestamp (the engine then treats them as fresh).
+    pub fn produce_at(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        timestamp: i64,
+    ) -> i64 {
+        self.append(topic, partition, key, payload, 0, Some(timestamp))
+    }
+
+    fn append(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        gap: i64,
+        timestamp: Option<i64>,
+    ) -> i64 {
         let Ok(mut s) = self.state.lock() else {
             return -1;
         };
@@ -421,6 +450,7 @@ impl MemoryConsumer {
             key: key.map(<[u8]>::to_vec),
             payload: Some(payload.to_vec()),
             headers: Vec::new(),
+            timestamp,
         });
         offset
     }

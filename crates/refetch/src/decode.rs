@@ -73,6 +73,10 @@ pub struct RecordView<'a> {
     pub payload: Option<&'a [u8]>,
     /// Record headers.
     pub headers: &'a [(String, Option<Vec<u8>>)],
+    /// When the record was produced (or appended, for a topic with `LogAppendTime`), in
+    /// milliseconds since the Unix epoch; `None` when the client does not know. The engine uses
+    /// it to skip the debounce window a record has already waited out (catch-up).
+    pub timestamp: Option<i64>,
 }
 
 /// What a decoder made of a record.
@@ -205,7 +209,7 @@ impl Correlation {
 /// let decoder = JsonDecoder::fixed_type("customer", "/id").with_version("/rev", VersionKind::Integer);
 /// let payload = br#"{"id": "42", "rev": 7, "field": "phone"}"#;
 /// let record = RecordView { topic: "crm", partition: 0, offset: 10, key: None,
-///                           payload: Some(payload), headers: &[] };
+///                           payload: Some(payload), headers: &[], timestamp: None };
 /// let Decoded::Notification(n) = decoder.decode(&record).unwrap() else { panic!() };
 /// assert_eq!(n.key.to_string(), "customer:42");
 /// assert_eq!(n.version, Some(Version::Int(7)));
@@ -586,6 +590,7 @@ mod tests {
             key: None,
             payload: Some(payload),
             headers: &[],
+            timestamp: None,
         }
     }
 

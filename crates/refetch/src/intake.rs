@@ -191,6 +191,7 @@ mod tests {
             key: None,
             payload: Some(payload),
             headers: &[],
+            timestamp: None,
         }
     }
 

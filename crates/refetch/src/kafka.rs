@@ -605,6 +605,7 @@ fn owned(m: &rdkafka::message::BorrowedMessage<'_>, topic: &Arc<str>) -> OwnedRe
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().map(<[u8]>::to_vec),
         headers,
+        timestamp: m.timestamp().to_millis(),
     }
 }
 

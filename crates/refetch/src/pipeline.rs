@@ -412,6 +412,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
         )
         .with_sources(Box::new(move |t: &str| sources_fetcher.source_name(t)));
         let clock = Clock::start();
+        engine.set_wall_origin(clock.wall_origin_ms());
         // Cancelled when `run` returns: no fetch, write or dead-letter task outlives the run.
         let stop = CancellationToken::new();
         let _stop_on_return = stop.clone().drop_guard();

@@ -319,6 +319,7 @@ impl World {
                 key: None,
                 payload: Some(payload.as_bytes()),
                 headers: &[],
+                timestamp: None,
             };
             self.engine.on_record(&view, Tick(self.now));
             self.deliveries.push(Delivery {

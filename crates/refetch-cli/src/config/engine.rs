@@ -22,6 +22,12 @@ pub struct EngineSection {
     /// notification (must be at least `window`).
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
+    /// Catch-up: a notification whose record was produced longer ago than `window` (a
+    /// backlog) waits only `catch_up_linger`, not the window again.
+    pub catch_up: bool,
+    /// How long a caught-up notification still waits for more of its key.
+    #[serde(with = "humantime_serde")]
+    pub catch_up_linger: Duration,
     /// Fetches running at once (all entity types together).
     pub fetch_concurrency: usize,
     /// Largest sink batch.
@@ -56,9 +62,12 @@ pub struct EngineSection {
     /// it counts as a delete.
     #[serde(with = "humantime_serde")]
     pub gone_grace: Duration,
-    /// How often satisfied offsets are committed.
+    /// How often satisfied offsets are committed at the latest (and transactions, exactly-once).
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// At-least-once: a commit follows a moved commit point within this long.
+    #[serde(with = "humantime_serde")]
+    pub commit_linger: Duration,
     /// Offsets held per partition before that partition pauses.
     pub max_outstanding_per_partition: usize,
     /// Pending keys in total before every partition pauses.
@@ -222,6 +231,8 @@ impl From<&EngineConfig> for EngineSection {
         EngineSection {
             window: e.window,
             max_wait: e.max_wait,
+            catch_up: e.catch_up,
+            catch_up_linger: e.catch_up_linger,
             fetch_concurrency: e.fetch_concurrency,
             sink_batch_max: e.sink_batch_max,
             sink_linger: e.sink_linger,
@@ -235,6 +246,7 @@ impl From<&EngineConfig> for EngineSection {
             unhealthy_ratio: e.unhealthy_ratio,
             gone_grace: e.gone_grace,
             commit_interval: e.commit_interval,
+            commit_linger: e.commit_linger,
             max_outstanding_per_partition: e.max_outstanding_per_partition,
             max_pending_keys: e.max_pending_keys,
             max_pending_bytes: e.max_pending_bytes,
@@ -262,6 +274,8 @@ impl EngineSection {
         EngineConfig {
             window: self.window,
             max_wait: self.max_wait,
+            catch_up: self.catch_up,
+            catch_up_linger: self.catch_up_linger,
             fetch_concurrency: self.fetch_concurrency,
             sink_batch_max: self.sink_batch_max,
             sink_linger: self.sink_linger,
@@ -275,6 +289,7 @@ impl EngineSection {
             unhealthy_ratio: self.unhealthy_ratio,
             gone_grace: self.gone_grace,
             commit_interval: self.commit_interval,
+            commit_linger: self.commit_linger,
             max_outstanding_per_partition: self.max_outstanding_per_partition,
             max_pending_keys: self.max_pending_keys,
             max_pending_bytes: self.max_pending_bytes,
@@ -324,6 +339,7 @@ mod tests {
             key: None,
             payload: Some(payload),
             headers: &[],
+            timestamp: None,
         };
         match d.build().decode(&record) {
             Ok(refetch::Decoded::Notification(n)) => {

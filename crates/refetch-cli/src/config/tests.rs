@@ -295,6 +295,7 @@ fn the_retry_topic_decodes_entity_headers() {
         key: None,
         payload: Some(b"{}"),
         headers: &headers,
+        timestamp: None,
     };
     match HeaderKeyDecoder.decode(&view) {
         Ok(refetch::Decoded::Notification(n)) => {

@@ -43,7 +43,8 @@ impl Engine {
         if self.acts.is_closed(&tag.id) {
             // Its action was already completed: a normal notification.
             self.counters.add_action_late_member();
-            self.add_note(key, version, fields, note, now);
+            let windows = self.windows_for(None, now);
+            self.add_note(key, version, fields, note, now, windows);
             return;
         }
         let before = self.acts.open.len();

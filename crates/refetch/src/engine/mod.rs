@@ -34,6 +34,7 @@
 //!    an older assignment never touch the current one.
 
 mod actions;
+mod catch_up;
 mod txn;
 
 pub use txn::TransactionPlan;
@@ -45,7 +46,7 @@ use std::time::{Duration, SystemTime};
 use crate::acked::{Acked, AckedCache};
 use crate::action::Actions;
 use crate::assignment::{Assignment, Fence};
-use crate::clock::{Tick, millis};
+use crate::clock::Tick;
 use crate::coalesce::{Flight, KeyState, NoteRef, Notes, Pending, Phase, RetryState};
 use crate::config::EngineConfig;
 use crate::decode::{Fields, RecordView};
@@ -307,6 +308,9 @@ pub struct Engine {
     refresh_done: Vec<(u64, RefreshOutcome)>,
     /// The latest tick seen (revokes carry no tick of their own).
     last_tick: Tick,
+    /// The wall-clock time of `Tick(0)`, in milliseconds since the Unix epoch: how a record's
+    /// timestamp is compared with the engine's ticks (catch-up).
+    wall_origin_ms: i64,
     globally_paused: bool,
     shutting_down: bool,
     /// Bytes of records the consumer received that the engine has not taken yet.
@@ -355,6 +359,7 @@ impl Engine {
             next_flight: 1,
             refresh_done: Vec::new(),
             last_tick: Tick(0),
+            wall_origin_ms: crate::clock::wall_now_ms(),
             globally_paused: false,
             shutting_down: false,
             queued_bytes: 0,
@@ -397,6 +402,8 @@ impl Engine {
     pub fn reconfigure(&mut self, cfg: &EngineConfig) {
         self.cfg.window = cfg.window;
         self.cfg.max_wait = cfg.max_wait;
+        self.cfg.catch_up = cfg.catch_up;
+        self.cfg.catch_up_linger = cfg.catch_up_linger;
         self.cfg.fetch_concurrency = cfg.fetch_concurrency;
         self.cfg.max_outstanding_per_partition = cfg.max_outstanding_per_partition;
         self.cfg.max_pending_keys = cfg.max_pending_keys;
@@ -640,7 +647,10 @@ impl Engine {
                     return;
                 }
                 match action {
-                    None => self.add_note(key, version, fields, note, now),
+                    None => {
+                        let windows = self.windows_for(record.timestamp, now);
+                        self.add_note(key, version, fields, note, now, windows)
+                    }
                     Some(tag) => self.add_action_note(&tag, key, version, fields, note, now),
                 }
             }
@@ -674,9 +684,8 @@ impl Engine {
         fields: Option<Fields>,
         note: NoteRef,
         now: Tick,
+        (window, max_wait): (u64, u64),
     ) {
-        let window = millis(self.cfg.window);
-        let max_wait = millis(self.cfg.max_wait);
         let id = match self.keys.find(&key) {
             Some(id) => {
                 let Some(entry) = self.keys.get_mut(id) else {
@@ -743,7 +752,8 @@ impl Engine {
             ));
             return;
         }
-        self.add_note(key.clone(), None, None, note, now);
+        let windows = self.windows_for(None, now);
+        self.add_note(key.clone(), None, None, note, now, windows);
         if let Some(id) = self.keys.find(&key) {
             if let Some(entry) = self.keys.get_mut(id) {
                 entry.state.set_refresh_requested(true);

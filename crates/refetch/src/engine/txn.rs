@@ -426,6 +426,7 @@ mod tests {
                 key: None,
                 payload: Some(payload.as_bytes()),
                 headers: &[],
+                timestamp: None,
             },
             now,
         );
