@@ -103,6 +103,23 @@ impl Harness {
             .produce(TOPIC, partition, None, payload.as_bytes(), 0)
     }
 
+    /// The source changes `i` and a versioned notification stamped as produced `ago` before
+    /// now (wall clock) is published: a record of a backlog.
+    fn change_produced_ago(&self, i: usize, partition: i32, ago: Duration) -> i64 {
+        let v = self.source.change(&key(i));
+        let payload = format!(r#"{{"id":"c{i}","v":{v}}}"#);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.topics.produce_at(
+            TOPIC,
+            partition,
+            None,
+            payload.as_bytes(),
+            now - ago.as_millis() as i64,
+        )
+    }
+
     fn fetch_starts(&self, k: &EntityKey) -> Vec<Instant> {
         self.starts
             .lock()
@@ -490,5 +507,79 @@ async fn late_notifications_of_a_deleted_entity_are_satisfied_by_its_tombstone()
     assert_eq!(h.sink.held().get(&k), Some(&v));
     assert!(h.sink.diff(&h.source).is_empty());
     assert!(h.dead.records().is_empty());
+    h.stop().await;
+}
+
+/// Catch-up: a backlog produced a minute before it is read has waited out a 10 s window long
+/// ago; its keys are fetched after the catch-up linger (once each, the backlog's notes of a key
+/// merged), not after the window. Records produced now wait the window.
+#[tokio::test(start_paused = true)]
+async fn a_backlog_read_long_after_it_was_produced_is_not_debounced_again() {
+    let h = start(
+        EngineConfig {
+            catch_up_linger: Duration::from_millis(20),
+            ..cfg(10_000, 20_000)
+        },
+        1,
+    );
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        for i in 0..5 {
+            h.change_produced_ago(i, 0, Duration::from_secs(60));
+        }
+    }
+    h.change(9, 0, true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..5 {
+        let starts = h.fetch_starts(&key(i));
+        assert_eq!(starts.len(), 1, "key {i}: one fetch for its three notes");
+        let at = starts[0].duration_since(t0);
+        assert!(at <= Duration::from_millis(100), "key {i} fetched at {at:?}");
+    }
+    assert!(
+        h.fetch_starts(&key(9)).is_empty(),
+        "a fresh notification waits its 10 s window"
+    );
+    h.until_committed(Duration::from_secs(30)).await;
+    let at = h.fetch_starts(&key(9))[0].duration_since(t0);
+    assert!(at >= Duration::from_secs(10), "fresh key fetched at {at:?}");
+    assert!(h.sink.diff(&h.source).is_empty());
+    h.stop().await;
+}
+
+/// Commits follow the commit point: with a 10 s commit interval, the offset of a write is
+/// committed within the commit linger of the write, not at the next tick.
+#[tokio::test(start_paused = true)]
+async fn a_commit_follows_the_write_that_moved_the_commit_point() {
+    let h = start(
+        EngineConfig {
+            commit_interval: Duration::from_secs(10),
+            commit_linger: Duration::from_millis(50),
+            ..cfg(100, 1_000)
+        },
+        1,
+    );
+    // Let the first (empty) tick pass.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    h.change(1, 0, true);
+    let t0 = Instant::now();
+    h.until_committed(Duration::from_secs(5)).await;
+    let took = t0.elapsed();
+    let fetched = h.fetch_starts(&key(1))[0].duration_since(t0);
+    assert!(
+        took <= fetched + Duration::from_millis(200),
+        "committed {took:?} after the notification, fetched at {fetched:?}"
+    );
+    // A second write, long after: committed promptly again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    h.change(2, 0, true);
+    let t1 = Instant::now();
+    h.until_committed(Duration::from_secs(5)).await;
+    assert!(
+        t1.elapsed() <= Duration::from_millis(400),
+        "second commit {:?} after its notification",
+        t1.elapsed()
+    );
+    assert!(h.sink.diff(&h.source).is_empty());
     h.stop().await;
 }

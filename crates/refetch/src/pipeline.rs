@@ -476,6 +476,10 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
         let mut next_request = 1usize;
         let mut commit_tick = tokio::time::interval(cfg.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // At-least-once: when a commit follows the writes that completed (see
+        // `EngineConfig::commit_linger`), instead of the next tick.
+        let mut commit_linger = cfg.commit_linger;
+        let mut prompt_commit: Option<tokio::time::Instant> = None;
         let mut shutdown_deadline: Option<tokio::time::Instant> = None;
         let mut consumer_open = true;
         tokio::pin!(shutdown);
@@ -503,6 +507,15 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                     while let Ok(c) = done_rx.try_recv() {
                         rt.apply(&mut engine, c, &clock, &writes, &commands, &done_tx, cfg.commit_timeout);
                     }
+                    // A write (or the last commit) may have moved a commit point: commit it
+                    // soon, not at the next tick.
+                    if rt.store.is_none() && prompt_commit.is_none() && commit_linger < commit_tick.period() {
+                        prompt_commit = Some(tokio::time::Instant::now() + commit_linger);
+                    }
+                }
+                () = tokio::time::sleep_until(prompt_commit.unwrap_or(wake)), if prompt_commit.is_some() => {
+                    prompt_commit = None;
+                    rt.prompt_commit(&mut engine, &commands, &done_tx, cfg.commit_timeout);
                 }
                 Some(ctl) = control_rx.recv() => match ctl {
                     Control::Status(reply) => {
@@ -534,6 +547,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
                         tracing::info!("engine settings changed live");
                         engine.reconfigure(&new);
                         writes.reconfigure(&new);
+                        commit_linger = new.commit_linger;
                         if new.commit_interval != commit_tick.period() {
                             commit_tick = tokio::time::interval(new.commit_interval);
                             commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1065,6 +1079,25 @@ impl Runtime {
                 self.commit_in_flight = true;
                 spawn_commit(commands, offsets, done.clone(), timeout);
             }
+        }
+    }
+
+    /// At-least-once: commit the points that moved now, unless a commit is in flight (its
+    /// completion arms the next one).
+    fn prompt_commit(
+        &mut self,
+        engine: &mut Engine,
+        commands: &mpsc::UnboundedSender<ConsumerCommand>,
+        done: &mpsc::UnboundedSender<Completion>,
+        timeout: Duration,
+    ) {
+        if self.store.is_some() || self.commit_in_flight || self.fatal.is_some() {
+            return;
+        }
+        let offsets = engine.commits();
+        if !offsets.is_empty() {
+            self.commit_in_flight = true;
+            spawn_commit(commands, offsets, done.clone(), timeout);
         }
     }
 
