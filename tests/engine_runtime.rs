@@ -534,7 +534,10 @@ async fn a_backlog_read_long_after_it_was_produced_is_not_debounced_again() {
         let starts = h.fetch_starts(&key(i));
         assert_eq!(starts.len(), 1, "key {i}: one fetch for its three notes");
         let at = starts[0].duration_since(t0);
-        assert!(at <= Duration::from_millis(100), "key {i} fetched at {at:?}");
+        assert!(
+            at <= Duration::from_millis(100),
+            "key {i} fetched at {at:?}"
+        );
     }
     assert!(
         h.fetch_starts(&key(9)).is_empty(),
