@@ -317,6 +317,7 @@ async fn a_commit_of_an_ended_assignment_never_reaches_the_broker() {
         .commands
         .send(ConsumerCommand::Commit {
             offsets: vec![(old.clone(), 5)],
+            metadata: Vec::new(),
             reply: tx,
         })
         .expect("driver running");

@@ -336,7 +336,11 @@ async fn commit_through(
 ) -> refetch::consumer::CommitResult {
     let (reply, answer) = tokio::sync::oneshot::channel();
     commands
-        .send(refetch::consumer::ConsumerCommand::Commit { offsets, reply })
+        .send(refetch::consumer::ConsumerCommand::Commit {
+            offsets,
+            metadata: Vec::new(),
+            reply,
+        })
         .expect("driver running");
     tokio::time::timeout(Duration::from_secs(30), answer)
         .await

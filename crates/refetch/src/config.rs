@@ -134,6 +134,12 @@ pub struct EngineConfig {
     /// this long instead of waiting for the next `commit_interval` tick (one commit in flight at
     /// a time; the linger gathers the writes that complete meanwhile).
     pub commit_linger: Duration,
+    /// At-least-once: the satisfied offsets above each commit point go into the commit's
+    /// metadata, encoded in at most this many bytes (the ranges nearest the point first). After
+    /// a restart, or at the next owner, their records are taken as satisfied instead of being
+    /// fetched again. 0 commits no ranges. Brokers refuse metadata over
+    /// `offset.metadata.max.bytes` (4096 by default).
+    pub commit_ranges_max_bytes: usize,
     /// Outstanding offsets per partition before that partition pauses.
     pub max_outstanding_per_partition: usize,
     /// Pending keys in total before every partition pauses.
@@ -192,6 +198,7 @@ impl Default for EngineConfig {
             gone_grace: Duration::from_secs(10),
             commit_interval: Duration::from_secs(1),
             commit_linger: Duration::from_millis(50),
+            commit_ranges_max_bytes: 4000,
             max_outstanding_per_partition: 100_000,
             max_pending_keys: 200_000,
             max_pending_bytes: 64 * 1024 * 1024,

@@ -119,6 +119,14 @@ impl std::fmt::Debug for GroupMetadataSource {
 /// Offsets to commit (the next offset to consume), each for the assignment it belongs to.
 pub type Offsets = Vec<(Assignment, i64)>;
 
+/// Commit metadata per partition (the satisfied ranges above the committed offset, see
+/// [`crate::offsets::StoredOffset::encode_ranges`]); partitions not named commit empty metadata.
+pub type CommitMetadata = Vec<(TopicPartition, String)>;
+
+/// The largest commit metadata a broker takes by default (`offset.metadata.max.bytes`); a
+/// commit with more is refused (`OFFSET_METADATA_TOO_LARGE`).
+pub const BROKER_METADATA_MAX_BYTES: usize = 4096;
+
 /// How a commit ended: the offsets that reached the broker (entries whose assignment was no
 /// longer current were dropped), or why it failed.
 pub type CommitResult = Result<Offsets, String>;
@@ -142,6 +150,10 @@ pub enum ConsumerEvent {
         /// When the driver stops waiting (set by the driver, so both sides use one clock).
         deadline: tokio::time::Instant,
     },
+    /// What the group had committed for new assignments when they began, with the satisfied
+    /// ranges its commit metadata named (sent right after [`ConsumerEvent::Assigned`], before
+    /// any of their records; assignments with no commit are left out).
+    CommittedRanges(Vec<(Assignment, crate::offsets::StoredOffset)>),
     /// Assignments were lost (session expired, fenced): no drain, no commit.
     Lost(Vec<Assignment>),
     /// The consumer's position (next offset it will deliver) of assignments, sent after records:
@@ -177,6 +189,8 @@ pub enum ConsumerCommand {
     Commit {
         /// The offsets.
         offsets: Offsets,
+        /// Metadata to commit with them.
+        metadata: CommitMetadata,
         /// The result.
         reply: oneshot::Sender<CommitResult>,
     },
@@ -249,6 +263,8 @@ struct Log {
 struct MemoryState {
     partitions: BTreeMap<TopicPartition, Log>,
     committed: BTreeMap<TopicPartition, i64>,
+    /// The metadata committed with each offset (empty when none was given, as a broker keeps it).
+    committed_metadata: BTreeMap<TopicPartition, String>,
     commit_log: Vec<(TopicPartition, i64)>,
     /// Records handed to the engine so far (re-deliveries included).
     delivered: u64,
@@ -489,6 +505,14 @@ impl MemoryConsumer {
             .unwrap_or_default()
     }
 
+    /// The metadata committed with each partition's offset (empty for commits without any).
+    pub fn committed_metadata(&self) -> BTreeMap<TopicPartition, String> {
+        self.state
+            .lock()
+            .map(|s| s.committed_metadata.clone())
+            .unwrap_or_default()
+    }
+
     /// How many records the consumer has handed to the engine so far (re-deliveries after a
     /// rebalance included): what the engine has taken in, counted outside the engine.
     pub fn delivered(&self) -> u64 {
@@ -567,8 +591,8 @@ impl MemoryDriver {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None => return,
-                    Some(ConsumerCommand::Commit { offsets, reply }) => {
-                        let r = self.commit(&offsets);
+                    Some(ConsumerCommand::Commit { offsets, metadata, reply }) => {
+                        let r = self.commit(&offsets, &metadata);
                         let _ = reply.send(r);
                     }
                     Some(ConsumerCommand::Pause(tps)) => self.paused.extend(tps),
@@ -600,6 +624,7 @@ impl MemoryDriver {
                         if let Ok(mut s) = self.state.lock() {
                             for (tp, o) in offsets {
                                 s.committed.insert(tp.clone(), o);
+                                s.committed_metadata.remove(&tp);
                                 s.commit_log.push((tp, o));
                             }
                         }
@@ -630,6 +655,7 @@ impl MemoryDriver {
 
     fn assign(&mut self, tps: Vec<TopicPartition>) {
         let mut out = Vec::new();
+        let mut ranges = Vec::new();
         if let Ok(s) = self.state.lock() {
             for tp in tps {
                 let epoch = self.epochs.next_epoch();
@@ -638,23 +664,54 @@ impl MemoryDriver {
                 // A new assignment starts unpaused, as a real consumer's does: the engine
                 // re-applies its pause state.
                 self.paused.remove(&tp);
-                out.push(Assignment::new(tp, epoch));
+                let a = Assignment::new(tp, epoch);
+                if let Some(&o) = s.committed.get(&a.tp) {
+                    let text = s.committed_metadata.get(&a.tp).map_or("", String::as_str);
+                    if let Ok(stored) = crate::offsets::StoredOffset::decode(o, text) {
+                        ranges.push((a.clone(), stored));
+                    }
+                }
+                out.push(a);
             }
         }
         let _ = self.events.send(ConsumerEvent::Assigned(out));
+        if !ranges.is_empty() {
+            let _ = self.events.send(ConsumerEvent::CommittedRanges(ranges));
+        }
     }
 
     /// The member's commit: entries whose assignment is not current are dropped (the epoch
     /// check); the broker side accepts the rest, whatever they are.
-    fn commit(&self, offsets: &Offsets) -> CommitResult {
+    /// Commit as a broker does: the offsets of current assignments, each with its metadata
+    /// (or none, which clears what was there); metadata over the broker's default limit fails
+    /// the commit (`OFFSET_METADATA_TOO_LARGE`).
+    fn commit(&self, offsets: &Offsets, metadata: &CommitMetadata) -> CommitResult {
         let current: Offsets = offsets
             .iter()
             .filter(|(a, _)| self.owned.get(&a.tp).is_some_and(|(e, _)| *e == a.epoch))
             .cloned()
             .collect();
+        let meta = |tp: &TopicPartition| {
+            metadata
+                .iter()
+                .find(|(t, _)| t == tp)
+                .map_or("", |(_, m)| m.as_str())
+        };
+        if let Some((a, _)) = current
+            .iter()
+            .find(|(a, _)| meta(&a.tp).len() > BROKER_METADATA_MAX_BYTES)
+        {
+            return Err(format!(
+                "OFFSET_METADATA_TOO_LARGE: {} bytes of metadata for {} (at most {BROKER_METADATA_MAX_BYTES})",
+                meta(&a.tp).len(),
+                a.tp
+            ));
+        }
         let mut s = self.state.lock().map_err(|_| "state poisoned".to_owned())?;
         for (a, o) in &current {
             s.committed.insert(a.tp.clone(), *o);
+            s.committed_metadata
+                .insert(a.tp.clone(), meta(&a.tp).to_owned());
             s.commit_log.push((a.tp.clone(), *o));
         }
         Ok(current)
@@ -698,8 +755,8 @@ impl MemoryDriver {
             }
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(ConsumerCommand::Commit { offsets, reply }) => {
-                        let r = self.commit(&offsets);
+                    Some(ConsumerCommand::Commit { offsets, metadata, reply }) => {
+                        let r = self.commit(&offsets, &metadata);
                         let _ = reply.send(r);
                     }
                     Some(ConsumerCommand::Pause(p)) => self.paused.extend(p),
@@ -720,7 +777,7 @@ impl MemoryDriver {
                 .into_iter()
                 .filter(|(a, _)| assignments.iter().any(|r| r.same(a)))
                 .collect();
-            if let Ok(r) = self.commit(&revoked) {
+            if let Ok(r) = self.commit(&revoked, &Vec::new()) {
                 committed = r.into_iter().map(|(a, o)| (a.tp, o)).collect();
             }
         }

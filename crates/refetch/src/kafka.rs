@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::assignment::{Assignment, Epoch, EpochCounter, TopicPartition};
 use crate::consumer::{
-    CommitResult, ConsumerChannels, ConsumerCommand, ConsumerEvent, GroupMetadata,
+    CommitMetadata, CommitResult, ConsumerChannels, ConsumerCommand, ConsumerEvent, GroupMetadata,
     GroupMetadataSource, Offsets, OwnedRecord, QueuedBytes,
 };
 use crate::dlq::DeadLetter;
@@ -241,6 +241,7 @@ enum CommitJob {
     /// A periodic (or final) commit from the engine.
     Engine {
         offsets: Offsets,
+        metadata: CommitMetadata,
         reply: tokio::sync::oneshot::Sender<CommitResult>,
     },
     /// The commit of a revoke; the handler waits for it with a deadline and sets `abandoned`
@@ -337,6 +338,20 @@ impl ClientContext for DriverContext {
     }
 }
 
+/// The offsets with their commit metadata (partitions not in `metadata` commit none).
+fn to_tpl_with(offsets: &Offsets, metadata: &CommitMetadata) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for (a, o) in offsets {
+        let mut e = tpl.add_partition(&a.tp.topic, a.tp.partition);
+        // An offset is always representable; ignore the impossible error.
+        let _ = e.set_offset(Offset::Offset(*o));
+        if let Some((_, m)) = metadata.iter().find(|(tp, _)| *tp == a.tp) {
+            e.set_metadata(m);
+        }
+    }
+    tpl
+}
+
 fn to_tpl(offsets: &Offsets) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for (a, o) in offsets {
@@ -425,7 +440,7 @@ impl ConsumerContext for DriverContext {
         forget(&tps);
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let assignments: Vec<Assignment> = match self.ownership.lock() {
@@ -442,7 +457,11 @@ impl ConsumerContext for DriverContext {
                     Err(_) => Vec::new(),
                 };
                 if !self.closing.load(Ordering::SeqCst) {
+                    let ranges = self.committed_ranges(consumer, &assignments);
                     let _ = self.events.send(ConsumerEvent::Assigned(assignments));
+                    if !ranges.is_empty() {
+                        let _ = self.events.send(ConsumerEvent::CommittedRanges(ranges));
+                    }
                 }
             }
             Rebalance::Revoke(_) => {}
@@ -452,6 +471,47 @@ impl ConsumerContext for DriverContext {
 }
 
 impl DriverContext {
+    /// What the group committed for new assignments, with the ranges in its metadata. Read in
+    /// the rebalance callback, so it reaches the engine before any record of the assignments.
+    /// Bounded by `commit_timeout`; a failure only costs fetches (the records above the
+    /// committed offset are fetched again), so it is logged and the assignment goes on.
+    fn committed_ranges(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        assignments: &[Assignment],
+    ) -> Vec<(Assignment, crate::offsets::StoredOffset)> {
+        if assignments.is_empty() {
+            return Vec::new();
+        }
+        let tps: Vec<TopicPartition> = assignments.iter().map(|a| a.tp.clone()).collect();
+        let got = match consumer.committed_offsets(to_tpl_plain(&tps), self.commit_timeout) {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::warn!(error = %e, partitions = tps.len(),
+                    "cannot read the committed offsets' ranges; records above them are fetched again");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for e in got.elements() {
+            let Offset::Offset(o) = e.offset() else {
+                continue;
+            };
+            let Some(a) = assignments
+                .iter()
+                .find(|a| *a.tp.topic == *e.topic() && a.tp.partition == e.partition())
+            else {
+                continue;
+            };
+            match crate::offsets::StoredOffset::decode(o, e.metadata()) {
+                Ok(s) => out.push((a.clone(), s)),
+                Err(err) => tracing::warn!(partition = %a.tp, error = %err,
+                    "unreadable ranges in the commit metadata; ignored (the records are fetched again)"),
+            }
+        }
+        out
+    }
+
     /// Commit `offsets` of a revoke through the committer thread and wait at most
     /// `commit_timeout`, so a slow coordinator cannot stall the poll thread past
     /// `max.poll.interval.ms`.
@@ -495,9 +555,13 @@ fn committer_loop(
 ) {
     while let Ok(job) = jobs.recv() {
         match job {
-            CommitJob::Engine { offsets, reply } => {
+            CommitJob::Engine {
+                offsets,
+                metadata,
+                reply,
+            } => {
                 let r = consumer
-                    .commit(&to_tpl(&offsets), CommitMode::Sync)
+                    .commit(&to_tpl_with(&offsets, &metadata), CommitMode::Sync)
                     .map(|()| offsets)
                     .map_err(|e| e.to_string());
                 let _ = reply.send(r);
@@ -616,6 +680,7 @@ fn owned(m: &rdkafka::message::BorrowedMessage<'_>, topic: &Arc<str>) -> OwnedRe
 fn accept_commit(
     consumer: &BaseConsumer<DriverContext>,
     offsets: Offsets,
+    metadata: CommitMetadata,
     reply: tokio::sync::oneshot::Sender<CommitResult>,
 ) {
     let ctx = consumer.context();
@@ -629,6 +694,7 @@ fn accept_commit(
     }
     let job = CommitJob::Engine {
         offsets: current,
+        metadata,
         reply,
     };
     let rejected = match ctx.committer.lock() {
@@ -708,8 +774,12 @@ fn poll_loop(
     loop {
         loop {
             match commands.try_recv() {
-                Ok(ConsumerCommand::Commit { offsets, reply }) => {
-                    accept_commit(&consumer, offsets, reply);
+                Ok(ConsumerCommand::Commit {
+                    offsets,
+                    metadata,
+                    reply,
+                }) => {
+                    accept_commit(&consumer, offsets, metadata, reply);
                 }
                 Ok(ConsumerCommand::Pause(tps)) => {
                     if let Err(e) = consumer.pause(&to_tpl_plain(&tps)) {

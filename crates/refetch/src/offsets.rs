@@ -48,6 +48,10 @@ pub struct OffsetTracker {
     /// `last_received + 1`.
     position: Option<i64>,
     committed: Option<i64>,
+    /// The satisfied ranges committed with `committed` as its metadata (at-least-once).
+    committed_ranges: String,
+    /// A commit sent and not yet confirmed: its offset and ranges.
+    sent: Option<(i64, String)>,
     /// What the sink stored last for this partition (exactly-once delivery).
     stored: Option<StoredOffset>,
     /// What the sink had stored when the assignment began, while records it covers may still
@@ -119,6 +123,38 @@ impl StoredOffset {
             }
             let _ = write!(out, "{}+{}", a - prev, b - a);
             prev = *b;
+        }
+        out
+    }
+
+    /// [`StoredOffset::encode_ranges`] within `max_bytes`: the ranges nearest the offset that
+    /// fit, the rest left out (empty when not even the first fits). Leaving a range out is safe
+    /// where the ranges only save work (at-least-once commit metadata: its records are fetched
+    /// again after a restart), not where they promise something (a transaction's).
+    pub fn encode_ranges_within(&self, max_bytes: usize) -> String {
+        use std::fmt::Write as _;
+        if self.covered.is_empty() || max_bytes <= RANGES_V1.len() {
+            return String::new();
+        }
+        let mut out =
+            String::with_capacity(max_bytes.min(RANGES_V1.len() + self.covered.len() * 8));
+        out.push_str(RANGES_V1);
+        let mut prev = self.offset;
+        let mut part = String::new();
+        for (i, (a, b)) in self.covered.iter().enumerate() {
+            part.clear();
+            if i > 0 {
+                part.push(',');
+            }
+            let _ = write!(part, "{}+{}", a - prev, b - a);
+            if out.len() + part.len() > max_bytes {
+                break;
+            }
+            out.push_str(&part);
+            prev = *b;
+        }
+        if out.len() == RANGES_V1.len() {
+            out.clear();
         }
         out
     }
@@ -339,9 +375,44 @@ impl OffsetTracker {
         (self.committed != Some(point)).then_some(point)
     }
 
-    /// Record a successful commit of `offset`.
+    /// Record a successful commit of `offset` (with the ranges sent with it, if it was sent
+    /// by [`OffsetTracker::commit_with_ranges`]).
     pub fn committed(&mut self, offset: i64) {
         self.committed = Some(offset);
+        match self.sent.take() {
+            Some((o, ranges)) if o == offset => self.committed_ranges = ranges,
+            _ => self.committed_ranges.clear(),
+        }
+    }
+
+    /// At-least-once commit metadata: the commit point and the satisfied ranges above it,
+    /// encoded within `max_bytes` (nearest first), when either differs from what was committed
+    /// last. Ranges let a restart (or the next owner) take the records they cover as satisfied
+    /// instead of fetching them again; see [`OffsetTracker::start_from`]. The answer is
+    /// remembered as sent, so a successful commit of it records its ranges.
+    pub fn commit_with_ranges(&mut self, max_bytes: usize) -> Option<(i64, String)> {
+        let point = self.commit_point()?;
+        let ranges = if max_bytes == 0 || (self.unsatisfied == 0 && self.start.is_none()) {
+            String::new()
+        } else {
+            self.to_store()
+                .map(|mut s| {
+                    // Past the point, the sink stored everything up to `s.offset` before this
+                    // assignment (the ranges it started from): keep that as a range.
+                    if s.offset > point + 1 {
+                        s.covered.insert(0, (point + 1, s.offset - 1));
+                    }
+                    s.covered.retain(|&(a, _)| a > point);
+                    s.offset = point;
+                    s.encode_ranges_within(max_bytes)
+                })
+                .unwrap_or_default()
+        };
+        if self.committed == Some(point) && self.committed_ranges == ranges {
+            return None;
+        }
+        self.sent = Some((point, ranges.clone()));
+        Some((point, ranges))
     }
 
     /// The last committed offset, if any commit succeeded in this assignment.
@@ -827,6 +898,122 @@ mod tests {
                 if let Some(point) = t.commit_point() {
                     prop_assert!(model.iter().all(|e| e.1 || e.0 >= point));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn commit_ranges_name_the_satisfied_offsets_above_the_point() {
+        let mut t = OffsetTracker::new();
+        for o in 0..10 {
+            t.receive(o).unwrap();
+        }
+        for o in (0..10).filter(|o| *o != 2 && *o != 6) {
+            t.satisfy(o);
+        }
+        let (point, text) = t.commit_with_ranges(4000).unwrap();
+        assert_eq!(point, 2);
+        assert_eq!(
+            StoredOffset::decode(point, &text).unwrap().covered,
+            vec![(3, 5), (7, 9)]
+        );
+        t.committed(2);
+        assert_eq!(t.commit_with_ranges(4000), None, "nothing new to commit");
+        t.satisfy(6);
+        let (point, text) = t.commit_with_ranges(4000).unwrap();
+        assert_eq!(point, 2);
+        assert_eq!(
+            StoredOffset::decode(2, &text).unwrap().covered,
+            vec![(3, 9)]
+        );
+        // A failed commit (no `committed`) leaves the ranges to send again.
+        assert!(t.commit_with_ranges(4000).is_some());
+        t.satisfy(2);
+        assert_eq!(t.commit_with_ranges(4000), Some((10, String::new())));
+        // Off: the point only.
+        let mut t = OffsetTracker::new();
+        t.receive(0).unwrap();
+        t.receive(1).unwrap();
+        t.satisfy(1);
+        assert_eq!(t.commit_with_ranges(0), Some((0, String::new())));
+    }
+
+    #[test]
+    fn a_restart_keeps_the_ranges_it_started_from_until_they_are_received() {
+        let mut t = OffsetTracker::new();
+        t.start_from(StoredOffset {
+            offset: 100,
+            covered: vec![(105, 200), (300, 310)],
+        });
+        for o in 100..103 {
+            assert!(!t.stored_covers(o));
+            t.receive(o).unwrap();
+        }
+        t.satisfy(100);
+        let (point, text) = t.commit_with_ranges(4000).unwrap();
+        assert_eq!(point, 101);
+        assert_eq!(
+            StoredOffset::decode(point, &text).unwrap().covered,
+            vec![(105, 200), (300, 310)]
+        );
+        t.satisfy(101);
+        t.satisfy(102);
+        // Everything received is satisfied; 103 and 104 are not stored, 105.. are.
+        let (point, text) = t.commit_with_ranges(4000).unwrap();
+        assert_eq!(point, 103);
+        assert_eq!(
+            StoredOffset::decode(point, &text).unwrap().covered,
+            vec![(105, 200), (300, 310)]
+        );
+    }
+
+    #[test]
+    fn commit_ranges_stay_within_their_bound_keeping_the_nearest() {
+        // 20,000 offsets, every other one open: 10,000 one-offset ranges, far over 4,000 bytes.
+        let mut t = OffsetTracker::new();
+        for o in 0..20_000 {
+            t.receive(o).unwrap();
+            if o % 2 == 1 {
+                t.satisfy(o);
+            }
+        }
+        let (point, text) = t.commit_with_ranges(4000).unwrap();
+        assert_eq!(point, 0);
+        assert!(text.len() <= 4000, "{} bytes", text.len());
+        assert!(text.len() > 3990, "the bound is used: {} bytes", text.len());
+        let covered = StoredOffset::decode(point, &text).unwrap().covered;
+        let expected: Vec<(i64, i64)> = (0..covered.len() as i64)
+            .map(|i| (2 * i + 1, 2 * i + 1))
+            .collect();
+        assert_eq!(covered, expected, "the ranges nearest the point, in order");
+        assert!(
+            t.commit_with_ranges(9)
+                .map(|(_, r)| r)
+                .unwrap_or_default()
+                .is_empty()
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn bounded_ranges_are_a_prefix_and_fit(
+            gaps in proptest::collection::vec((1i64..100_000, 0i64..100_000), 0..60),
+            max in 0usize..400,
+        ) {
+            let mut covered = Vec::new();
+            let mut prev = 1_000i64;
+            for (i, (gap, len)) in gaps.iter().enumerate() {
+                let a = prev + gap + i64::from(i > 0);
+                covered.push((a, a + len));
+                prev = a + len;
+            }
+            let s = StoredOffset { offset: 1_000, covered: covered.clone() };
+            let text = s.encode_ranges_within(max);
+            prop_assert!(text.len() <= max);
+            let back = StoredOffset::decode(1_000, &text).unwrap().covered;
+            prop_assert_eq!(&covered[..back.len()], &back[..]);
+            if max >= s.encode_ranges().len() {
+                prop_assert_eq!(text, s.encode_ranges());
             }
         }
     }

@@ -248,6 +248,19 @@ impl PartitionTable {
             .collect()
     }
 
+    /// Like [`PartitionTable::commits`], with the satisfied ranges above each commit point as
+    /// commit metadata (within `max_bytes`; see [`crate::offsets::OffsetTracker::commit_with_ranges`]).
+    /// A partition whose point did not move is offered when its ranges did.
+    pub fn commits_with_ranges(&mut self, max_bytes: usize) -> Vec<(Assignment, i64, String)> {
+        self.iter_mut()
+            .filter(|p| !p.revoking)
+            .filter_map(|p| {
+                let (o, ranges) = p.tracker.commit_with_ranges(max_bytes)?;
+                Some((p.assignment.clone(), o, ranges))
+            })
+            .collect()
+    }
+
     /// A commit of `a` succeeded; ignored unless `a` is current.
     pub fn committed(&mut self, a: &Assignment, offset: i64) -> bool {
         match self.current(a).and_then(|r| self.resolve_mut(r)) {

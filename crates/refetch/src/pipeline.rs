@@ -18,7 +18,8 @@ use crate::assignment::{Assignment, TopicPartition};
 use crate::clock::Clock;
 use crate::config::EngineConfig;
 use crate::consumer::{
-    ConsumerChannels, ConsumerCommand, ConsumerEvent, GroupMetadataSource, Offsets, OwnedRecord,
+    CommitMetadata, ConsumerChannels, ConsumerCommand, ConsumerEvent, GroupMetadataSource, Offsets,
+    OwnedRecord,
 };
 use crate::decode::NotificationDecoder;
 use crate::dispatch::{
@@ -705,10 +706,10 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
         // Answer revokes still waiting so the consumer thread is not blocked.
         rt.answer_revokes(&mut engine, true, &*fetcher, &writes);
         // With offsets in the consumer group's transactions, nothing is committed besides.
-        let offsets = if rt.store == Some(OffsetStore::Group) {
-            Vec::new()
-        } else {
-            engine.commits()
+        let (offsets, metadata) = match rt.store {
+            Some(OffsetStore::Group) => (Vec::new(), Vec::new()),
+            Some(OffsetStore::Sink) => (engine.commits(), Vec::new()),
+            None => engine.commits_with_ranges(),
         };
         if offsets.is_empty() {
             tracing::info!(
@@ -719,6 +720,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
             if commands
                 .send(ConsumerCommand::Commit {
                     offsets: offsets.clone(),
+                    metadata,
                     reply: tx,
                 })
                 .is_ok()
@@ -944,6 +946,18 @@ impl Runtime {
                 }
                 self.ownership_changed(engine, fetcher);
             }
+            ConsumerEvent::CommittedRanges(ranges) => {
+                // At-least-once: records in the satisfied ranges of the last commit were
+                // written before; they arrive satisfied. (Exactly-once sinks start from what the
+                // sink stored, read on assignment.)
+                if self.store.is_none() {
+                    for (a, stored) in ranges {
+                        if !stored.covered.is_empty() {
+                            engine.start_from_stored(&a, stored);
+                        }
+                    }
+                }
+            }
             ConsumerEvent::Revoke {
                 assignments,
                 reply,
@@ -1074,10 +1088,14 @@ impl Runtime {
             }
         }
         if self.store != Some(OffsetStore::Group) && !self.commit_in_flight {
-            let offsets = engine.commits();
+            let (offsets, metadata) = if self.store.is_none() {
+                engine.commits_with_ranges()
+            } else {
+                (engine.commits(), Vec::new())
+            };
             if !offsets.is_empty() {
                 self.commit_in_flight = true;
-                spawn_commit(commands, offsets, done.clone(), timeout);
+                spawn_commit(commands, offsets, metadata, done.clone(), timeout);
             }
         }
     }
@@ -1094,10 +1112,10 @@ impl Runtime {
         if self.store.is_some() || self.commit_in_flight || self.fatal.is_some() {
             return;
         }
-        let offsets = engine.commits();
+        let (offsets, metadata) = engine.commits_with_ranges();
         if !offsets.is_empty() {
             self.commit_in_flight = true;
-            spawn_commit(commands, offsets, done.clone(), timeout);
+            spawn_commit(commands, offsets, metadata, done.clone(), timeout);
         }
     }
 
@@ -1177,7 +1195,7 @@ impl Runtime {
                             let offsets = engine.commits();
                             if !offsets.is_empty() {
                                 self.commit_in_flight = true;
-                                spawn_commit(commands, offsets, done.clone(), timeout);
+                                spawn_commit(commands, offsets, Vec::new(), done.clone(), timeout);
                             }
                         }
                     }
@@ -1483,6 +1501,7 @@ fn apply_completion(
 fn spawn_commit(
     commands: &mpsc::UnboundedSender<ConsumerCommand>,
     offsets: Offsets,
+    metadata: CommitMetadata,
     done: mpsc::UnboundedSender<Completion>,
     timeout: Duration,
 ) {
@@ -1490,6 +1509,7 @@ fn spawn_commit(
     if commands
         .send(ConsumerCommand::Commit {
             offsets: offsets.clone(),
+            metadata,
             reply: tx,
         })
         .is_err()

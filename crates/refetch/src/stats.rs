@@ -73,8 +73,10 @@ pub struct Counters {
     pub actions_dead_lettered: u64,
     /// Members that arrived after their action closed (handled as normal notifications).
     pub action_late_members: u64,
-    /// Records satisfied on arrival because the sink stored their offset before this assignment
-    /// (exactly-once delivery after a restart or a rebalance).
+    /// Records satisfied on arrival because they were covered before this assignment began: the
+    /// sink stored their offset (exactly-once delivery), or the last commit's metadata named them
+    /// satisfied (at-least-once; `engine.commit_ranges_max_bytes`), after a restart or a
+    /// rebalance.
     pub stored_on_arrival: u64,
     /// Transactions of an exactly-once sink that committed.
     pub transactions_committed: u64,

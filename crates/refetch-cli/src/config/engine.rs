@@ -68,6 +68,9 @@ pub struct EngineSection {
     /// At-least-once: a commit follows a moved commit point within this long.
     #[serde(with = "humantime_serde")]
     pub commit_linger: Duration,
+    /// At-least-once: bytes of commit metadata naming the satisfied offsets above the commit
+    /// point, so a restart does not fetch them again (0: none).
+    pub commit_ranges_max_bytes: usize,
     /// Offsets held per partition before that partition pauses.
     pub max_outstanding_per_partition: usize,
     /// Pending keys in total before every partition pauses.
@@ -247,6 +250,7 @@ impl From<&EngineConfig> for EngineSection {
             gone_grace: e.gone_grace,
             commit_interval: e.commit_interval,
             commit_linger: e.commit_linger,
+            commit_ranges_max_bytes: e.commit_ranges_max_bytes,
             max_outstanding_per_partition: e.max_outstanding_per_partition,
             max_pending_keys: e.max_pending_keys,
             max_pending_bytes: e.max_pending_bytes,
@@ -290,6 +294,7 @@ impl EngineSection {
             gone_grace: self.gone_grace,
             commit_interval: self.commit_interval,
             commit_linger: self.commit_linger,
+            commit_ranges_max_bytes: self.commit_ranges_max_bytes,
             max_outstanding_per_partition: self.max_outstanding_per_partition,
             max_pending_keys: self.max_pending_keys,
             max_pending_bytes: self.max_pending_bytes,

@@ -49,6 +49,7 @@ use crate::assignment::{Assignment, Fence};
 use crate::clock::Tick;
 use crate::coalesce::{Flight, KeyState, NoteRef, Notes, Pending, Phase, RetryState};
 use crate::config::EngineConfig;
+use crate::consumer::{CommitMetadata, Offsets};
 use crate::decode::{Fields, RecordView};
 use crate::dlq::{self, Coordinate, DeadLetter, KeyFailure, header, reason};
 use crate::error::ErrorClass;
@@ -1484,6 +1485,24 @@ impl Engine {
     /// moved since the last successful commit.
     pub fn commits(&self) -> Vec<(Assignment, i64)> {
         self.parts.commits()
+    }
+
+    /// What to commit now (at-least-once), with commit metadata: the offsets whose commit point
+    /// moved, or whose satisfied ranges above it did, and those ranges as text (empty when
+    /// there are none, or with `engine.commit_ranges_max_bytes = 0`). After a restart the
+    /// consumer hands the ranges back ([`crate::consumer::ConsumerEvent::Committed`]) and
+    /// [`Engine::start_from_stored`] takes their records as satisfied.
+    pub fn commits_with_ranges(&mut self) -> (Offsets, CommitMetadata) {
+        let max = self.cfg.commit_ranges_max_bytes;
+        let mut offsets = Vec::new();
+        let mut metadata = Vec::new();
+        for (a, o, ranges) in self.parts.commits_with_ranges(max) {
+            if !ranges.is_empty() {
+                metadata.push((a.tp.clone(), ranges));
+            }
+            offsets.push((a, o));
+        }
+        (offsets, metadata)
     }
 
     /// A commit succeeded. Ignored unless `assignment` is still current.
