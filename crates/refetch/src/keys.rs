@@ -1,15 +1,18 @@
 //! The key table and its schedule: every entity key with pending notifications or a flight.
 //!
-//! Entries live in a slab. A map from key to slot sits beside it, and what is handed around is a
-//! [`KeyId`]: the slot plus the slot's generation, so a stale handle (a timer of a key that was
-//! forgotten, whose slot now holds another key) is caught instead of reaching the wrong entry.
-//! Timers and write retries hold a `KeyId` (8 bytes), not a clone of the key.
+//! Entries live in a slab of fixed-size chunks (growing never copies entries, and at most one
+//! chunk is spare). The index beside it is a hash table of slot numbers that hashes the slab's
+//! own key, so each key is held once. What is handed around is a [`KeyId`]: the slot plus the
+//! slot's generation, so a stale handle (a write retry of a key that was forgotten, whose slot
+//! now holds another key) is caught instead of reaching the wrong entry. Timers hold a slot
+//! (checked against the slot's current state when they fire), write retries a `KeyId`.
 //!
 //! The table also keeps the byte counts the memory caps look at: keys (id and overhead) and the
 //! bodies of fetched changes waiting for the sink.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+use std::hash::{BuildHasher, RandomState};
 
 use crate::clock::Tick;
 use crate::coalesce::{Flight, KeyState};
@@ -24,8 +27,14 @@ pub(crate) fn change_bytes(c: &Change) -> usize {
     }
 }
 
-/// Approximate bytes a key costs besides its id (table entry, state, one note, its timer).
+/// Approximate bytes a key costs besides its id (slab entry, index entry, timer, offset-tracker
+/// entry), from the `hot_path` benchmark's measured heap per pending key minus the id's bytes.
 pub(crate) const KEY_OVERHEAD: usize = 160;
+
+/// Slots per slab chunk (a power of two).
+const CHUNK_BITS: u32 = 10;
+const CHUNK: usize = 1 << CHUNK_BITS;
+const CHUNK_MASK: u32 = (CHUNK as u32) - 1;
 
 /// A handle to a key's entry: slot and generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -47,12 +56,78 @@ struct Slot {
     entry: Option<KeyEntry>,
 }
 
+/// The slab: chunks of [`CHUNK`] slots, every chunk full except the last.
+#[derive(Debug, Default)]
+struct Slab {
+    chunks: Vec<Vec<Slot>>,
+}
+
+impl Slab {
+    #[inline]
+    fn get(&self, slot: u32) -> Option<&Slot> {
+        self.chunks
+            .get((slot >> CHUNK_BITS) as usize)?
+            .get((slot & CHUNK_MASK) as usize)
+    }
+
+    #[inline]
+    fn get_mut(&mut self, slot: u32) -> Option<&mut Slot> {
+        self.chunks
+            .get_mut((slot >> CHUNK_BITS) as usize)?
+            .get_mut((slot & CHUNK_MASK) as usize)
+    }
+
+    #[inline]
+    fn key(&self, slot: u32) -> Option<&EntityKey> {
+        self.get(slot)?.entry.as_ref().map(|e| &e.key)
+    }
+
+    /// A new, empty slot at the end.
+    fn push(&mut self) -> u32 {
+        let full = self.chunks.last().is_none_or(|c| c.len() == CHUNK);
+        if full {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        let n = self.chunks.len() - 1;
+        let Some(chunk) = self.chunks.last_mut() else {
+            unreachable!("a chunk was just pushed");
+        };
+        let slot = ((n as u32) << CHUNK_BITS) | chunk.len() as u32;
+        chunk.push(Slot {
+            generation: 0,
+            entry: None,
+        });
+        slot
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, &Slot)> {
+        self.chunks.iter().enumerate().flat_map(|(c, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .map(move |(i, s)| (((c as u32) << CHUNK_BITS) | i as u32, s))
+        })
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut Slot)> {
+        self.chunks.iter_mut().enumerate().flat_map(|(c, chunk)| {
+            chunk
+                .iter_mut()
+                .enumerate()
+                .map(move |(i, s)| (((c as u32) << CHUNK_BITS) | i as u32, s))
+        })
+    }
+}
+
 /// Every key the engine holds, and when each is due.
 #[derive(Debug, Default)]
 pub(crate) struct KeyTable {
-    slots: Vec<Slot>,
+    slab: Slab,
     free: Vec<u32>,
-    index: HashMap<EntityKey, u32>,
+    /// Slots of held keys, hashed by the slab's key. SipHash with a per-process random key:
+    /// ids come from untrusted payloads.
+    index: hashbrown::HashTable<u32>,
+    hasher: RandomState,
     /// When keys become due (debounce deadline, max-wait, retry backoff). Entries can be stale:
     /// [`KeyTable::pop_due`] checks them against the key's current due time.
     timers: BinaryHeap<Reverse<(Tick, KeyId)>>,
@@ -70,8 +145,10 @@ impl KeyTable {
     /// The handle of `key`, if held.
     #[inline]
     pub fn find(&self, key: &EntityKey) -> Option<KeyId> {
-        let slot = *self.index.get(key)?;
-        let s = self.slots.get(slot as usize)?;
+        let hash = self.hasher.hash_one(key);
+        let slab = &self.slab;
+        let slot = *self.index.find(hash, |&s| slab.key(s) == Some(key))?;
+        let s = slab.get(slot)?;
         Some(KeyId {
             slot,
             generation: s.generation,
@@ -81,7 +158,7 @@ impl KeyTable {
     /// The entry behind `id`, if `id` is not stale.
     #[inline]
     pub fn get(&self, id: KeyId) -> Option<&KeyEntry> {
-        let s = self.slots.get(id.slot as usize)?;
+        let s = self.slab.get(id.slot)?;
         if s.generation != id.generation {
             return None;
         }
@@ -90,7 +167,7 @@ impl KeyTable {
 
     #[inline]
     pub fn get_mut(&mut self, id: KeyId) -> Option<&mut KeyEntry> {
-        let s = self.slots.get_mut(id.slot as usize)?;
+        let s = self.slab.get_mut(id.slot)?;
         if s.generation != id.generation {
             return None;
         }
@@ -105,35 +182,44 @@ impl KeyTable {
     /// Hold a new key (which must not be held yet).
     pub fn insert(&mut self, key: EntityKey, state: KeyState) -> KeyId {
         self.key_bytes += key.heap_bytes() + KEY_OVERHEAD;
+        let hash = self.hasher.hash_one(&key);
         let slot = match self.free.pop() {
             Some(slot) => slot,
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    entry: None,
-                });
-                (self.slots.len() - 1) as u32
-            }
+            None => self.slab.push(),
         };
-        self.index.insert(key.clone(), slot);
-        let s = &mut self.slots[slot as usize];
+        let Some(s) = self.slab.get_mut(slot) else {
+            unreachable!("free and pushed slots exist");
+        };
         s.entry = Some(KeyEntry { key, state });
-        KeyId {
+        let id = KeyId {
             slot,
             generation: s.generation,
-        }
+        };
+        let KeyTable {
+            slab,
+            index,
+            hasher,
+            ..
+        } = self;
+        index.insert_unique(hash, slot, |&s| {
+            slab.key(s).map_or(0, |k| hasher.hash_one(k))
+        });
+        id
     }
 
     /// Forget a key; its handle and every timer of it go stale.
     pub fn remove(&mut self, id: KeyId) -> Option<KeyEntry> {
-        let s = self.slots.get_mut(id.slot as usize)?;
+        let s = self.slab.get_mut(id.slot)?;
         if s.generation != id.generation {
             return None;
         }
         let entry = s.entry.take()?;
         s.generation = s.generation.wrapping_add(1);
         self.free.push(id.slot);
-        self.index.remove(&entry.key);
+        let hash = self.hasher.hash_one(&entry.key);
+        if let Ok(found) = self.index.find_entry(hash, |&s| s == id.slot) {
+            found.remove();
+        }
         self.key_bytes = self
             .key_bytes
             .saturating_sub(entry.key.heap_bytes() + KEY_OVERHEAD);
@@ -198,11 +284,11 @@ impl KeyTable {
 
     /// Every held key, with its handle.
     pub fn iter(&self) -> impl Iterator<Item = (KeyId, &KeyEntry)> {
-        self.slots.iter().enumerate().filter_map(|(i, s)| {
+        self.slab.iter().filter_map(|(slot, s)| {
             s.entry.as_ref().map(|e| {
                 (
                     KeyId {
-                        slot: i as u32,
+                        slot,
                         generation: s.generation,
                     },
                     e,
@@ -213,17 +299,9 @@ impl KeyTable {
 
     /// Every held key, mutable.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (KeyId, &mut KeyEntry)> {
-        self.slots.iter_mut().enumerate().filter_map(|(i, s)| {
+        self.slab.iter_mut().filter_map(|(slot, s)| {
             let generation = s.generation;
-            s.entry.as_mut().map(|e| {
-                (
-                    KeyId {
-                        slot: i as u32,
-                        generation,
-                    },
-                    e,
-                )
-            })
+            s.entry.as_mut().map(|e| (KeyId { slot, generation }, e))
         })
     }
 
@@ -352,5 +430,73 @@ mod tests {
         assert_eq!(t.body_bytes(), 0, "taking the flight releases its body");
         t.remove(id);
         assert_eq!(t.key_bytes(), 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u16),
+        Remove(u16),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        // Enough distinct keys to span several slab chunks; removals free slots for reuse.
+        prop_oneof![
+            3 => (0u16..2500).prop_map(Op::Insert),
+            2 => (0u16..2500).prop_map(Op::Remove),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// The slab and its index against a map: every held key is found at a handle that
+        /// reaches it, forgotten keys are not found, and handles of forgotten keys stay stale
+        /// when their slots are reused.
+        #[test]
+        fn slab_and_index_follow_a_map(ops in proptest::collection::vec(op(), 1..4000)) {
+            let mut t = KeyTable::new();
+            let mut model: std::collections::HashMap<u16, KeyId> = Default::default();
+            let mut stale: Vec<KeyId> = Vec::new();
+            let key = |k: u16| EntityKey::new(if k % 3 == 0 { "a" } else { "b" }, format!("{k}"));
+            for op in ops {
+                match op {
+                    Op::Insert(k) => {
+                        if let Some(id) = model.get(&k) {
+                            proptest::prop_assert_eq!(t.find(&key(k)), Some(*id));
+                        } else {
+                            proptest::prop_assert_eq!(t.find(&key(k)), None);
+                            let id = t.insert(key(k), pending(u64::from(k), 10));
+                            model.insert(k, id);
+                        }
+                    }
+                    Op::Remove(k) => match model.remove(&k) {
+                        Some(id) => {
+                            let e = t.remove(id);
+                            proptest::prop_assert_eq!(e.map(|e| e.key), Some(key(k)));
+                            proptest::prop_assert!(t.remove(id).is_none());
+                            stale.push(id);
+                        }
+                        None => proptest::prop_assert_eq!(t.find(&key(k)), None),
+                    },
+                }
+                proptest::prop_assert_eq!(t.len(), model.len());
+            }
+            for (k, id) in &model {
+                proptest::prop_assert_eq!(t.find(&key(*k)), Some(*id));
+                proptest::prop_assert_eq!(t.get(*id).map(|e| e.key.clone()), Some(key(*k)));
+            }
+            for id in stale {
+                proptest::prop_assert!(t.get(id).is_none(), "a forgotten key's handle is stale");
+            }
+            let mut held: Vec<KeyId> = t.iter().map(|(id, _)| id).collect();
+            let mut want: Vec<KeyId> = model.values().copied().collect();
+            held.sort();
+            want.sort();
+            proptest::prop_assert_eq!(held, want);
+            proptest::prop_assert_eq!(t.iter_mut().count(), model.len());
+            let bytes: usize = model.keys().map(|k| key(*k).heap_bytes() + KEY_OVERHEAD).sum();
+            proptest::prop_assert_eq!(t.key_bytes(), bytes);
+        }
     }
 }
