@@ -11,8 +11,9 @@
 //! bodies of fetched changes waiting for the sink.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 
 use crate::clock::Tick;
 use crate::coalesce::{Flight, KeyState};
@@ -43,17 +44,97 @@ pub(crate) struct KeyId {
     generation: u32,
 }
 
-/// One key's entry.
+/// One key's entry: its id and state (its entity type is interned in the table; the whole key
+/// is [`KeyTable::key`]).
 #[derive(Debug)]
 pub(crate) struct KeyEntry {
-    pub key: EntityKey,
+    id: Arc<str>,
     pub state: KeyState,
 }
 
 #[derive(Debug)]
 struct Slot {
     generation: u32,
+    /// The entry's entity type, an index into [`Types`].
+    ty: u32,
     entry: Option<KeyEntry>,
+}
+
+/// The entity types of held keys, interned (a slot holds a 4-byte index instead of a second
+/// 16-byte `Arc<str>`), each counted and released with its last key.
+#[derive(Debug, Default)]
+struct Types {
+    names: Vec<(Option<Arc<str>>, u32)>,
+    free: Vec<u32>,
+    by_name: HashMap<Arc<str>, u32>,
+    /// The type interned last (most records of a topic share one).
+    last: u32,
+}
+
+impl Types {
+    /// The index of `name`, counting one more key of it.
+    fn intern(&mut self, name: &Arc<str>) -> u32 {
+        if let Some((Some(n), count)) = self.names.get_mut(self.last as usize) {
+            if Arc::ptr_eq(n, name) || **n == **name {
+                *count += 1;
+                return self.last;
+            }
+        }
+        let i = match self.by_name.get(&**name) {
+            Some(&i) => i,
+            None => {
+                let i = match self.free.pop() {
+                    Some(i) => i,
+                    None => {
+                        self.names.push((None, 0));
+                        (self.names.len() - 1) as u32
+                    }
+                };
+                if let Some(e) = self.names.get_mut(i as usize) {
+                    *e = (Some(name.clone()), 0);
+                }
+                self.by_name.insert(name.clone(), i);
+                i
+            }
+        };
+        if let Some((_, count)) = self.names.get_mut(i as usize) {
+            *count += 1;
+        }
+        self.last = i;
+        i
+    }
+
+    /// One key of type `i` fewer; the type is forgotten with its last key.
+    fn release(&mut self, i: u32) {
+        let Some((name, count)) = self.names.get_mut(i as usize) else {
+            return;
+        };
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            if let Some(n) = name.take() {
+                self.by_name.remove(&*n);
+            }
+            self.free.push(i);
+        }
+    }
+
+    #[inline]
+    fn name(&self, i: u32) -> Option<&Arc<str>> {
+        self.names.get(i as usize)?.0.as_ref()
+    }
+
+    /// Is type `i` the type `name`?
+    #[inline]
+    fn is(&self, i: u32, name: &Arc<str>) -> bool {
+        self.name(i)
+            .is_some_and(|n| Arc::ptr_eq(n, name) || **n == **name)
+    }
+}
+
+/// The index's hash of a key (entity type and id).
+#[inline]
+fn key_hash(hasher: &RandomState, entity_type: &str, id: &str) -> u64 {
+    hasher.hash_one((entity_type, id))
 }
 
 /// The slab: chunks of [`CHUNK`] slots, every chunk full except the last.
@@ -77,9 +158,21 @@ impl Slab {
             .get_mut((slot & CHUNK_MASK) as usize)
     }
 
+    /// Does `slot` hold `key`?
     #[inline]
-    fn key(&self, slot: u32) -> Option<&EntityKey> {
-        self.get(slot)?.entry.as_ref().map(|e| &e.key)
+    fn holds(&self, slot: u32, types: &Types, key: &EntityKey) -> bool {
+        self.get(slot).is_some_and(|s| {
+            s.entry.as_ref().is_some_and(|e| *e.id == *key.id())
+                && types.is(s.ty, key.entity_type_arc())
+        })
+    }
+
+    /// The index's hash of the key in `slot`.
+    #[inline]
+    fn hash_of(&self, slot: u32, types: &Types, hasher: &RandomState) -> u64 {
+        self.get(slot)
+            .and_then(|s| Some(key_hash(hasher, types.name(s.ty)?, &s.entry.as_ref()?.id)))
+            .unwrap_or(0)
     }
 
     /// A new, empty slot at the end.
@@ -95,6 +188,7 @@ impl Slab {
         let slot = ((n as u32) << CHUNK_BITS) | chunk.len() as u32;
         chunk.push(Slot {
             generation: 0,
+            ty: 0,
             entry: None,
         });
         slot
@@ -128,6 +222,7 @@ pub(crate) struct KeyTable {
     /// ids come from untrusted payloads.
     index: hashbrown::HashTable<u32>,
     hasher: RandomState,
+    types: Types,
     /// When keys become due (debounce deadline, max-wait, retry backoff). Entries can be stale:
     /// [`KeyTable::pop_due`] checks them against the key's current due time.
     timers: BinaryHeap<Reverse<(Tick, KeyId)>>,
@@ -145,9 +240,9 @@ impl KeyTable {
     /// The handle of `key`, if held.
     #[inline]
     pub fn find(&self, key: &EntityKey) -> Option<KeyId> {
-        let hash = self.hasher.hash_one(key);
-        let slab = &self.slab;
-        let slot = *self.index.find(hash, |&s| slab.key(s) == Some(key))?;
+        let hash = key_hash(&self.hasher, key.entity_type(), key.id());
+        let (slab, types) = (&self.slab, &self.types);
+        let slot = *self.index.find(hash, |&s| slab.holds(s, types, key))?;
         let s = slab.get(slot)?;
         Some(KeyId {
             slot,
@@ -174,6 +269,17 @@ impl KeyTable {
         s.entry.as_mut()
     }
 
+    /// The key behind `id`, if `id` is not stale.
+    #[inline]
+    pub fn key(&self, id: KeyId) -> Option<EntityKey> {
+        let s = self.slab.get(id.slot)?;
+        if s.generation != id.generation {
+            return None;
+        }
+        let e = s.entry.as_ref()?;
+        Some(EntityKey::new(self.types.name(s.ty)?.clone(), e.id.clone()))
+    }
+
     /// The state of `key`, if held.
     pub fn state_of(&self, key: &EntityKey) -> Option<&KeyState> {
         self.find(key).and_then(|id| self.get(id)).map(|e| &e.state)
@@ -182,7 +288,8 @@ impl KeyTable {
     /// Hold a new key (which must not be held yet).
     pub fn insert(&mut self, key: EntityKey, state: KeyState) -> KeyId {
         self.key_bytes += key.heap_bytes() + KEY_OVERHEAD;
-        let hash = self.hasher.hash_one(&key);
+        let hash = key_hash(&self.hasher, key.entity_type(), key.id());
+        let ty = self.types.intern(key.entity_type_arc());
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => self.slab.push(),
@@ -190,7 +297,11 @@ impl KeyTable {
         let Some(s) = self.slab.get_mut(slot) else {
             unreachable!("free and pushed slots exist");
         };
-        s.entry = Some(KeyEntry { key, state });
+        s.ty = ty;
+        s.entry = Some(KeyEntry {
+            id: key.id_arc().clone(),
+            state,
+        });
         let id = KeyId {
             slot,
             generation: s.generation,
@@ -199,34 +310,33 @@ impl KeyTable {
             slab,
             index,
             hasher,
+            types,
             ..
         } = self;
-        index.insert_unique(hash, slot, |&s| {
-            slab.key(s).map_or(0, |k| hasher.hash_one(k))
-        });
+        index.insert_unique(hash, slot, |&s| slab.hash_of(s, types, hasher));
         id
     }
 
-    /// Forget a key; its handle and every timer of it go stale.
-    pub fn remove(&mut self, id: KeyId) -> Option<KeyEntry> {
+    /// Forget a key; its handle and every timer of it go stale. Returns its key and state.
+    pub fn remove(&mut self, id: KeyId) -> Option<(EntityKey, KeyState)> {
+        let key = self.key(id)?;
         let s = self.slab.get_mut(id.slot)?;
-        if s.generation != id.generation {
-            return None;
-        }
         let entry = s.entry.take()?;
         s.generation = s.generation.wrapping_add(1);
+        let ty = s.ty;
         self.free.push(id.slot);
-        let hash = self.hasher.hash_one(&entry.key);
+        let hash = key_hash(&self.hasher, key.entity_type(), key.id());
         if let Ok(found) = self.index.find_entry(hash, |&s| s == id.slot) {
             found.remove();
         }
+        self.types.release(ty);
         self.key_bytes = self
             .key_bytes
-            .saturating_sub(entry.key.heap_bytes() + KEY_OVERHEAD);
+            .saturating_sub(key.heap_bytes() + KEY_OVERHEAD);
         if let Some(f) = &entry.state.flight {
             self.body_bytes = self.body_bytes.saturating_sub(f.change_bytes);
         }
-        Some(entry)
+        Some((key, entry.state))
     }
 
     /// Forget `id` if it has nothing pending and no flight. Returns whether it was forgotten.
@@ -388,7 +498,7 @@ mod tests {
         assert!(t.remove(a).is_some());
         let b = t.insert(EntityKey::new("c", "b"), pending(0, 50));
         assert!(t.get(a).is_none(), "the old handle is stale");
-        assert_eq!(t.get(b).map(|e| e.key.id()), Some("b"));
+        assert_eq!(t.key(b).map(|k| k.id().to_owned()), Some("b".to_owned()));
         // a's timer (due at 10) is stale; b is due at 50.
         assert_eq!(t.pop_due(Tick(20)), None);
         t.schedule(b);
@@ -473,7 +583,7 @@ mod tests {
                     Op::Remove(k) => match model.remove(&k) {
                         Some(id) => {
                             let e = t.remove(id);
-                            proptest::prop_assert_eq!(e.map(|e| e.key), Some(key(k)));
+                            proptest::prop_assert_eq!(e.map(|(k, _)| k), Some(key(k)));
                             proptest::prop_assert!(t.remove(id).is_none());
                             stale.push(id);
                         }
@@ -484,7 +594,7 @@ mod tests {
             }
             for (k, id) in &model {
                 proptest::prop_assert_eq!(t.find(&key(*k)), Some(*id));
-                proptest::prop_assert_eq!(t.get(*id).map(|e| e.key.clone()), Some(key(*k)));
+                proptest::prop_assert_eq!(t.key(*id), Some(key(*k)));
             }
             for id in stale {
                 proptest::prop_assert!(t.get(id).is_none(), "a forgotten key's handle is stale");
@@ -495,6 +605,8 @@ mod tests {
             want.sort();
             proptest::prop_assert_eq!(held, want);
             proptest::prop_assert_eq!(t.iter_mut().count(), model.len());
+            let types: std::collections::HashSet<bool> = model.keys().map(|k| k % 3 == 0).collect();
+            proptest::prop_assert_eq!(t.types.by_name.len(), types.len(), "types go with their last key");
             let bytes: usize = model.keys().map(|k| key(*k).heap_bytes() + KEY_OVERHEAD).sum();
             proptest::prop_assert_eq!(t.key_bytes(), bytes);
         }
