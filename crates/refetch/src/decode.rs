@@ -308,12 +308,19 @@ impl JsonDecoder {
         self
     }
 
-    fn parse<'de>(&self, payload: &'de [u8]) -> Result<Doc<'de>, DecodeError> {
+    /// Parse `payload`; the sparse parse fills `members` in place (no copies of the buffer).
+    fn parse<'m, 'de>(
+        &self,
+        payload: &'de [u8],
+        members: &'m mut sparse::Members<'de>,
+    ) -> Result<Doc<'m, 'de>, DecodeError> {
         let parsed = match &self.top_level {
             Some(names) => {
                 let mut de = serde_json::Deserializer::from_slice(payload);
-                serde::de::DeserializeSeed::deserialize(sparse::Sparse { names }, &mut de)
-                    .and_then(|v| de.end().map(|()| Doc::Sparse(v)))
+                let out = &mut *members;
+                serde::de::DeserializeSeed::deserialize(sparse::Sparse { names, out }, &mut de)
+                    .and_then(|()| de.end())
+                    .map(|()| Doc::Sparse(members))
             }
             None => serde_json::from_slice(payload).map(Doc::Full),
         };
@@ -321,7 +328,7 @@ impl JsonDecoder {
     }
 
     /// The value at `pointer` in a parsed payload, without allocating.
-    fn find<'d>(&self, doc: &'d Doc<'_>, pointer: &str) -> Option<Got<'d>> {
+    fn find<'d>(&self, doc: &'d Doc<'_, '_>, pointer: &str) -> Option<Got<'d>> {
         match doc {
             Doc::Sparse(members) => {
                 let name = pointer.strip_prefix('/')?;
@@ -346,9 +353,9 @@ enum Lite<'de> {
 
 /// A parsed payload.
 #[derive(Debug)]
-enum Doc<'de> {
+enum Doc<'m, 'de> {
     /// The wanted top-level members only, by their position in [`JsonDecoder`]'s member names.
-    Sparse(sparse::Members<'de>),
+    Sparse(&'m sparse::Members<'de>),
     /// The whole payload (a pointer reaches below the top level).
     Full(Value),
 }
@@ -423,10 +430,12 @@ mod sparse {
     use super::Lite;
 
     /// The wanted members' values, by position (most decoders want few members: no allocation).
-    pub(super) type Members<'de> = smallvec::SmallVec<[Option<Lite<'de>>; 6]>;
+    pub(super) type Members<'de> = smallvec::SmallVec<[Option<Lite<'de>>; 4]>;
 
-    pub(super) struct Sparse<'a> {
+    /// Parses into `out`, one entry per wanted name.
+    pub(super) struct Sparse<'a, 'de> {
         pub names: &'a [String],
+        pub out: &'a mut Members<'de>,
     }
 
     /// Which wanted member a key is, if any; compares without allocating.
@@ -449,20 +458,22 @@ mod sparse {
         }
     }
 
-    impl<'de> DeserializeSeed<'de> for Sparse<'_> {
-        type Value = Members<'de>;
+    impl<'de> DeserializeSeed<'de> for Sparse<'_, 'de> {
+        type Value = ();
         fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
             d.deserialize_map(self)
         }
     }
 
-    impl<'de> Visitor<'de> for Sparse<'_> {
-        type Value = Members<'de>;
+    impl<'de> Visitor<'de> for Sparse<'_, 'de> {
+        type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a JSON object")
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut out: Members<'de> = (0..self.names.len()).map(|_| None).collect();
+            let out = self.out;
+            out.clear();
+            out.extend((0..self.names.len()).map(|_| None));
             while let Some(found) = map.next_key_seed(Wanted(self.names))? {
                 match found.and_then(|i| out.get_mut(i)) {
                     // A repeated member: the last one wins, as in a parsed object.
@@ -472,7 +483,7 @@ mod sparse {
                     }
                 }
             }
-            Ok(out)
+            Ok(())
         }
     }
 
@@ -602,7 +613,8 @@ impl NotificationDecoder for JsonDecoder {
         let Some(payload) = record.payload else {
             return Err(DecodeError::new("record has no payload (tombstone)"));
         };
-        let doc = self.parse(payload)?;
+        let mut members = sparse::Members::new();
+        let doc = self.parse(payload, &mut members)?;
         let find = |p: &str| self.find(&doc, p);
         let entity_type: Arc<str> = match &self.types {
             TypeSource::Fixed(t) => t.clone(),
