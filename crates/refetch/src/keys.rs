@@ -1,11 +1,12 @@
 //! The key table and its schedule: every entity key with pending notifications or a flight.
 //!
 //! Entries live in a slab of fixed-size chunks (growing never copies entries, and at most one
-//! chunk is spare). The index beside it is a hash table of slot numbers that hashes the slab's
-//! own key, so each key is held once. What is handed around is a [`KeyId`]: the slot plus the
-//! slot's generation, so a stale handle (a write retry of a key that was forgotten, whose slot
-//! now holds another key) is caught instead of reaching the wrong entry. Timers hold a slot
-//! (checked against the slot's current state when they fire), write retries a `KeyId`.
+//! chunk is spare). A slot holds the key's id and its entity type interned as a 4-byte index.
+//! The index beside the slab is a hash table of slot numbers that hashes the slab's own key, so
+//! each key is held once. What is handed around is a [`KeyId`]: the slot plus the slot's
+//! generation, so a stale handle (a timer or write retry of a key that was forgotten, whose slot
+//! now holds another key) is caught instead of reaching the wrong entry. Timers and write
+//! retries hold a `KeyId` (8 bytes), not a clone of the key.
 //!
 //! The table also keeps the byte counts the memory caps look at: keys (id and overhead) and the
 //! bodies of fetched changes waiting for the sink.
