@@ -6,7 +6,9 @@
 //! - `ingest/*`: a record through `Engine::on_record` (decode, version check, coalescing into
 //!   the key's pending entry, offset tracking), over 10,000 hot keys and over distinct keys;
 //! - before criterion runs, a counting allocator measures the heap the engine holds per pending
-//!   key (64-byte ids) and prints it.
+//!   key (64-byte ids) and prints it;
+//! - `HOT_PATH_ONLY=decode|hot|distinct|setup` runs a fixed 1,000,000 notifications of one
+//!   workload instead, for `perf stat -e instructions:u` (see docs/benchmarks.md).
 
 #![allow(unsafe_code)] // a counting global allocator, for the memory figure only
 
@@ -120,7 +122,45 @@ fn memory_per_pending_key() -> f64 {
     (after - before) as f64 / KEYS as f64
 }
 
+/// Fixed work for counting instructions (`perf stat -e instructions:u`), which a loaded machine
+/// does not skew the way it skews wall-clock time: `HOT_PATH_ONLY=<workload>` runs 1,000,000
+/// notifications of one workload (`decode`, `hot`, `distinct`) and exits; `setup` only builds
+/// the payloads, to subtract.
+fn fixed_work(workload: &str) {
+    const N: usize = 1_000_000;
+    const BATCH: usize = 100_000;
+    let hot = payloads(10_000);
+    let distinct = if workload == "distinct" {
+        payloads(BATCH)
+    } else {
+        Vec::new()
+    };
+    match workload {
+        "decode" => {
+            let d = decoder();
+            for i in 0..N {
+                std::hint::black_box(d.decode(&view(&hot[i % hot.len()], 0)).is_ok());
+            }
+        }
+        "hot" | "distinct" => {
+            let input = if workload == "hot" { &hot } else { &distinct };
+            for _ in 0..N / BATCH {
+                let mut e = engine();
+                for o in 0..BATCH {
+                    e.on_record(&view(&input[o % input.len()], o as i64), Tick(0));
+                }
+                std::hint::black_box(e.pending_keys());
+            }
+        }
+        _ => {}
+    }
+}
+
 fn main() {
+    if let Ok(workload) = std::env::var("HOT_PATH_ONLY") {
+        fixed_work(&workload);
+        return;
+    }
     let per_key = memory_per_pending_key();
     println!(
         "memory: {per_key:.0} heap bytes per pending key (64-byte ids, one notification each, 100,000 keys; includes the offset tracker entry and timer)"

@@ -10,6 +10,7 @@
 //!   aggregate root.
 //! - [`RecordKeyDecoder`]: the record key is the id, the type is fixed.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -150,6 +151,9 @@ pub struct Route {
     pub version_pointer: Option<String>,
 }
 
+/// Looks a JSON pointer up in a parsed payload.
+type Find<'f, 'd> = dyn Fn(&str) -> Option<Got<'d>> + 'f;
+
 /// Where a decoder reads a notification's correlation id (the business action it belongs to).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CorrelationSource {
@@ -171,11 +175,12 @@ pub struct Correlation {
 
 impl Correlation {
     /// Read the action tag of one record; `None` when the record carries no correlation id.
-    fn read(&self, doc: Option<&Value>, record: &RecordView<'_>) -> Option<ActionTag> {
+    /// `find` looks a JSON pointer up in the payload (`None` for a decoder without one).
+    fn read<'d>(&self, find: Option<&Find<'_, 'd>>, record: &RecordView<'_>) -> Option<ActionTag> {
         let id: Arc<str> = match &self.id {
-            CorrelationSource::Pointer(p) => match doc?.pointer(p)? {
-                Value::String(s) if !s.is_empty() => Arc::from(s.as_str()),
-                Value::Number(n) if n.is_i64() || n.is_u64() => Arc::from(n.to_string()),
+            CorrelationSource::Pointer(p) => match find?(p)? {
+                Got::Str(s) if !s.is_empty() => Arc::from(s),
+                Got::Val(Value::Number(n)) if n.is_i64() || n.is_u64() => Arc::from(n.to_string()),
                 _ => return None,
             },
             CorrelationSource::Header(name) => {
@@ -188,11 +193,10 @@ impl Correlation {
             }
         };
         let size = self.size_pointer.as_deref().and_then(|p| {
-            let v = doc?.pointer(p)?;
-            let n = match v {
-                Value::Number(n) => n.as_u64()?,
-                Value::String(s) => s.trim().parse::<u64>().ok()?,
-                _ => return None,
+            let n = match find?(p)? {
+                Got::Val(Value::Number(n)) => n.as_u64()?,
+                Got::Str(s) => s.trim().parse::<u64>().ok()?,
+                Got::Val(_) => return None,
             };
             u32::try_from(n).ok().filter(|n| *n > 0)
         });
@@ -308,28 +312,134 @@ impl JsonDecoder {
         self
     }
 
-    fn parse(&self, payload: &[u8]) -> Result<Value, DecodeError> {
+    /// Parse `payload`; the sparse parse fills `members` in place (no copies of the buffer).
+    fn parse<'m, 'de>(
+        &self,
+        payload: &'de [u8],
+        members: &'m mut sparse::Members<'de>,
+    ) -> Result<Doc<'m, 'de>, DecodeError> {
         let parsed = match &self.top_level {
             Some(names) => {
                 let mut de = serde_json::Deserializer::from_slice(payload);
-                serde::de::DeserializeSeed::deserialize(sparse::Sparse { names }, &mut de)
-                    .and_then(|v| de.end().map(|()| v))
+                let out = &mut *members;
+                serde::de::DeserializeSeed::deserialize(sparse::Sparse { names, out }, &mut de)
+                    .and_then(|()| de.end())
+                    .map(|()| Doc::Sparse(members))
             }
-            None => serde_json::from_slice(payload),
+            None => serde_json::from_slice(payload).map(Doc::Full),
         };
         parsed.map_err(|e| DecodeError::new(format!("payload is not valid JSON: {e}")))
     }
+
+    /// The value at `pointer` in a parsed payload, without allocating.
+    fn find<'d>(&self, doc: &'d Doc<'_, '_>, pointer: &str) -> Option<Got<'d>> {
+        match doc {
+            Doc::Sparse(members) => {
+                let name = pointer.strip_prefix('/')?;
+                let i = self.top_level.as_ref()?.iter().position(|n| n == name)?;
+                match members.get(i)?.as_ref()? {
+                    Lite::Str(s) => Some(Got::Str(s)),
+                    Lite::Val(v) => Some(Got::of(v)),
+                }
+            }
+            Doc::Full(v) => pointer_of(v, pointer).map(Got::of),
+        }
+    }
+}
+
+/// A wanted top-level member's value: strings are borrowed from the payload unless they hold
+/// escapes.
+#[derive(Debug)]
+enum Lite<'de> {
+    Str(Cow<'de, str>),
+    Val(Value),
+}
+
+/// A parsed payload.
+#[derive(Debug)]
+enum Doc<'m, 'de> {
+    /// The wanted top-level members only, by their position in [`JsonDecoder`]'s member names.
+    Sparse(&'m sparse::Members<'de>),
+    /// The whole payload (a pointer reaches below the top level).
+    Full(Value),
+}
+
+/// A value found at a JSON pointer.
+#[derive(Debug, Clone, Copy)]
+enum Got<'a> {
+    Str(&'a str),
+    Val(&'a Value),
+}
+
+impl<'a> Got<'a> {
+    fn of(v: &'a Value) -> Self {
+        match v {
+            Value::String(s) => Got::Str(s),
+            v => Got::Val(v),
+        }
+    }
+
+    fn is_null(&self) -> bool {
+        matches!(self, Got::Val(Value::Null))
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match self {
+            Got::Str(_) => "a string",
+            Got::Val(v) => kind_name(v),
+        }
+    }
+}
+
+/// [`Value::pointer`] without allocating a `String` per reference token (only tokens holding an
+/// escape are unescaped into a new string). Same rules: `""` is the whole document, array
+/// indexes are decimal without leading zeros.
+fn pointer_of<'v>(doc: &'v Value, pointer: &str) -> Option<&'v Value> {
+    if pointer.is_empty() {
+        return Some(doc);
+    }
+    let rest = pointer.strip_prefix('/')?;
+    let mut cur = doc;
+    for token in rest.split('/') {
+        let token: Cow<'_, str> = if token.contains('~') {
+            Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+        } else {
+            Cow::Borrowed(token)
+        };
+        cur = match cur {
+            Value::Object(map) => map.get(&*token)?,
+            Value::Array(list) => {
+                if token.starts_with('+') || (token.starts_with('0') && token.len() != 1) {
+                    return None;
+                }
+                list.get(token.parse::<usize>().ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    Some(cur)
 }
 
 /// A JSON object parser that keeps only the wanted top-level members.
 mod sparse {
+    use std::borrow::Cow;
     use std::fmt;
 
-    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
-    use serde_json::{Map, Value};
+    use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+    use serde::de::{
+        self, Deserialize, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor,
+    };
+    use serde_json::{Number, Value};
 
-    pub(super) struct Sparse<'a> {
+    use super::Lite;
+
+    /// The wanted members' values, by position (most decoders want few members: no allocation).
+    pub(super) type Members<'de> = smallvec::SmallVec<[Option<Lite<'de>>; 4]>;
+
+    /// Parses into `out`, one entry per wanted name.
+    pub(super) struct Sparse<'a, 'de> {
         pub names: &'a [String],
+        pub out: &'a mut Members<'de>,
     }
 
     /// Which wanted member a key is, if any; compares without allocating.
@@ -352,49 +462,99 @@ mod sparse {
         }
     }
 
-    impl<'de> DeserializeSeed<'de> for Sparse<'_> {
-        type Value = Value;
-        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+    impl<'de> DeserializeSeed<'de> for Sparse<'_, 'de> {
+        type Value = ();
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
             d.deserialize_map(self)
         }
     }
 
-    impl<'de> Visitor<'de> for Sparse<'_> {
-        type Value = Value;
+    impl<'de> Visitor<'de> for Sparse<'_, 'de> {
+        type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a JSON object")
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-            let mut out = Map::new();
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let out = self.out;
+            out.clear();
+            out.extend((0..self.names.len()).map(|_| None));
             while let Some(found) = map.next_key_seed(Wanted(self.names))? {
-                match found.and_then(|i| self.names.get(i)) {
-                    Some(name) => {
-                        let v: Value = map.next_value()?;
-                        out.insert(name.clone(), v);
-                    }
+                match found.and_then(|i| out.get_mut(i)) {
+                    // A repeated member: the last one wins, as in a parsed object.
+                    Some(slot) => *slot = Some(map.next_value::<Lite<'de>>()?),
                     None => {
                         map.next_value::<IgnoredAny>()?;
                     }
                 }
             }
-            Ok(Value::Object(out))
+            Ok(())
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Lite<'de> {
+        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(LiteVisitor)
+        }
+    }
+
+    struct LiteVisitor;
+
+    impl<'de> Visitor<'de> for LiteVisitor {
+        type Value = Lite<'de>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Lite::Str(Cow::Borrowed(v)))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Lite::Str(Cow::Owned(v.to_owned())))
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Lite::Str(Cow::Owned(v)))
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(Lite::Val(Value::Bool(v)))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Lite::Val(Value::Number(v.into())))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Lite::Val(Value::Number(v.into())))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(Lite::Val(
+                Number::from_f64(v).map_or(Value::Null, Value::Number),
+            ))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Lite::Val(Value::Null))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Lite::Val(Value::Null))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            Value::deserialize(MapAccessDeserializer::new(map)).map(Lite::Val)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            Value::deserialize(SeqAccessDeserializer::new(seq)).map(Lite::Val)
         }
     }
 }
 
 /// Reads an id: a non-empty string, or an integer rendered in decimal.
-fn id_at(doc: &Value, pointer: &str) -> Result<Box<str>, DecodeError> {
-    match doc.pointer(pointer) {
+fn id_at(found: Option<Got<'_>>, pointer: &str) -> Result<Arc<str>, DecodeError> {
+    match found {
         None => Err(DecodeError::new(format!("id missing at {pointer}"))),
-        Some(Value::Null) => Err(DecodeError::new(format!("id is null at {pointer}"))),
-        Some(Value::String(s)) if s.is_empty() => {
-            Err(DecodeError::new(format!("id is empty at {pointer}")))
+        Some(Got::Val(Value::Null)) => Err(DecodeError::new(format!("id is null at {pointer}"))),
+        Some(Got::Str("")) => Err(DecodeError::new(format!("id is empty at {pointer}"))),
+        Some(Got::Str(s)) => Ok(Arc::from(s)),
+        Some(Got::Val(Value::Number(n))) if n.is_i64() || n.is_u64() => {
+            Ok(Arc::from(n.to_string()))
         }
-        Some(Value::String(s)) => Ok(s.as_str().into()),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(n.to_string().into()),
         Some(other) => Err(DecodeError::new(format!(
             "id at {pointer} is {}, expected a string or an integer",
-            kind_name(other)
+            other.kind_name()
         ))),
     }
 }
@@ -413,25 +573,29 @@ fn kind_name(v: &Value) -> &'static str {
 /// Parses a version value of `kind`. Integers: a JSON integer or a decimal string. Timestamps: an
 /// RFC 3339 string, or a JSON integer of milliseconds since the Unix epoch.
 pub fn parse_version(value: &Value, kind: VersionKind) -> Result<Version, DecodeError> {
+    version_of(Got::of(value), kind)
+}
+
+fn version_of(value: Got<'_>, kind: VersionKind) -> Result<Version, DecodeError> {
     match (kind, value) {
-        (VersionKind::Integer, Value::Number(n)) => n
+        (VersionKind::Integer, Got::Val(Value::Number(n))) => n
             .as_i64()
             .map(Version::Int)
             .ok_or_else(|| DecodeError::new(format!("version {n} is not a 64-bit integer"))),
-        (VersionKind::Integer, Value::String(s)) => s
+        (VersionKind::Integer, Got::Str(s)) => s
             .trim()
             .parse::<i64>()
             .map(Version::Int)
             .map_err(|_| DecodeError::new(format!("version {s:?} is not an integer"))),
-        (VersionKind::Timestamp, Value::Number(n)) => n
+        (VersionKind::Timestamp, Got::Val(Value::Number(n))) => n
             .as_i64()
             .and_then(|ms| ms.checked_mul(1000))
             .map(Version::Timestamp)
             .ok_or_else(|| DecodeError::new(format!("timestamp {n} is not integer milliseconds"))),
-        (VersionKind::Timestamp, Value::String(s)) => parse_timestamp(s),
+        (VersionKind::Timestamp, Got::Str(s)) => parse_timestamp(s),
         (_, other) => Err(DecodeError::new(format!(
             "version is {}, expected {}",
-            kind_name(other),
+            other.kind_name(),
             match kind {
                 VersionKind::Integer => "an integer",
                 VersionKind::Timestamp => "an RFC 3339 timestamp or epoch milliseconds",
@@ -453,18 +617,20 @@ impl NotificationDecoder for JsonDecoder {
         let Some(payload) = record.payload else {
             return Err(DecodeError::new("record has no payload (tombstone)"));
         };
-        let doc = self.parse(payload)?;
+        let mut members = sparse::Members::new();
+        let doc = self.parse(payload, &mut members)?;
+        let find = |p: &str| self.find(&doc, p);
         let entity_type: Arc<str> = match &self.types {
             TypeSource::Fixed(t) => t.clone(),
-            TypeSource::Pointer(p) => match doc.pointer(p) {
-                Some(Value::String(s)) if !s.is_empty() => Arc::from(s.as_str()),
+            TypeSource::Pointer(p) => match find(p) {
+                Some(Got::Str(s)) if !s.is_empty() => Arc::from(s),
                 Some(other) => {
                     return Err(DecodeError::new(format!(
                         "type at {p} is {}, expected a non-empty string",
-                        if other.as_str().is_some() {
+                        if matches!(other, Got::Str(_)) {
                             "empty"
                         } else {
-                            kind_name(other)
+                            other.kind_name()
                         }
                     )));
                 }
@@ -476,10 +642,10 @@ impl NotificationDecoder for JsonDecoder {
         } else {
             let mut out = Vec::with_capacity(self.fields.len());
             for (name, pointer) in &self.fields {
-                let v = match doc.pointer(pointer) {
-                    Some(Value::String(s)) => s.as_str().into(),
-                    Some(Value::Number(n)) => n.to_string().into(),
-                    Some(Value::Bool(b)) => b.to_string().into(),
+                let v = match find(pointer) {
+                    Some(Got::Str(s)) => s.into(),
+                    Some(Got::Val(Value::Number(n))) => n.to_string().into(),
+                    Some(Got::Val(Value::Bool(b))) => b.to_string().into(),
                     _ => continue,
                 };
                 out.push((name.clone(), v));
@@ -487,10 +653,10 @@ impl NotificationDecoder for JsonDecoder {
             Some(Arc::from(out))
         };
         if let Some(route) = self.routes.iter().find(|r| *r.from_type == *entity_type) {
-            let id = id_at(&doc, &route.id_pointer)?;
+            let id = id_at(find(&route.id_pointer), &route.id_pointer)?;
             let version = match &route.version_pointer {
-                Some(p) => match doc.pointer(p) {
-                    Some(v) if !v.is_null() => Some(parse_version(
+                Some(p) => match find(p) {
+                    Some(v) if !v.is_null() => Some(version_of(
                         v,
                         self.version
                             .as_ref()
@@ -504,7 +670,7 @@ impl NotificationDecoder for JsonDecoder {
             let action = self
                 .correlation
                 .as_ref()
-                .and_then(|c| c.read(Some(&doc), record));
+                .and_then(|c| c.read(Some(&find), record));
             return Ok(Decoded::Notification(Notification {
                 key: EntityKey::new(route.to_type.clone(), id),
                 version,
@@ -512,10 +678,10 @@ impl NotificationDecoder for JsonDecoder {
                 action,
             }));
         }
-        let id = id_at(&doc, &self.id_pointer)?;
+        let id = id_at(find(&self.id_pointer), &self.id_pointer)?;
         let version = match &self.version {
-            Some((p, kind)) => match doc.pointer(p) {
-                Some(v) if !v.is_null() => Some(parse_version(v, *kind)?),
+            Some((p, kind)) => match find(p) {
+                Some(v) if !v.is_null() => Some(version_of(v, *kind)?),
                 _ => None,
             },
             None => None,
@@ -523,7 +689,7 @@ impl NotificationDecoder for JsonDecoder {
         let action = self
             .correlation
             .as_ref()
-            .and_then(|c| c.read(Some(&doc), record));
+            .and_then(|c| c.read(Some(&find), record));
         Ok(Decoded::Notification(Notification {
             key: EntityKey::new(entity_type, id),
             version,
@@ -696,5 +862,92 @@ mod tests {
         assert!(d.decode(&r).is_err());
         r.key = Some(b"42");
         assert!(matches!(d.decode(&r), Ok(Decoded::Notification(_))));
+    }
+
+    use proptest::prelude::*;
+
+    /// The allocation-free pointer lookup answers exactly as `serde_json`'s, for every pointer
+    /// of up to three tokens drawn from names, indexes (with leading zeros and signs), escapes
+    /// and empty tokens.
+    #[test]
+    fn pointer_lookup_matches_serde_json() {
+        let doc: Value = serde_json::json!({
+            "a": {"b": [10, {"a/b": 1, "m~n": 2}], "": 3},
+            "b": [[4], {"0": 5}],
+            "a/b": {"1": 6},
+            "m~n": 7,
+            "": {"": 8},
+        });
+        let tokens = [
+            "a", "b", "0", "1", "01", "+1", "~0", "~1", "a~1b", "m~0n", "", "x~",
+        ];
+        let mut pointers = vec![String::new()];
+        let mut last = vec![String::new()];
+        for _ in 0..3 {
+            last = last
+                .iter()
+                .flat_map(|p| tokens.iter().map(move |t| format!("{p}/{t}")))
+                .collect();
+            pointers.extend(last.iter().cloned());
+        }
+        let mut found = 0;
+        for p in &pointers {
+            assert_eq!(pointer_of(&doc, p), doc.pointer(p), "pointer {p:?}");
+            assert_eq!(
+                pointer_of(&doc, &p[p.len().min(1)..]),
+                doc.pointer(&p[p.len().min(1)..])
+            );
+            found += usize::from(doc.pointer(p).is_some());
+        }
+        assert!(found > 10, "the pointers reach into the document");
+    }
+
+    proptest::proptest! {
+        /// The sparse top-level parse (borrowed strings, no map) decodes exactly what the full
+        /// parse decodes, escapes and repeated members included.
+        #[test]
+        fn sparse_and_full_parses_agree(
+            id in proptest::prop_oneof![
+                proptest::string::string_regex("[a-z\\\\\"/é~ ]{0,6}").unwrap().prop_map(Value::from),
+                proptest::num::i64::ANY.prop_map(Value::from),
+                proptest::num::u64::ANY.prop_map(Value::from),
+                proptest::num::f64::NORMAL.prop_map(Value::from),
+                proptest::bool::ANY.prop_map(Value::from),
+                proptest::strategy::Just(Value::Null),
+                proptest::strategy::Just(serde_json::json!([1, {"id": "x"}])),
+            ],
+            v in proptest::prop_oneof![
+                proptest::num::i64::ANY.prop_map(Value::from),
+                proptest::num::i64::ANY.prop_map(|n| Value::from(n.to_string())),
+                proptest::strategy::Just(Value::Null),
+                proptest::strategy::Just(Value::from("x")),
+            ],
+            repeat in proptest::option::of("[a-z]{1,3}"),
+            with_field in proptest::bool::ANY,
+        ) {
+            let mut doc = serde_json::Map::new();
+            doc.insert("skip".into(), serde_json::json!({"id": "deep", "n": [1, 2]}));
+            doc.insert("id".into(), id);
+            doc.insert("v".into(), v);
+            if with_field {
+                doc.insert("f".into(), Value::from(true));
+            }
+            let mut payload = Value::Object(doc).to_string();
+            if let Some(r) = repeat {
+                // A repeated member: the last occurrence wins in both parses.
+                payload.pop();
+                payload.push_str(&format!(",\"id\":\"{r}\"}}"));
+            }
+            let sparse = JsonDecoder::fixed_type("c", "/id")
+                .with_version("/v", VersionKind::Integer)
+                .with_field("f", "/f");
+            prop_assert!(sparse.top_level.is_some());
+            let full = sparse.clone().with_field("deep", "/skip/n/5");
+            prop_assert!(full.top_level.is_none());
+            prop_assert_eq!(
+                sparse.decode(&rec(payload.as_bytes())),
+                full.decode(&rec(payload.as_bytes()))
+            );
+        }
     }
 }

@@ -6,7 +6,6 @@
 //! original record; everything else is a notification for its key. Intake holds no state besides
 //! its settings, so it is tested on its own.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::action::ActionTag;
@@ -19,14 +18,18 @@ use crate::stats::Counters;
 /// Which decoder reads which topic.
 #[derive(Clone, Default)]
 pub struct Decoders {
-    by_topic: HashMap<String, Arc<dyn NotificationDecoder>>,
+    /// Few topics per pipeline: a list compares the record's topic without hashing it.
+    by_topic: Vec<(String, Arc<dyn NotificationDecoder>)>,
     default: Option<Arc<dyn NotificationDecoder>>,
 }
 
 impl std::fmt::Debug for Decoders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Decoders")
-            .field("topics", &self.by_topic.keys().collect::<Vec<_>>())
+            .field(
+                "topics",
+                &self.by_topic.iter().map(|(t, _)| t).collect::<Vec<_>>(),
+            )
             .field("default", &self.default.is_some())
             .finish()
     }
@@ -44,7 +47,11 @@ impl Decoders {
         topic: impl Into<String>,
         decoder: Arc<dyn NotificationDecoder>,
     ) -> Self {
-        self.by_topic.insert(topic.into(), decoder);
+        let topic = topic.into();
+        match self.by_topic.iter_mut().find(|(t, _)| *t == topic) {
+            Some((_, d)) => *d = decoder,
+            None => self.by_topic.push((topic, decoder)),
+        }
         self
     }
 
@@ -55,7 +62,11 @@ impl Decoders {
     }
 
     fn for_topic(&self, topic: &str) -> Option<&Arc<dyn NotificationDecoder>> {
-        self.by_topic.get(topic).or(self.default.as_ref())
+        self.by_topic
+            .iter()
+            .find(|(t, _)| t == topic)
+            .map(|(_, d)| d)
+            .or(self.default.as_ref())
     }
 }
 
@@ -225,5 +236,31 @@ mod tests {
             Intake::Satisfied
         ));
         assert_eq!(c.ignored, 1);
+    }
+
+    #[test]
+    fn each_topic_has_its_decoder_and_others_the_default() {
+        let by_key = Arc::new(crate::decode::RecordKeyDecoder::new("order"));
+        let decoders = Decoders::new()
+            .topic("orders", Arc::new(JsonDecoder::fixed_type("x", "/id")))
+            .topic("orders", by_key)
+            .default_decoder(Arc::new(JsonDecoder::fixed_type("customer", "/id")));
+        let s = Screen::new(decoders, Box::new(|_| true), 64, UnknownTypePolicy::Ignore);
+        let mut c = Counters::default();
+        let mut r = view(br#"{"id":"7"}"#);
+        r.key = Some(b"42");
+        let Intake::Note { key, .. } = s.take(&r, &mut c) else {
+            panic!("a default-topic note");
+        };
+        assert_eq!(key, EntityKey::new("customer", "7"));
+        r.topic = "orders";
+        let Intake::Note { key, .. } = s.take(&r, &mut c) else {
+            panic!("an orders note");
+        };
+        assert_eq!(
+            key,
+            EntityKey::new("order", "42"),
+            "the later decoder replaced the first"
+        );
     }
 }

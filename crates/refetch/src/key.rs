@@ -40,6 +40,11 @@ impl EntityKey {
         &self.id
     }
 
+    /// The shared id, cheap to clone.
+    pub fn id_arc(&self) -> &Arc<str> {
+        &self.id
+    }
+
     /// Heap bytes this key owns (the id and its reference counts; the type is shared).
     pub fn heap_bytes(&self) -> usize {
         self.id.len() + 16

@@ -1,15 +1,20 @@
 //! The key table and its schedule: every entity key with pending notifications or a flight.
 //!
-//! Entries live in a slab. A map from key to slot sits beside it, and what is handed around is a
-//! [`KeyId`]: the slot plus the slot's generation, so a stale handle (a timer of a key that was
-//! forgotten, whose slot now holds another key) is caught instead of reaching the wrong entry.
-//! Timers and write retries hold a `KeyId` (8 bytes), not a clone of the key.
+//! Entries live in a slab of fixed-size chunks (growing never copies entries, and at most one
+//! chunk is spare). A slot holds the key's id and its entity type interned as a 4-byte index.
+//! The index beside the slab is a hash table of slot numbers that hashes the slab's own key, so
+//! each key is held once. What is handed around is a [`KeyId`]: the slot plus the slot's
+//! generation, so a stale handle (a timer or write retry of a key that was forgotten, whose slot
+//! now holds another key) is caught instead of reaching the wrong entry. Timers and write
+//! retries hold a `KeyId` (8 bytes), not a clone of the key.
 //!
 //! The table also keeps the byte counts the memory caps look at: keys (id and overhead) and the
 //! bodies of fetched changes waiting for the sink.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 
 use crate::clock::Tick;
 use crate::coalesce::{Flight, KeyState};
@@ -24,8 +29,16 @@ pub(crate) fn change_bytes(c: &Change) -> usize {
     }
 }
 
-/// Approximate bytes a key costs besides its id (table entry, state, one note, its timer).
-pub(crate) const KEY_OVERHEAD: usize = 160;
+/// Bytes a pending key costs besides its id (`EntityKey::heap_bytes`): slab slot 104, index
+/// entry ~7, timer ~17, its note's offset-tracker entry ~21, with the vectors' spare capacity.
+/// Measured: the `hot_path` benchmark's heap per pending key (229 B with 64-byte ids) minus the
+/// id's 80; `tests/key_memory.rs` checks the accounting against the heap really held.
+pub(crate) const KEY_OVERHEAD: usize = 149;
+
+/// Slots per slab chunk (a power of two).
+const CHUNK_BITS: u32 = 10;
+const CHUNK: usize = 1 << CHUNK_BITS;
+const CHUNK_MASK: u32 = (CHUNK as u32) - 1;
 
 /// A handle to a key's entry: slot and generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,25 +47,195 @@ pub(crate) struct KeyId {
     generation: u32,
 }
 
-/// One key's entry.
+/// One key's entry: its id and state (its entity type is interned in the table; the whole key
+/// is [`KeyTable::key`]).
 #[derive(Debug)]
 pub(crate) struct KeyEntry {
-    pub key: EntityKey,
+    id: Arc<str>,
     pub state: KeyState,
 }
 
 #[derive(Debug)]
 struct Slot {
     generation: u32,
+    /// The entry's entity type, an index into [`Types`].
+    ty: u32,
     entry: Option<KeyEntry>,
+}
+
+/// The entity types of held keys, interned (a slot holds a 4-byte index instead of a second
+/// 16-byte `Arc<str>`), each counted and released with its last key.
+#[derive(Debug, Default)]
+struct Types {
+    names: Vec<(Option<Arc<str>>, u32)>,
+    free: Vec<u32>,
+    by_name: HashMap<Arc<str>, u32>,
+    /// The type interned last (most records of a topic share one).
+    last: u32,
+}
+
+impl Types {
+    /// The index of `name`, counting one more key of it.
+    fn intern(&mut self, name: &Arc<str>) -> u32 {
+        if let Some((Some(n), count)) = self.names.get_mut(self.last as usize) {
+            if Arc::ptr_eq(n, name) || **n == **name {
+                *count += 1;
+                return self.last;
+            }
+        }
+        let i = match self.by_name.get(&**name) {
+            Some(&i) => i,
+            None => {
+                let i = match self.free.pop() {
+                    Some(i) => i,
+                    None => {
+                        self.names.push((None, 0));
+                        (self.names.len() - 1) as u32
+                    }
+                };
+                if let Some(e) = self.names.get_mut(i as usize) {
+                    *e = (Some(name.clone()), 0);
+                }
+                self.by_name.insert(name.clone(), i);
+                i
+            }
+        };
+        if let Some((_, count)) = self.names.get_mut(i as usize) {
+            *count += 1;
+        }
+        self.last = i;
+        i
+    }
+
+    /// One key of type `i` fewer; the type is forgotten with its last key.
+    fn release(&mut self, i: u32) {
+        let Some((name, count)) = self.names.get_mut(i as usize) else {
+            return;
+        };
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            if let Some(n) = name.take() {
+                self.by_name.remove(&*n);
+            }
+            self.free.push(i);
+        }
+    }
+
+    #[inline]
+    fn name(&self, i: u32) -> Option<&Arc<str>> {
+        self.names.get(i as usize)?.0.as_ref()
+    }
+
+    /// Is type `i` the type `name`?
+    #[inline]
+    fn is(&self, i: u32, name: &Arc<str>) -> bool {
+        self.name(i)
+            .is_some_and(|n| Arc::ptr_eq(n, name) || **n == **name)
+    }
+}
+
+/// Push onto the timer heap, growing it by a quarter instead of doubling: one timer per pending
+/// key, so the spare capacity is heap per key (about 12% on average instead of about 50%).
+#[inline]
+fn push_timer<T: Ord>(heap: &mut BinaryHeap<T>, timer: T) {
+    if heap.len() == heap.capacity() {
+        heap.reserve_exact(heap.len() / 4 + 64);
+    }
+    heap.push(timer);
+}
+
+/// The index's hash of a key (entity type and id).
+#[inline]
+fn key_hash(hasher: &RandomState, entity_type: &str, id: &str) -> u64 {
+    hasher.hash_one((entity_type, id))
+}
+
+/// The slab: chunks of [`CHUNK`] slots, every chunk full except the last.
+#[derive(Debug, Default)]
+struct Slab {
+    chunks: Vec<Vec<Slot>>,
+}
+
+impl Slab {
+    #[inline]
+    fn get(&self, slot: u32) -> Option<&Slot> {
+        self.chunks
+            .get((slot >> CHUNK_BITS) as usize)?
+            .get((slot & CHUNK_MASK) as usize)
+    }
+
+    #[inline]
+    fn get_mut(&mut self, slot: u32) -> Option<&mut Slot> {
+        self.chunks
+            .get_mut((slot >> CHUNK_BITS) as usize)?
+            .get_mut((slot & CHUNK_MASK) as usize)
+    }
+
+    /// Does `slot` hold `key`?
+    #[inline]
+    fn holds(&self, slot: u32, types: &Types, key: &EntityKey) -> bool {
+        self.get(slot).is_some_and(|s| {
+            s.entry.as_ref().is_some_and(|e| *e.id == *key.id())
+                && types.is(s.ty, key.entity_type_arc())
+        })
+    }
+
+    /// The index's hash of the key in `slot`.
+    #[inline]
+    fn hash_of(&self, slot: u32, types: &Types, hasher: &RandomState) -> u64 {
+        self.get(slot)
+            .and_then(|s| Some(key_hash(hasher, types.name(s.ty)?, &s.entry.as_ref()?.id)))
+            .unwrap_or(0)
+    }
+
+    /// A new, empty slot at the end.
+    fn push(&mut self) -> u32 {
+        let full = self.chunks.last().is_none_or(|c| c.len() == CHUNK);
+        if full {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        let n = self.chunks.len() - 1;
+        let Some(chunk) = self.chunks.last_mut() else {
+            unreachable!("a chunk was just pushed");
+        };
+        let slot = ((n as u32) << CHUNK_BITS) | chunk.len() as u32;
+        chunk.push(Slot {
+            generation: 0,
+            ty: 0,
+            entry: None,
+        });
+        slot
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, &Slot)> {
+        self.chunks.iter().enumerate().flat_map(|(c, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .map(move |(i, s)| (((c as u32) << CHUNK_BITS) | i as u32, s))
+        })
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut Slot)> {
+        self.chunks.iter_mut().enumerate().flat_map(|(c, chunk)| {
+            chunk
+                .iter_mut()
+                .enumerate()
+                .map(move |(i, s)| (((c as u32) << CHUNK_BITS) | i as u32, s))
+        })
+    }
 }
 
 /// Every key the engine holds, and when each is due.
 #[derive(Debug, Default)]
 pub(crate) struct KeyTable {
-    slots: Vec<Slot>,
+    slab: Slab,
     free: Vec<u32>,
-    index: HashMap<EntityKey, u32>,
+    /// Slots of held keys, hashed by the slab's key. SipHash with a per-process random key:
+    /// ids come from untrusted payloads.
+    index: hashbrown::HashTable<u32>,
+    hasher: RandomState,
+    types: Types,
     /// When keys become due (debounce deadline, max-wait, retry backoff). Entries can be stale:
     /// [`KeyTable::pop_due`] checks them against the key's current due time.
     timers: BinaryHeap<Reverse<(Tick, KeyId)>>,
@@ -70,8 +253,10 @@ impl KeyTable {
     /// The handle of `key`, if held.
     #[inline]
     pub fn find(&self, key: &EntityKey) -> Option<KeyId> {
-        let slot = *self.index.get(key)?;
-        let s = self.slots.get(slot as usize)?;
+        let hash = key_hash(&self.hasher, key.entity_type(), key.id());
+        let (slab, types) = (&self.slab, &self.types);
+        let slot = *self.index.find(hash, |&s| slab.holds(s, types, key))?;
+        let s = slab.get(slot)?;
         Some(KeyId {
             slot,
             generation: s.generation,
@@ -81,7 +266,7 @@ impl KeyTable {
     /// The entry behind `id`, if `id` is not stale.
     #[inline]
     pub fn get(&self, id: KeyId) -> Option<&KeyEntry> {
-        let s = self.slots.get(id.slot as usize)?;
+        let s = self.slab.get(id.slot)?;
         if s.generation != id.generation {
             return None;
         }
@@ -90,11 +275,22 @@ impl KeyTable {
 
     #[inline]
     pub fn get_mut(&mut self, id: KeyId) -> Option<&mut KeyEntry> {
-        let s = self.slots.get_mut(id.slot as usize)?;
+        let s = self.slab.get_mut(id.slot)?;
         if s.generation != id.generation {
             return None;
         }
         s.entry.as_mut()
+    }
+
+    /// The key behind `id`, if `id` is not stale.
+    #[inline]
+    pub fn key(&self, id: KeyId) -> Option<EntityKey> {
+        let s = self.slab.get(id.slot)?;
+        if s.generation != id.generation {
+            return None;
+        }
+        let e = s.entry.as_ref()?;
+        Some(EntityKey::new(self.types.name(s.ty)?.clone(), e.id.clone()))
     }
 
     /// The state of `key`, if held.
@@ -105,42 +301,55 @@ impl KeyTable {
     /// Hold a new key (which must not be held yet).
     pub fn insert(&mut self, key: EntityKey, state: KeyState) -> KeyId {
         self.key_bytes += key.heap_bytes() + KEY_OVERHEAD;
+        let hash = key_hash(&self.hasher, key.entity_type(), key.id());
+        let ty = self.types.intern(key.entity_type_arc());
         let slot = match self.free.pop() {
             Some(slot) => slot,
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    entry: None,
-                });
-                (self.slots.len() - 1) as u32
-            }
+            None => self.slab.push(),
         };
-        self.index.insert(key.clone(), slot);
-        let s = &mut self.slots[slot as usize];
-        s.entry = Some(KeyEntry { key, state });
-        KeyId {
+        let Some(s) = self.slab.get_mut(slot) else {
+            unreachable!("free and pushed slots exist");
+        };
+        s.ty = ty;
+        s.entry = Some(KeyEntry {
+            id: key.id_arc().clone(),
+            state,
+        });
+        let id = KeyId {
             slot,
             generation: s.generation,
-        }
+        };
+        let KeyTable {
+            slab,
+            index,
+            hasher,
+            types,
+            ..
+        } = self;
+        index.insert_unique(hash, slot, |&s| slab.hash_of(s, types, hasher));
+        id
     }
 
-    /// Forget a key; its handle and every timer of it go stale.
-    pub fn remove(&mut self, id: KeyId) -> Option<KeyEntry> {
-        let s = self.slots.get_mut(id.slot as usize)?;
-        if s.generation != id.generation {
-            return None;
-        }
+    /// Forget a key; its handle and every timer of it go stale. Returns its key and state.
+    pub fn remove(&mut self, id: KeyId) -> Option<(EntityKey, KeyState)> {
+        let key = self.key(id)?;
+        let s = self.slab.get_mut(id.slot)?;
         let entry = s.entry.take()?;
         s.generation = s.generation.wrapping_add(1);
+        let ty = s.ty;
         self.free.push(id.slot);
-        self.index.remove(&entry.key);
+        let hash = key_hash(&self.hasher, key.entity_type(), key.id());
+        if let Ok(found) = self.index.find_entry(hash, |&s| s == id.slot) {
+            found.remove();
+        }
+        self.types.release(ty);
         self.key_bytes = self
             .key_bytes
-            .saturating_sub(entry.key.heap_bytes() + KEY_OVERHEAD);
+            .saturating_sub(key.heap_bytes() + KEY_OVERHEAD);
         if let Some(f) = &entry.state.flight {
             self.body_bytes = self.body_bytes.saturating_sub(f.change_bytes);
         }
-        Some(entry)
+        Some((key, entry.state))
     }
 
     /// Forget `id` if it has nothing pending and no flight. Returns whether it was forgotten.
@@ -198,11 +407,11 @@ impl KeyTable {
 
     /// Every held key, with its handle.
     pub fn iter(&self) -> impl Iterator<Item = (KeyId, &KeyEntry)> {
-        self.slots.iter().enumerate().filter_map(|(i, s)| {
+        self.slab.iter().filter_map(|(slot, s)| {
             s.entry.as_ref().map(|e| {
                 (
                     KeyId {
-                        slot: i as u32,
+                        slot,
                         generation: s.generation,
                     },
                     e,
@@ -213,17 +422,9 @@ impl KeyTable {
 
     /// Every held key, mutable.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (KeyId, &mut KeyEntry)> {
-        self.slots.iter_mut().enumerate().filter_map(|(i, s)| {
+        self.slab.iter_mut().filter_map(|(slot, s)| {
             let generation = s.generation;
-            s.entry.as_mut().map(|e| {
-                (
-                    KeyId {
-                        slot: i as u32,
-                        generation,
-                    },
-                    e,
-                )
-            })
+            s.entry.as_mut().map(|e| (KeyId { slot, generation }, e))
         })
     }
 
@@ -233,7 +434,7 @@ impl KeyTable {
     /// pending).
     pub fn schedule(&mut self, id: KeyId) {
         if let Some(at) = self.get(id).and_then(|e| e.state.due()) {
-            self.timers.push(Reverse((at, id)));
+            push_timer(&mut self.timers, Reverse((at, id)));
         }
     }
 
@@ -250,7 +451,7 @@ impl KeyTable {
             };
             if due > now {
                 // Moved later since this timer was set (a retry backoff): wait for it.
-                self.timers.push(Reverse((due, id)));
+                push_timer(&mut self.timers, Reverse((due, id)));
                 continue;
             }
             return Some(id);
@@ -310,13 +511,35 @@ mod tests {
         assert!(t.remove(a).is_some());
         let b = t.insert(EntityKey::new("c", "b"), pending(0, 50));
         assert!(t.get(a).is_none(), "the old handle is stale");
-        assert_eq!(t.get(b).map(|e| e.key.id()), Some("b"));
+        assert_eq!(t.key(b).map(|k| k.id().to_owned()), Some("b".to_owned()));
         // a's timer (due at 10) is stale; b is due at 50.
         assert_eq!(t.pop_due(Tick(20)), None);
         t.schedule(b);
         assert_eq!(t.pop_due(Tick(50)), Some(b));
         assert_eq!(t.find(&EntityKey::new("c", "a")), None);
         assert_eq!(t.len(), 1);
+    }
+
+    /// The layout the memory figures in docs/benchmarks.md and [`KEY_OVERHEAD`] rest on.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_slot_is_104_bytes() {
+        assert_eq!(std::mem::size_of::<KeyState>(), 80);
+        assert_eq!(std::mem::size_of::<Slot>(), 104);
+        assert_eq!(std::mem::size_of::<Reverse<(Tick, KeyId)>>(), 16);
+    }
+
+    #[test]
+    fn the_timer_heap_grows_by_a_quarter() {
+        let mut t = KeyTable::new();
+        for i in 0..10_000u64 {
+            let id = t.insert(EntityKey::new("c", format!("{i}")), pending(i, 10));
+            t.schedule(id);
+        }
+        let (len, cap) = (t.timers.len(), t.timers.capacity());
+        assert_eq!(len, 10_000);
+        assert!(cap <= len + len / 4 + 64, "{cap} slots for {len} timers");
+        assert_eq!(t.pop_due(Tick(10)), t.find(&EntityKey::new("c", "0")));
     }
 
     #[test]
@@ -352,5 +575,75 @@ mod tests {
         assert_eq!(t.body_bytes(), 0, "taking the flight releases its body");
         t.remove(id);
         assert_eq!(t.key_bytes(), 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u16),
+        Remove(u16),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        // Enough distinct keys to span several slab chunks; removals free slots for reuse.
+        prop_oneof![
+            3 => (0u16..2500).prop_map(Op::Insert),
+            2 => (0u16..2500).prop_map(Op::Remove),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// The slab and its index against a map: every held key is found at a handle that
+        /// reaches it, forgotten keys are not found, and handles of forgotten keys stay stale
+        /// when their slots are reused.
+        #[test]
+        fn slab_and_index_follow_a_map(ops in proptest::collection::vec(op(), 1..4000)) {
+            let mut t = KeyTable::new();
+            let mut model: std::collections::HashMap<u16, KeyId> = Default::default();
+            let mut stale: Vec<KeyId> = Vec::new();
+            let key = |k: u16| EntityKey::new(if k % 3 == 0 { "a" } else { "b" }, format!("{k}"));
+            for op in ops {
+                match op {
+                    Op::Insert(k) => {
+                        if let Some(id) = model.get(&k) {
+                            proptest::prop_assert_eq!(t.find(&key(k)), Some(*id));
+                        } else {
+                            proptest::prop_assert_eq!(t.find(&key(k)), None);
+                            let id = t.insert(key(k), pending(u64::from(k), 10));
+                            model.insert(k, id);
+                        }
+                    }
+                    Op::Remove(k) => match model.remove(&k) {
+                        Some(id) => {
+                            let e = t.remove(id);
+                            proptest::prop_assert_eq!(e.map(|(k, _)| k), Some(key(k)));
+                            proptest::prop_assert!(t.remove(id).is_none());
+                            stale.push(id);
+                        }
+                        None => proptest::prop_assert_eq!(t.find(&key(k)), None),
+                    },
+                }
+                proptest::prop_assert_eq!(t.len(), model.len());
+            }
+            for (k, id) in &model {
+                proptest::prop_assert_eq!(t.find(&key(*k)), Some(*id));
+                proptest::prop_assert_eq!(t.key(*id), Some(key(*k)));
+            }
+            for id in stale {
+                proptest::prop_assert!(t.get(id).is_none(), "a forgotten key's handle is stale");
+            }
+            let mut held: Vec<KeyId> = t.iter().map(|(id, _)| id).collect();
+            let mut want: Vec<KeyId> = model.values().copied().collect();
+            held.sort();
+            want.sort();
+            proptest::prop_assert_eq!(held, want);
+            proptest::prop_assert_eq!(t.iter_mut().count(), model.len());
+            let types: std::collections::HashSet<bool> = model.keys().map(|k| k % 3 == 0).collect();
+            proptest::prop_assert_eq!(t.types.by_name.len(), types.len(), "types go with their last key");
+            let bytes: usize = model.keys().map(|k| key(*k).heap_bytes() + KEY_OVERHEAD).sum();
+            proptest::prop_assert_eq!(t.key_bytes(), bytes);
+        }
     }
 }

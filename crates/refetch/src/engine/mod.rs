@@ -810,7 +810,9 @@ impl Engine {
             .iter()
             .any(|n| n.is_refresh() || self.parts.resolve(n.part).is_some());
         if f.abandoned || !current {
-            let key = entry.key.clone();
+            let Some(key) = self.keys.key(id) else {
+                return;
+            };
             self.on_write_done(&key, flight, WriteResult::Abandoned, self.last_tick);
             return;
         }
@@ -845,7 +847,7 @@ impl Engine {
     }
 
     fn start_flight(&mut self, id: KeyId, now: Tick) {
-        let Some(key) = self.keys.get(id).map(|e| e.key.clone()) else {
+        let Some(key) = self.keys.key(id) else {
             return;
         };
         let action = if self.acts.is_empty() {
@@ -1246,7 +1248,7 @@ impl Engine {
                 RefreshOutcome::Failed("the write was dropped".into()),
             ));
         }
-        if let (Some(a), Some(key)) = (f.action, self.keys.get(id).map(|e| e.key.clone())) {
+        if let (Some(a), Some(key)) = (f.action, self.keys.key(id)) {
             self.action_member_ended(&key, a, false, now);
         }
         self.after_flight(id, now);
@@ -1257,7 +1259,7 @@ impl Engine {
         let Some(f) = self.keys.take_flight(id) else {
             return;
         };
-        let Some(key) = self.keys.get(id).map(|e| e.key.clone()) else {
+        let Some(key) = self.keys.key(id) else {
             return;
         };
         if let Some(e) = self.keys.get_mut(id) {
@@ -1297,7 +1299,7 @@ impl Engine {
 
     /// After a flight ended: schedule the follow-up, or forget the key.
     fn after_flight(&mut self, id: KeyId, now: Tick) {
-        let Some(key) = self.keys.get(id).map(|e| e.key.clone()) else {
+        let Some(key) = self.keys.key(id) else {
             return;
         };
         if !self.acts.is_empty() && self.head_wants_start(&key) {
@@ -1359,7 +1361,7 @@ impl Engine {
         attempts: u32,
         now: Tick,
     ) {
-        let Some(key) = self.keys.get(id).map(|e| e.key.clone()) else {
+        let Some(key) = self.keys.key(id) else {
             return;
         };
         self.acked.forget(&key);
@@ -1647,7 +1649,7 @@ impl Engine {
             .keys
             .iter()
             .filter(|(_, e)| e.state.retry().is_some_and(|r| r.gone_held))
-            .map(|(id, e)| (id, e.key.clone()))
+            .filter_map(|(id, _)| Some((id, self.keys.key(id)?)))
             .collect();
         for (id, key) in held {
             if source.is_some_and(|s| *self.source(&key) != *s) {
