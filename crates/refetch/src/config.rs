@@ -178,7 +178,7 @@ impl Default for EngineConfig {
             catch_up_linger: Duration::from_millis(20),
             fetch_concurrency: 64,
             sink_batch_max: 256,
-            sink_linger: Duration::from_millis(5),
+            sink_linger: Duration::from_millis(20),
             sink_concurrency: 2,
             fetch_backoff: Backoff {
                 initial: Duration::from_millis(200),

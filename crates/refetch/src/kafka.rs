@@ -805,12 +805,23 @@ fn poll_loop(
         }
         let mut batch = Vec::new();
         let mut timeout = Duration::from_millis(50);
+        // Once a record arrived, the batch takes what else arrives within `BATCH_LINGER`: a
+        // trickle of records then wakes the engine once per few records, not once per record.
+        let mut until: Option<std::time::Instant> = None;
         while batch.len() < 1024 {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => {
                     let topic = intern(m.topic());
                     batch.push(owned(&m, &topic));
-                    timeout = Duration::ZERO;
+                    let end =
+                        *until.get_or_insert_with(|| std::time::Instant::now() + BATCH_LINGER);
+                    let left = end.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    // Whole milliseconds: librdkafka waits in milliseconds, and rdkafka's poll
+                    // spins through a sub-millisecond remainder instead of sleeping.
+                    timeout = Duration::from_millis(left.as_millis() as u64 + 1);
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
@@ -832,6 +843,9 @@ fn poll_loop(
         }
     }
 }
+
+/// How long the poll thread gathers records into one batch for the engine after the first.
+const BATCH_LINGER: Duration = Duration::from_millis(5);
 
 /// How often the partition count of the subscribed topics is read again (partitions can be
 /// added to a topic).

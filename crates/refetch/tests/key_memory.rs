@@ -71,6 +71,7 @@ fn measure(keys: usize, id_len: usize) -> (f64, f64) {
             key: None,
             payload: Some(p),
             headers: &[],
+            timestamp: None,
         };
         e.on_record(&record, Tick(0));
     }
