@@ -244,9 +244,41 @@ async fn chaos(target: usize, duration: Duration, seed: u64, entities: usize) {
             .unwrap();
         assert_eq!(status.code(), Some(0), "{}", child.log());
     }
-    // Every poisoned key got at least one notification.
+    // Every poisoned key gets one more notification, while the stream goes on as a live stream
+    // does: a key is dead-lettered on evidence (it keeps failing while other keys of its source
+    // succeed); on a quiet stream where only poisoned keys are fetched, nothing tells them from
+    // a source that is down, and they are held instead (docs/guarantees.md). So healthy changes
+    // keep coming until each poisoned key's last notification is in the dead-letter topic.
+    let dead_before = dead_letter_counts(&s).await;
     let ids: Vec<usize> = poisoned.iter().map(|p| p.parse().unwrap()).collect();
     s.change(&ids, 0).await.unwrap();
+    let healthy: Vec<usize> = (0..entities)
+        .filter(|i| !poisoned.contains(&i.to_string()))
+        .collect();
+    let live_until = Instant::now() + Duration::from_secs(150);
+    let mut last_check = Instant::now();
+    loop {
+        let some: Vec<usize> = (0..10)
+            .map(|_| healthy[rng.random_range(0..healthy.len())])
+            .collect();
+        s.change(&some, 0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if last_check.elapsed() >= Duration::from_secs(3) {
+            last_check = Instant::now();
+            let now = dead_letter_counts(&s).await;
+            let all = poisoned.iter().all(|id| {
+                now.get(id).copied().unwrap_or(0) > dead_before.get(id).copied().unwrap_or(0)
+            });
+            if all {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < live_until,
+            "the poisoned keys' last notifications were not dead-lettered within 150 s of live traffic: before {dead_before:?}, now {:?}",
+            dead_letter_counts(&s).await
+        );
+    }
     let catching_up = Instant::now();
     if let Err(e) = s.until_committed(Duration::from_secs(180), &[&a]).await {
         let status = match s.ops_addr(&a).await {
@@ -299,4 +331,15 @@ async fn chaos(target: usize, duration: Duration, seed: u64, entities: usize) {
     assert!(s.notifications >= target);
     refetch_integration_tests::keep(s.dir.path());
     drop(services);
+}
+
+/// Dead letters per entity id so far.
+async fn dead_letter_counts(s: &PgScenario) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for d in s.dead_letters().await.unwrap_or_default() {
+        let id =
+            String::from_utf8_lossy(d.header("refetch.entity.id").unwrap_or_default()).into_owned();
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
 }
