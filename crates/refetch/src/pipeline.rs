@@ -706,11 +706,7 @@ impl<F: Fetcher, S: Sink> Pipeline<F, S> {
         // Answer revokes still waiting so the consumer thread is not blocked.
         rt.answer_revokes(&mut engine, true, &*fetcher, &writes);
         // With offsets in the consumer group's transactions, nothing is committed besides.
-        let (offsets, metadata) = match rt.store {
-            Some(OffsetStore::Group) => (Vec::new(), Vec::new()),
-            Some(OffsetStore::Sink) => (engine.commits(), Vec::new()),
-            None => engine.commits_with_ranges(),
-        };
+        let (offsets, metadata) = group_commit(&mut engine, rt.store);
         if offsets.is_empty() {
             tracing::info!(
                 "final commit: nothing left to commit (every consumed offset is committed)"
@@ -1087,16 +1083,25 @@ impl Runtime {
                 }
             }
         }
-        if self.store != Some(OffsetStore::Group) && !self.commit_in_flight {
-            let (offsets, metadata) = if self.store.is_none() {
-                engine.commits_with_ranges()
-            } else {
-                (engine.commits(), Vec::new())
-            };
-            if !offsets.is_empty() {
-                self.commit_in_flight = true;
-                spawn_commit(commands, offsets, metadata, done.clone(), timeout);
-            }
+        self.send_group_commit(engine, commands, done, timeout);
+    }
+
+    /// Commit to the consumer group what [`group_commit`] offers, unless a commit is in flight
+    /// (its completion arms the next one).
+    fn send_group_commit(
+        &mut self,
+        engine: &mut Engine,
+        commands: &mpsc::UnboundedSender<ConsumerCommand>,
+        done: &mpsc::UnboundedSender<Completion>,
+        timeout: Duration,
+    ) {
+        if self.commit_in_flight {
+            return;
+        }
+        let (offsets, metadata) = group_commit(engine, self.store);
+        if !offsets.is_empty() {
+            self.commit_in_flight = true;
+            spawn_commit(commands, offsets, metadata, done.clone(), timeout);
         }
     }
 
@@ -1109,13 +1114,8 @@ impl Runtime {
         done: &mpsc::UnboundedSender<Completion>,
         timeout: Duration,
     ) {
-        if self.store.is_some() || self.commit_in_flight || self.fatal.is_some() {
-            return;
-        }
-        let (offsets, metadata) = engine.commits_with_ranges();
-        if !offsets.is_empty() {
-            self.commit_in_flight = true;
-            spawn_commit(commands, offsets, metadata, done.clone(), timeout);
+        if self.store.is_none() && self.fatal.is_none() {
+            self.send_group_commit(engine, commands, done, timeout);
         }
     }
 
@@ -1191,12 +1191,8 @@ impl Runtime {
                     Ok(offsets) => {
                         engine.transaction_committed(txn, &offsets, now);
                         // The consumer group's offsets follow the sink's, for lag tooling.
-                        if self.store == Some(OffsetStore::Sink) && !self.commit_in_flight {
-                            let offsets = engine.commits();
-                            if !offsets.is_empty() {
-                                self.commit_in_flight = true;
-                                spawn_commit(commands, offsets, Vec::new(), done.clone(), timeout);
-                            }
+                        if self.store == Some(OffsetStore::Sink) {
+                            self.send_group_commit(engine, commands, done, timeout);
                         }
                     }
                     Err(e) => {
@@ -1495,6 +1491,18 @@ fn apply_completion(
                 }
             }
         }
+    }
+}
+
+/// What to commit to the consumer group now, by where the offsets are stored: nothing besides
+/// the transactions when they go to the group inside them (Kafka exactly-once), the commit
+/// points alone when the sink stores them (PostgreSQL exactly-once: the group's follow, for lag
+/// tooling), the commit points with the satisfied ranges above them otherwise (at-least-once).
+fn group_commit(engine: &mut Engine, store: Option<OffsetStore>) -> (Offsets, CommitMetadata) {
+    match store {
+        Some(OffsetStore::Group) => (Vec::new(), Vec::new()),
+        Some(OffsetStore::Sink) => (engine.commits(), Vec::new()),
+        None => engine.commits_with_ranges(),
     }
 }
 
