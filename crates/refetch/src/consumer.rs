@@ -52,7 +52,7 @@ impl OwnedRecord {
             key: self.key.as_deref(),
             payload: self.payload.as_deref(),
             headers: &self.headers,
-            timestamp: None,
+            timestamp: self.timestamp,
         }
     }
 
